@@ -51,3 +51,8 @@ NEGATIVE_PREFIX = "negative_"  # negative_1 .. negative_n
 def negative_column(i: int) -> str:
     """Name of the i-th (1-based) negative column of the sentence-transformers export."""
     return f"{NEGATIVE_PREFIX}{i}"
+
+# --- ids that are not labelled positives but must never be negatives (identical text to a positive)
+EXCLUDED_IDS = "excluded_ids"  # list<string>
+# --- text hash used to find identical texts (normalised: casefolded, whitespace collapsed)
+TEXT_HASH = "text_hash"  # int64
