@@ -1,0 +1,127 @@
+"""InfoNCE: against a per-query loop written from the definition, and 2-process gloo vs one process."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raymine.loss import info_nce, text_keys
+
+
+def _reference(q, pos, negs, t, in_batch, pos_keys=None, neg_keys=None):
+    """Loop over queries: -log softmax of the own positive among the candidate list, mean over queries."""
+    b, h = negs.shape[0], negs.shape[1]
+    total = 0.0
+    for i in range(b):
+        if in_batch:
+            cands = [pos[j] for j in range(b)] + [negs[j, k] for j in range(b) for k in range(h)]
+            ckeys = None if pos_keys is None else [pos_keys[j] for j in range(b)] + [
+                neg_keys[j, k] for j in range(b) for k in range(h)
+            ]
+            own = i
+        else:
+            cands = [pos[i]] + [negs[i, k] for k in range(h)]
+            ckeys, own = None, 0
+        scores = []
+        for c_idx, c in enumerate(cands):
+            if ckeys is not None and c_idx != own and int(ckeys[c_idx]) == int(pos_keys[i]):
+                continue  # duplicate of the own positive: not a negative
+            scores.append(float(q[i] @ c) / t)
+        denom = math.log(sum(math.exp(s) for s in scores))
+        total += denom - float(q[i] @ cands[own]) / t
+    return total / b
+
+
+def _data(b=4, h=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+    pos = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+    negs = torch.nn.functional.normalize(torch.randn(b, h, d, generator=g, dtype=torch.float64), dim=-1)
+    return q, pos, negs
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+@pytest.mark.parametrize("h", [0, 1, 3])
+def test_matches_definition(in_batch, h):
+    q, pos, negs = _data(b=5, h=h)
+    got = info_nce(q, pos, negs, temperature=0.07, in_batch=in_batch)
+    assert got.item() == pytest.approx(_reference(q, pos, negs, 0.07, in_batch), rel=1e-9)
+
+
+def test_duplicate_positive_masked():
+    q, pos, negs = _data(b=4, h=2)
+    texts_pos = ["alpha", "beta", "Alpha  ", "gamma"]  # rows 0 and 2 share a positive (normalised)
+    texts_neg = [["x", "y"], ["beta", "z"], ["u", "v"], ["w", "ALPHA"]]  # row 1's neg = row 1's positive
+    pk = text_keys(texts_pos)
+    nk = text_keys([t for row in texts_neg for t in row]).reshape(4, 2)
+    assert pk[0] == pk[2] and pk[1] == nk[1, 0]
+    got = info_nce(q, pos, negs, temperature=0.05, pos_keys=pk, neg_keys=nk)
+    ref = _reference(q, pos, negs, 0.05, True, pk, nk)
+    assert got.item() == pytest.approx(ref, rel=1e-9)
+    unmasked = info_nce(q, pos, negs, temperature=0.05)
+    assert unmasked.item() > got.item()  # masking removes candidates: the loss can only fall
+
+
+def test_shape_errors():
+    q, pos, negs = _data()
+    with pytest.raises(ValueError, match="pos must be"):
+        info_nce(q, pos[:2], negs)
+    with pytest.raises(ValueError, match="negs must be"):
+        info_nce(q, pos, negs[:, :, :3])
+
+
+# ------------------------------------------------------------------------------------------------
+WORLD, B, H, D, T = 2, 3, 2, 8, 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keys():
+    # row 0 of rank 0 and row 1 of rank 1 share a positive text: masked across workers
+    pos_texts = ["p0", "p1", "p2", "q0", "p0", "q2"]
+    neg_texts = [f"n{i}" for i in range(WORLD * B * H)]
+    neg_texts[7] = "p1"  # a rank-1 hard negative identical to rank 0's positive 1
+    return text_keys(pos_texts), text_keys(neg_texts).reshape(WORLD * B, H)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        q, pos, negs = _data(b=WORLD * B, h=H, d=D, seed=1)
+        pk, nk = _keys()
+        sl = slice(rank * B, (rank + 1) * B)
+        q, pos, negs = (x[sl].clone().requires_grad_(True) for x in (q, pos, negs))
+        loss = info_nce(q, pos, negs, temperature=T, pos_keys=pk[sl], neg_keys=nk[sl])
+        (loss / WORLD).backward()  # DDP averages gradients over workers: the same scaling
+        total = loss.detach() / WORLD
+        dist.all_reduce(total)
+        torch.save({"loss": total, "q": q.grad, "pos": pos.grad, "negs": negs.grad}, f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_workers_equal_single_process(tmp_path):
+    q, pos, negs = _data(b=WORLD * B, h=H, d=D, seed=1)
+    pk, nk = _keys()
+    q, pos, negs = (x.clone().requires_grad_(True) for x in (q, pos, negs))
+    ref = info_nce(q, pos, negs, temperature=T, pos_keys=pk, neg_keys=nk)
+    ref.backward()
+    assert ref.item() == pytest.approx(_reference(q.detach(), pos.detach(), negs.detach(), T, True, pk, nk), rel=1e-9)
+
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    parts = [torch.load(tmp_path / f"r{r}.pt") for r in range(WORLD)]
+    assert parts[0]["loss"].item() == pytest.approx(ref.item(), rel=1e-12)
+    for name, full in (("q", q.grad), ("pos", pos.grad), ("negs", negs.grad)):
+        got = torch.cat([p[name] for p in parts])
+        torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-14)
+    assert pos.grad.abs().sum() > 0 and negs.grad.abs().sum() > 0
