@@ -1,0 +1,223 @@
+"""Exact top-k math shared by the shard actors and the driver: merge of per-shard lists, masked
+(ceiling-aware) top-k in numpy, and a chunked torch matmul + top-k backend.
+
+No Ray or FAISS import here: this module runs on GPU machines that have neither.
+
+Conventions everywhere:
+- scores are inner products, higher is better; results are sorted descending;
+- ties are broken by the smaller id, i.e. exactly what ``np.argsort(-scores, kind="stable")`` over the
+  concatenated corpus gives;
+- a missing entry (fewer than k results) is ``(-inf, -1)``;
+- a ceiling excludes every entry with ``score >= ceiling`` before the selection (``+inf`` = no ceiling).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily: 1.8 s cold, and the driver merge does not need it
+    import torch
+
+log = logging.getLogger(__name__)
+
+MISSING_ID = -1
+_ID_LAST = np.iinfo(np.int64).max  # sort key that puts missing ids after every real id
+
+
+def _check_ceilings(ceilings: np.ndarray | None, nq: int) -> np.ndarray | None:
+    if ceilings is None:
+        return None
+    c = np.asarray(ceilings, dtype=np.float32).reshape(-1)
+    if c.shape[0] != nq:
+        raise ValueError(f"ceilings has {c.shape[0]} entries for {nq} queries")
+    if np.isnan(c).any():
+        raise ValueError("ceilings contain NaN; use +inf for 'no ceiling'")
+    return c
+
+
+# ------------------------------------------------------------------------------------------------
+def merge_topk_positions(
+    scores_list: Sequence[np.ndarray], ids_list: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`merge_topk`, plus ``pos [nq,k]``: the column of each result in the column-wise
+    concatenation of the inputs (-1 where missing), so callers can gather side data (string ids)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if len(scores_list) != len(ids_list) or not scores_list:
+        raise ValueError("scores_list and ids_list must be non-empty and of equal length")
+    nq = np.asarray(scores_list[0]).shape[0]
+    parts_s, parts_i = [], []
+    for s, i in zip(scores_list, ids_list, strict=True):
+        s = np.asarray(s, dtype=np.float32)
+        i = np.asarray(i, dtype=np.int64)
+        if s.ndim != 2 or s.shape != i.shape or s.shape[0] != nq:
+            raise ValueError(f"each scores/ids pair must be [nq={nq}, k_i]; got {s.shape} and {i.shape}")
+        parts_s.append(s)
+        parts_i.append(i)
+    scores = np.concatenate(parts_s, axis=1)  # [nq, sum k_i]
+    ids = np.concatenate(parts_i, axis=1)  # [nq, sum k_i]
+    missing = ids < 0
+    if np.isnan(scores[~missing]).any():
+        raise ValueError("scores contain NaN")
+    key_s = np.where(missing, np.inf, -scores)  # ascending sort of -score = descending score
+    key_i = np.where(missing, _ID_LAST, ids)
+    order = np.lexsort((key_i, key_s), axis=1)[:, :k]  # [nq, min(k, sum k_i)]
+    out_s = np.take_along_axis(scores, order, axis=1)
+    out_i = np.take_along_axis(ids, order, axis=1)
+    miss = np.take_along_axis(missing, order, axis=1)
+    out_s[miss] = -np.inf
+    out_i[miss] = MISSING_ID
+    pos = np.where(miss, -1, order)
+    pad = k - order.shape[1]
+    if pad > 0:
+        out_s = np.concatenate([out_s, np.full((nq, pad), -np.inf, np.float32)], axis=1)  # [nq, k]
+        out_i = np.concatenate([out_i, np.full((nq, pad), MISSING_ID, np.int64)], axis=1)  # [nq, k]
+        pos = np.concatenate([pos, np.full((nq, pad), -1, np.int64)], axis=1)  # [nq, k]
+    return out_s.astype(np.float32, copy=False), out_i, pos.astype(np.int64, copy=False)
+
+
+def merge_topk(
+    scores_list: Sequence[np.ndarray], ids_list: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top lists into the global top-k.
+
+    scores_list[i], ids_list[i]: ``[nq, k_i]`` (float32 scores, int64 *global* ids, -1 = missing; any
+    order within a row). Returns ``(scores [nq,k] float32, ids [nq,k] int64)``, sorted descending, ties
+    by smaller id, missing as ``(-inf, -1)``. Equal to a brute-force top-k over the concatenated corpus
+    when every shard returned its own exact top-k (same tie rule).
+    """
+    s, i, _ = merge_topk_positions(scores_list, ids_list, k)
+    return s, i
+
+
+# ------------------------------------------------------------------------------------------------
+def masked_topk(
+    scores: np.ndarray, k: int, ceilings: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each row of ``scores [nq, nd]`` with entries ``>= ceilings[q]`` excluded first.
+
+    Returns ``(scores [nq,k] float32, ids [nq,k] int64 column indices)``; rows with fewer than k
+    allowed entries are padded with ``(-inf, -1)``. Deterministic ties: the smaller column wins, also
+    at the k-th place (what a stable argsort gives).
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be [nq, nd], got shape {s.shape}")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    nq, nd = s.shape
+    c = _check_ceilings(ceilings, nq)
+    if c is not None:
+        s = np.where(s >= c[:, None], np.float32(-np.inf), s)  # [nq, nd]
+    kk = min(k, nd)
+    if kk == 0:
+        vals = np.empty((nq, 0), np.float32)
+        idx = np.empty((nq, 0), np.int64)
+    elif kk == nd:
+        idx = np.argsort(-s, axis=1, kind="stable")  # [nq, nd]
+        vals = np.take_along_axis(s, idx, axis=1)
+    else:
+        t = np.partition(s, nd - kk, axis=1)[:, nd - kk : nd - kk + 1]  # [nq, 1] k-th largest
+        gt = s > t
+        need = kk - gt.sum(axis=1, keepdims=True)  # [nq, 1]
+        tie = s == t
+        take = gt | (tie & (np.cumsum(tie, axis=1) <= need))  # exactly kk per row
+        idx = np.nonzero(take)[1].reshape(nq, kk)  # row-major: columns ascending
+        vals = np.take_along_axis(s, idx, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        idx = np.take_along_axis(idx, order, axis=1)
+        vals = np.take_along_axis(vals, order, axis=1)
+    idx = idx.astype(np.int64)
+    idx[np.isneginf(vals)] = MISSING_ID
+    return _pad(vals.astype(np.float32), idx, k)
+
+
+def _pad(vals: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    nq, have = vals.shape
+    if have >= k:
+        return vals, ids
+    vals = np.concatenate([vals, np.full((nq, k - have), -np.inf, np.float32)], axis=1)  # [nq, k]
+    ids = np.concatenate([ids, np.full((nq, k - have), MISSING_ID, np.int64)], axis=1)  # [nq, k]
+    return vals, ids
+
+
+def brute_force_topk(
+    corpus: np.ndarray, queries: np.ndarray, k: int, ceilings: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: full score matrix + stable argsort. Only for tests and small data (``[nq, nd]`` in memory)."""
+    s = np.asarray(queries, np.float32) @ np.asarray(corpus, np.float32).T  # [nq, nd]
+    c = _check_ceilings(ceilings, s.shape[0])
+    if c is not None:
+        s = np.where(s >= c[:, None], np.float32(-np.inf), s)
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)  # [nq, min(k, nd)]
+    vals = np.take_along_axis(s, idx, axis=1)
+    idx[np.isneginf(vals)] = MISSING_ID
+    return _pad(vals.astype(np.float32), idx, k)
+
+
+# ------------------------------------------------------------------------------------------------
+def _torch_topk_exact(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``s [nq, m]`` (k <= m) with the smaller column winning ties, also at the k-th place."""
+    import torch
+
+    nq, m = s.shape
+    if k == m:
+        vals, idx = torch.sort(s, dim=1, descending=True, stable=True)
+        return vals, idx
+    t = torch.topk(s, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values  # [nq, 1]
+    gt = s > t
+    need = k - gt.sum(dim=1, keepdim=True)  # [nq, 1]
+    tie = s == t
+    take = gt | (tie & (torch.cumsum(tie, dim=1, dtype=torch.int32) <= need))  # exactly k per row
+    idx = take.nonzero()[:, 1].view(nq, k)  # row-major: columns ascending
+    vals = s.gather(1, idx)
+    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, order)
+
+
+def torch_search(
+    corpus: torch.Tensor | np.ndarray,
+    queries: torch.Tensor | np.ndarray,
+    k: int,
+    ceilings: np.ndarray | None = None,
+    max_block_elems: int = 1 << 24,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search: ``corpus [nd, d]``, ``queries [nq, d]`` → ``(scores [nq,k] float32,
+    ids [nq,k] int64 corpus rows)``, entries ``>= ceilings[q]`` excluded before the selection.
+
+    The corpus is scanned in row blocks so the score block ``[nq, rows]`` stays under
+    ``max_block_elems`` floats (the ``[nq, nd]`` matrix is never built); runs on the corpus' device
+    (CUDA when the corpus tensor is there). Same tie rule as :func:`masked_topk`.
+    """
+    import torch
+
+    cor = torch.as_tensor(corpus)
+    q = torch.as_tensor(queries).to(device=cor.device, dtype=cor.dtype)
+    if q.ndim != 2 or cor.ndim != 2 or q.shape[1] != cor.shape[1]:
+        raise ValueError(f"queries {tuple(q.shape)} and corpus {tuple(cor.shape)} must be [nq,d] and [nd,d]")
+    nq, nd = q.shape[0], cor.shape[0]
+    c = _check_ceilings(ceilings, nq)
+    if k <= 0:
+        return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
+    ct = None if c is None else torch.from_numpy(c).to(cor.device)[:, None]  # [nq, 1]
+    rows = max(k, max_block_elems // max(nq, 1), 1)
+    best_s = torch.full((nq, 0), -float("inf"), dtype=torch.float32, device=cor.device)
+    best_i = torch.full((nq, 0), MISSING_ID, dtype=torch.int64, device=cor.device)
+    with torch.no_grad():
+        for lo in range(0, nd, rows):
+            block = (q @ cor[lo : lo + rows].T).float()  # [nq, rows]
+            if ct is not None:
+                block = block.masked_fill(block >= ct, -float("inf"))
+            vals, idx = _torch_topk_exact(block, min(k, block.shape[1]))
+            # earlier blocks hold smaller ids: a stable sort of [best | block] keeps the tie rule
+            cat_s = torch.cat([best_s, vals], dim=1)  # [nq, <= 2k]
+            cat_i = torch.cat([best_i, idx + lo], dim=1)
+            cat_s, order = torch.sort(cat_s, dim=1, descending=True, stable=True)
+            best_s, best_i = cat_s[:, :k], cat_i.gather(1, order)[:, :k]
+    vals = best_s.cpu().numpy().astype(np.float32)
+    ids = best_i.cpu().numpy().astype(np.int64)
+    ids[np.isneginf(vals)] = MISSING_ID
+    return _pad(vals, ids, k)

@@ -1,0 +1,146 @@
+"""Pure top-k math against brute force: merge over every small shard split, masked (ceiling) top-k,
+torch backend vs numpy and FAISS."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from raymine.topk import brute_force_topk, masked_topk, merge_topk, merge_topk_positions, torch_search
+
+
+def stable_reference(scores: np.ndarray, k: int, ceilings: np.ndarray | None = None):
+    """Stable argsort over the whole row: the definition of the expected tie order."""
+    s = scores.astype(np.float32).copy()
+    if ceilings is not None:
+        s[s >= ceilings[:, None]] = -np.inf
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    vals = np.take_along_axis(s, idx, axis=1)
+    idx = np.where(np.isneginf(vals), -1, idx)
+    pad = k - idx.shape[1]
+    vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=-np.inf)
+    idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+    return vals, idx
+
+
+def shard_results(scores: np.ndarray, sizes: tuple[int, ...], k_shard: int, ceilings=None):
+    """Split columns into shards of ``sizes``, take each shard's exact top-k', return global ids."""
+    out_s, out_i, lo = [], [], 0
+    for n in sizes:
+        s, i = masked_topk(scores[:, lo : lo + n], k_shard, ceilings)
+        out_s.append(s)
+        out_i.append(np.where(i >= 0, i + lo, -1))
+        lo += n
+    return out_s, out_i
+
+
+def tie_heavy(rng, nq: int, nd: int) -> np.ndarray:
+    return rng.integers(0, 3, size=(nq, nd)).astype(np.float32)  # 3 distinct values: ties everywhere
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_merge_equals_brute_force_every_small_split(num_shards):
+    rng = np.random.default_rng(num_shards)
+    checked = 0
+    for sizes in itertools.product(range(0, 5), repeat=num_shards):
+        nd = sum(sizes)
+        scores = tie_heavy(rng, 3, nd)
+        for k in range(0, nd + 3):  # k > shard size and k > corpus included
+            ref = stable_reference(scores, k)
+            got = merge_topk(*shard_results(scores, sizes, k), k)
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_array_equal(got[1], ref[1])
+            checked += 1
+    assert checked > 10
+
+
+def test_merge_all_tied_and_shuffled_inputs():
+    rng = np.random.default_rng(0)
+    scores = np.full((2, 11), 0.5, np.float32)
+    ss, ii = shard_results(scores, (4, 0, 7), 11)
+    # shard outputs in arbitrary row order must not matter
+    perm = rng.permutation(ss[2].shape[1])
+    ss[2], ii[2] = ss[2][:, perm], ii[2][:, perm]
+    s, i = merge_topk(ss[::-1], ii[::-1], 5)
+    np.testing.assert_array_equal(i, [[0, 1, 2, 3, 4]] * 2)
+    assert (s == 0.5).all()
+
+
+def test_merge_positions_gather_side_data():
+    s1, i1 = np.array([[3.0, 1.0]], np.float32), np.array([[10, 11]])
+    s2, i2 = np.array([[2.0, -np.inf]], np.float32), np.array([[20, -1]])
+    s, i, pos = merge_topk_positions([s1, s2], [i1, i2], 5)
+    names = np.array([["a", "b", "c", "-"]], object)
+    np.testing.assert_array_equal(i, [[10, 20, 11, -1, -1]])
+    np.testing.assert_array_equal(pos, [[0, 2, 1, -1, -1]])
+    assert [names[0, p] for p in pos[0] if p >= 0] == ["a", "c", "b"]
+    assert np.isneginf(s[0, 3:]).all()
+
+
+def test_merge_rejects_bad_input():
+    with pytest.raises(ValueError):
+        merge_topk([np.zeros((2, 3))], [np.zeros((3, 3), np.int64)], 2)
+    with pytest.raises(ValueError):
+        merge_topk([np.array([[np.nan]])], [np.array([[0]])], 1)
+
+
+def test_masked_topk_with_ceilings_equals_brute_force():
+    rng = np.random.default_rng(1)
+    for nd in (1, 5, 40):
+        scores = tie_heavy(rng, 6, nd)
+        ceilings = np.array([np.inf, 2.0, 1.0, 0.0, -1.0, 1.5], np.float32)  # rows 3,4: nothing below
+        for k in (1, 3, nd, nd + 4):
+            got = masked_topk(scores, k, ceilings)
+            ref = stable_reference(scores, k, ceilings)
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_array_equal(got[1], ref[1])
+            assert (got[1][3] == -1).all() and (got[1][4] == -1).all()
+            assert (got[0][got[1] >= 0] < ceilings.repeat(k).reshape(6, k)[got[1] >= 0]).all()
+
+
+def test_sharded_with_ceilings_equals_brute_force():
+    rng = np.random.default_rng(2)
+    scores = tie_heavy(rng, 5, 17)
+    ceilings = np.array([2.0, np.inf, 0.0, 1.0, 2.0], np.float32)
+    for sizes in [(17,), (3, 14), (0, 9, 8), (1, 1, 1, 1, 13)]:
+        for k in (1, 4, 9, 20):
+            got = merge_topk(*shard_results(scores, sizes, k, ceilings), k)
+            ref = stable_reference(scores, k, ceilings)
+            np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_nan_ceiling_is_an_error():
+    with pytest.raises(ValueError, match="NaN"):
+        masked_topk(np.zeros((2, 3)), 1, np.array([np.nan, 1.0]))
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 24])
+def test_torch_search_equals_brute_force_tie_heavy(block):
+    rng = np.random.default_rng(3)
+    corpus = rng.integers(-2, 3, size=(60, 8)).astype(np.float32)  # small integers: exact float sums
+    queries = rng.integers(-2, 3, size=(9, 8)).astype(np.float32)
+    ceilings = rng.integers(-4, 5, size=9).astype(np.float32)
+    ceilings[0] = np.inf
+    ceilings[1] = -100.0  # nothing below
+    for k in (1, 5, 60, 70):
+        for c in (None, ceilings):
+            got = torch_search(corpus, queries, k, c, max_block_elems=block)
+            ref = brute_force_topk(corpus, queries, k, c)
+            np.testing.assert_array_equal(got[1], ref[1])
+            np.testing.assert_array_equal(got[0], ref[0])
+
+
+def test_torch_backend_equals_faiss_flat():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(4)
+    corpus = rng.standard_normal((3000, 32)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = rng.standard_normal((50, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(32)
+    index.add(corpus)
+    fs, fi = index.search(queries, 100)
+    ts, ti = torch_search(corpus, queries, 100, max_block_elems=50 * 256)
+    np.testing.assert_array_equal(ti, fi)
+    np.testing.assert_allclose(ts, fs, rtol=0, atol=1e-5)
