@@ -77,6 +77,9 @@ class TeacherConfig:
     batch_size: int = _f(64, "texts per forward pass")
     trust_remote_code: bool = _f(False, "allow model repos that ship their own code")
     storage_dtype: Literal["float16", "float32"] = _f("float32", "dtype of stored embeddings")
+    padding_side: Literal["auto", "left", "right"] = _f(
+        "auto", "tokenizer padding side; 'auto' keeps the tokenizer's own (pooling is correct for either)"
+    )
     # BM25 only
     bm25_k1: float = _f(1.5, "BM25 k1 (bm25 teachers only)")
     bm25_b: float = _f(0.75, "BM25 b (bm25 teachers only)")
@@ -93,6 +96,11 @@ class EmbedConfig:
     num_gpus_per_actor: float = _f(0.0, "GPUs per actor (1 on GPU clusters)")
     num_cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional on small machines, see RAY-NOTES)")
     rows_per_block: int = _f(1024, "texts per Ray Data block sent to an actor")
+    num_blocks: int = _f(
+        -1, "repartition the input into N blocks first; -1 = ceil(rows / rows_per_block) (an all-to-all step, "
+        "fine up to a few million rows); 0 = keep the input's blocks (web scale: feed many files)"
+    )
+    rows_per_file: int = _f(100_000, "embedding rows per output Parquet file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +200,11 @@ class EvaluateConfig:
     tasks: tuple[str, ...] = _f(("local",), "'local' = the run's BEIR test split; or MTEB names (NQ, FiQA2018...)")
     split: str = _f("test", "split evaluated")
     batch_size: int = _f(64, "encode batch size")
-    max_queries: int = _f(0, "evaluate on the first N test queries only (0 = all)")
+    max_queries: int = _f(0, "evaluate on a seeded random subset of N queries (0 = all); for quick runs")
+    seed: int = _f(13, "seed of the max_queries subset")
+    metrics: tuple[str, ...] = _f(
+        ("ndcg_at_10", "recall_at_100", "mrr_at_10"), "mteb score names collected per model and task"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
