@@ -1,0 +1,156 @@
+"""Bi-encoder: bidirectional switch, prompt-free pooling, LoRA, gradient checkpointing, saved folder."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_decoder
+from raymine.config import TrainConfig
+from raymine.loss import info_nce
+from raymine.model import BiEncoder, load_backbone, make_bidirectional
+
+
+@pytest.fixture(scope="module")
+def tiny_decoders(tmp_path_factory, tiny_mistral_path):
+    out = {"mistral": tiny_mistral_path}
+    for arch in ("llama", "qwen2"):
+        out[arch] = build_tiny_decoder(tmp_path_factory.mktemp(f"tiny_{arch}"), arch)
+    return out
+
+
+def _first_tokens_change(model, pad_row: bool) -> float:
+    """Max change of the states of tokens 0 and 1 when only the last real token changes."""
+    a = torch.tensor([[101, 2023, 2003, 1037, 3231]])
+    b = a.clone()
+    b[0, -1] = 4937
+    am = torch.ones_like(a)
+    if pad_row:  # right padding + a batch row that is padded: the mask path is materialised
+        a, b = (torch.cat([x, torch.zeros(1, 2, dtype=torch.long)], dim=1) for x in (a, b))
+        am = torch.cat([am, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+        a, b = (torch.cat([x, x]) for x in (a, b))
+        am = torch.cat([am, torch.ones_like(am)])
+    with torch.no_grad():
+        ha = model(input_ids=a, attention_mask=am).last_hidden_state
+        hb = model(input_ids=b, attention_mask=am).last_hidden_state
+    return (ha[0, :2] - hb[0, :2]).abs().max().item()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "llama", "qwen2"])
+@pytest.mark.parametrize("pad_row", [False, True])
+def test_bidirectional_switch(tiny_decoders, arch, pad_row):
+    causal, _ = load_backbone(tiny_decoders[arch], bidirectional=False)
+    bidi, _ = load_backbone(tiny_decoders[arch], bidirectional=True)
+    causal.eval(), bidi.eval()
+    assert _first_tokens_change(causal, pad_row) == 0.0
+    assert _first_tokens_change(bidi, pad_row) > 1e-3
+
+
+def test_bidirectional_refuses_encoder(minilm_path):
+    enc, _ = load_backbone(minilm_path)
+    with pytest.raises(ValueError, match="decoder"):
+        make_bidirectional(enc)
+
+
+def test_bert_loaded_without_pooler(minilm_path):
+    enc, _ = load_backbone(minilm_path)
+    assert getattr(enc, "pooler", None) is None
+
+
+def test_prompt_tokens_excluded_from_mean(minilm_path):
+    prompt = "Given a claim, find documents that support it: "
+    cfg = TrainConfig(model=minilm_path, query_prompt=prompt, normalize=False)
+    m = BiEncoder.from_config(cfg).eval()
+    tok = m.tokenizer
+    bare = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert m.prompt_lengths["query"] == 1 + len(bare)  # [CLS] + prompt
+    texts = ["aspirin lowers fever", "a much longer query about protein folding in yeast cells"]
+    f = m.tokenize(texts, "query")
+    assert f["input_ids"][0, 1 : 1 + len(bare)].tolist() == bare
+    with torch.no_grad():
+        hidden = m.backbone(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).last_hidden_state
+        got = m(**f)
+    n_prompt = m.prompt_lengths["query"]
+    for i in range(2):
+        n_real = int(f["attention_mask"][i].sum())
+        want = hidden[i, n_prompt:n_real].mean(dim=0)  # denominator = text tokens only (+ [SEP])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+    # without the pool mask the prompt would be averaged in: a different vector
+    assert not torch.allclose(got[0], hidden[0, : int(f["attention_mask"][0].sum())].mean(dim=0), atol=1e-3)
+
+
+def test_last_token_padding_side(tiny_mistral_path):
+    cfg = TrainConfig(model=tiny_mistral_path, bidirectional=True, pooling="last_token")
+    m = BiEncoder.from_config(cfg).eval()
+    texts = ["short", "a somewhat longer passage text here"]
+    right = m.encode(texts)
+    m.tokenizer.padding_side = "left"
+    left = m.encode(texts)
+    torch.testing.assert_close(left, right, rtol=1e-4, atol=1e-5)
+
+
+def _step(m: BiEncoder, lr: float = 1e-2) -> None:
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    q = m(**m.tokenize(["what is a cat", "protein folding"], "query"))
+    p = m(**m.tokenize(["a cat is an animal", "proteins fold", "dogs bark", "yeast cells"], "passage"))
+    loss = info_nce(q, p[:2], p[2:].reshape(2, 1, -1), temperature=0.05)
+    loss.backward()
+    opt.step()
+
+
+def test_lora_trains_only_adapters(tiny_mistral_path):
+    cfg = TrainConfig(model=tiny_mistral_path, bidirectional=True, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    m = BiEncoder.from_config(cfg)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    _step(m)
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert any("lora_B" in n for n in changed)  # B starts at zero: it must have moved
+
+
+def test_gradient_checkpointing_same_gradients(tiny_mistral_path):
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        m = BiEncoder.from_config(TrainConfig(model=tiny_mistral_path, bidirectional=True, gradient_checkpointing=gc))
+        m.train()
+        q = m(**m.tokenize(["what is a cat"], "query"))
+        p = m(**m.tokenize(["a cat is an animal", "dogs bark"], "passage"))
+        info_nce(q, p[:1], p[1:].reshape(1, 1, -1)).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_saved_lora_mistral_reloads_bidirectional(tiny_mistral_path, tmp_path):
+    cfg = TrainConfig(model=tiny_mistral_path, bidirectional=True, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    m = BiEncoder.from_config(cfg)
+    _step(m)
+    texts = ["a cat is an animal", "proteins fold"]
+    want = m.encode(texts)
+    m.save(str(tmp_path / "out"))
+    from transformers import AutoModel
+
+    plain = AutoModel.from_pretrained(str(tmp_path / "out"))
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    assert plain.config.is_causal is False
+    again = BiEncoder.from_config(TrainConfig(model=str(tmp_path / "out"), bidirectional=True))
+    torch.testing.assert_close(again.encode(texts), want, rtol=1e-4, atol=1e-5)
+
+
+def test_saved_minilm_matches_sentence_transformers(minilm_path, tmp_path):
+    prompt = "query: "
+    m = BiEncoder.from_config(TrainConfig(model=minilm_path, query_prompt=prompt))
+    m.save(str(tmp_path / "st"))
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    texts = ["aspirin lowers fever", "a longer text about protein folding in yeast cells"]
+    ours_p = m.encode(texts, "passage")
+    ours_q = m.encode(texts, "query")
+    theirs_p = torch.from_numpy(st.encode(texts))
+    theirs_q = torch.from_numpy(st.encode(texts, prompt_name="query"))
+    torch.testing.assert_close(ours_p, theirs_p, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_q, theirs_q, rtol=1e-4, atol=1e-5)
