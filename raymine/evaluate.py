@@ -1,0 +1,484 @@
+"""Evaluate stage: retrieval quality of any list of models through mteb, written as JSON, Markdown and a plot.
+
+No hand-written metrics: every number comes from ``mteb.evaluate``. Two kinds of task:
+
+* local BEIR folders or Parquet tables (offline) wrapped as an mteb ``AbsTaskRetrieval``
+  (``cfg.tasks == ("local",)`` means the ``data`` folder's ``cfg.split``; any other entry that is a
+  folder is read the same way);
+* standard MTEB task names (``NQ``, ``HotpotQA``, ``FiQA2018``...) from ``mteb.get_tasks`` — these
+  need the Hugging Face hub; when it is unreachable the stage fails naming the task, it never skips.
+
+Documents are read by mteb as ``title + " " + text`` (its own convention for BEIR corpora), so local
+folders and the published MTEB numbers are computed the same way.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymine import storage
+from raymine.columns import DOC_ID, QUERY_ID, SCORE, TEXT, TITLE
+from raymine.config import EvaluateConfig, TeacherConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"
+METRIC_LABELS = {"ndcg_at_10": "nDCG@10", "recall_at_100": "Recall@100", "mrr_at_10": "MRR@10"}
+
+
+class EvaluationError(RuntimeError):
+    """A task could not be loaded or evaluated; the message names the task."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Local data (BEIR folder or Parquet tables)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LocalData:
+    """One split of a local retrieval data set as Arrow tables (ingest's column names)."""
+
+    corpus: pa.Table  # DOC_ID, TITLE, TEXT
+    queries: pa.Table  # QUERY_ID, TEXT
+    qrels: pa.Table  # QUERY_ID, DOC_ID, SCORE (int)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def _read_text(uri: str) -> str:
+    data = storage.read_bytes(uri)  # pyarrow streams already decompress by extension; check the magic
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode("utf-8")
+
+
+def _first_existing(root: str, names: Sequence[str]) -> str | None:
+    for n in names:
+        uri = storage.join(root, n)
+        if storage.exists(uri):
+            return uri
+    return None
+
+
+def _read_jsonl(uri: str, id_key: str, fields: Sequence[str]) -> dict[str, list[str]]:
+    cols: dict[str, list[str]] = {k: [] for k in (id_key, *fields)}
+    for lineno, line in enumerate(_read_text(uri).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{uri}:{lineno}: not valid JSON: {e}") from e
+        if "_id" not in row:
+            raise ValueError(f"{uri}:{lineno}: no '_id' field")
+        cols[id_key].append(str(row["_id"]))
+        for f in fields:
+            v = row.get(f) or ""
+            cols[f].append(str(v))
+    return cols
+
+
+def _read_beir_qrels(uri: str) -> pa.Table:
+    qids, dids, scores = [], [], []
+    for lineno, line in enumerate(_read_text(uri).splitlines(), 1):
+        parts = line.rstrip("\n").split("\t")
+        if not line.strip() or (lineno == 1 and not parts[-1].strip().lstrip("-").isdigit()):
+            continue  # blank line or header ("query-id corpus-id score")
+        if len(parts) != 3:
+            raise ValueError(f"{uri}:{lineno}: expected 3 tab-separated fields, got {len(parts)}")
+        qids.append(parts[0])
+        dids.append(parts[1])
+        try:
+            scores.append(int(parts[2]))
+        except ValueError as e:
+            raise ValueError(f"{uri}:{lineno}: score {parts[2]!r} is not an integer") from e
+    return pa.table({QUERY_ID: pa.array(qids, pa.string()), DOC_ID: pa.array(dids, pa.string()),
+                     SCORE: pa.array(scores, pa.int64())})
+
+
+def _read_parquet(uri: str) -> pa.Table:
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def _load_local(path: str, split: str) -> LocalData:
+    """Read a BEIR folder (``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]``, ``qrels/{split}.tsv[.gz]``) or a
+    Parquet folder (``corpus.parquet``, ``queries.parquet``, ``qrels/{split}.parquet`` or
+    ``qrels_{split}.parquet``, with raymine's column names).
+
+    Interim private reader until ``raymine.ingest.read_beir`` lands. Only queries judged in ``split``
+    are kept (BEIR convention); see :func:`_clean` for the counted skips.
+    """
+    corpus_uri = _first_existing(path, ["corpus.parquet", "corpus.jsonl", "corpus.jsonl.gz"])
+    queries_uri = _first_existing(path, ["queries.parquet", "queries.jsonl", "queries.jsonl.gz"])
+    qrels_uri = _first_existing(path, [f"qrels/{split}.parquet", f"qrels_{split}.parquet",
+                                       f"qrels/{split}.tsv", f"qrels/{split}.tsv.gz"])
+    missing = [n for n, u in (("corpus", corpus_uri), ("queries", queries_uri), (f"qrels for split {split!r}", qrels_uri))
+               if u is None]
+    if missing:
+        raise FileNotFoundError(f"{path}: no {', '.join(missing)} (expected a BEIR folder or Parquet tables)")
+    assert corpus_uri and queries_uri and qrels_uri
+    if corpus_uri.endswith(".parquet"):
+        corpus = _read_parquet(corpus_uri)
+        if TITLE not in corpus.column_names:
+            corpus = corpus.append_column(TITLE, pa.array([""] * corpus.num_rows, pa.string()))
+        corpus = corpus.select([DOC_ID, TITLE, TEXT])
+    else:
+        corpus = pa.table(_read_jsonl(corpus_uri, DOC_ID, (TITLE, TEXT)))
+    if queries_uri.endswith(".parquet"):
+        queries = _read_parquet(queries_uri).select([QUERY_ID, TEXT])
+    else:
+        queries = pa.table(_read_jsonl(queries_uri, QUERY_ID, (TEXT,)))
+    if qrels_uri.endswith(".parquet"):
+        qrels = _read_parquet(qrels_uri).select([QUERY_ID, DOC_ID, SCORE])
+    else:
+        qrels = _read_beir_qrels(qrels_uri)
+    return _clean(LocalData(corpus=corpus, queries=queries, qrels=qrels))
+
+
+def _clean(data: LocalData) -> LocalData:
+    """Keep what mteb can score, counting every drop: docs with no title and no text, qrels naming
+    unknown docs/queries, queries not judged in the split, and queries whose judgements are all 0
+    (no relevant document: nDCG is undefined for them; BEIR/pytrec_eval would count them as 0)."""
+    skipped: dict[str, int] = dict(data.skipped)
+    corpus = data.corpus
+    titles = corpus.column(TITLE).to_pylist()
+    texts = corpus.column(TEXT).to_pylist()
+    keep = np.array([bool(((t or "") + " " + (x or "")).strip()) for t, x in zip(titles, texts)], dtype=bool)
+    if not keep.all():
+        skipped["empty_documents"] = int((~keep).sum())
+        corpus = corpus.filter(pa.array(keep))
+    doc_ids = set(corpus.column(DOC_ID).to_pylist())
+    if len(doc_ids) != corpus.num_rows:
+        raise ValueError(f"corpus has duplicate doc ids ({corpus.num_rows - len(doc_ids)} repeats)")
+    queries = data.queries
+    qtexts = queries.column(TEXT).to_pylist()
+    qkeep = np.array([bool((t or "").strip()) for t in qtexts], dtype=bool)
+    if not qkeep.all():
+        skipped["empty_queries"] = int((~qkeep).sum())
+        queries = queries.filter(pa.array(qkeep))
+    query_ids = queries.column(QUERY_ID).to_pylist()
+    if len(set(query_ids)) != len(query_ids):
+        raise ValueError(f"queries have duplicate ids ({len(query_ids) - len(set(query_ids))} repeats)")
+
+    qrels = data.qrels
+    q = qrels.column(QUERY_ID).to_pylist()
+    d = qrels.column(DOC_ID).to_pylist()
+    qset = set(query_ids)
+    known = np.array([qi in qset and di in doc_ids for qi, di in zip(q, d)], dtype=bool)
+    if not known.all():
+        skipped["qrels_unknown_ids"] = int((~known).sum())
+        qrels = qrels.filter(pa.array(known))
+    scores = qrels.column(SCORE).to_numpy()
+    positive_q = set(np.asarray(qrels.column(QUERY_ID).to_pylist(), dtype=object)[scores > 0].tolist())
+    judged_q = set(qrels.column(QUERY_ID).to_pylist())
+    no_pos = judged_q - positive_q
+    if no_pos:
+        skipped["queries_without_positive"] = len(no_pos)
+        qrels = qrels.filter(pa.array([qi in positive_q for qi in qrels.column(QUERY_ID).to_pylist()]))
+    unjudged = qset - judged_q
+    if unjudged:
+        skipped["queries_not_in_split"] = len(unjudged)
+    queries = queries.filter(pa.array([qi in positive_q for qi in query_ids]))
+    return LocalData(corpus=corpus, queries=queries, qrels=qrels, skipped=skipped)
+
+
+def subsample_queries(data: LocalData, max_queries: int, seed: int) -> LocalData:
+    """A seeded subset of ``max_queries`` queries (and their qrels); the corpus stays whole."""
+    if max_queries <= 0 or data.queries.num_rows <= max_queries:
+        return data
+    ids = np.array(sorted(data.queries.column(QUERY_ID).to_pylist()), dtype=object)
+    chosen = set(np.random.default_rng(seed).choice(ids, size=max_queries, replace=False).tolist())
+    queries = data.queries.filter(pa.array([qi in chosen for qi in data.queries.column(QUERY_ID).to_pylist()]))
+    qrels = data.qrels.filter(pa.array([qi in chosen for qi in data.qrels.column(QUERY_ID).to_pylist()]))
+    return LocalData(corpus=data.corpus, queries=queries, qrels=qrels, skipped=dict(data.skipped))
+
+
+# ------------------------------------------------------------------------------------------------
+# mteb glue (mteb is imported lazily: 4.5 s cold, and it creates its result cache at import)
+# ------------------------------------------------------------------------------------------------
+def _import_mteb(cache_dir: str | None = None) -> Any:
+    """Import mteb with its result cache kept out of the home folder (``MTEB_CACHE``)."""
+    if "MTEB_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["MTEB_CACHE"] = cache_dir or os.path.join(tempfile.gettempdir(), "raymine-mteb-cache")
+    import mteb
+
+    return mteb
+
+
+def make_local_task(name: str, data: LocalData, split: str) -> Any:
+    """An mteb retrieval task (main score nDCG@10) over one split of local data."""
+    mteb = _import_mteb()
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    metadata = TaskMetadata(
+        name=name,
+        description=f"Local retrieval data set {name} (split {split}), evaluated offline by raymine.",
+        reference=None,
+        dataset={"path": "local", "revision": "local"},
+        type="Retrieval",
+        category="t2t",
+        modalities=["text"],
+        eval_splits=[split],
+        eval_langs=["eng-Latn"],
+        main_score="ndcg_at_10",
+        date=None,
+        domains=None,
+        task_subtypes=None,
+        license=None,
+        annotations_creators=None,
+        dialect=None,
+        sample_creation=None,
+        bibtex_citation="",
+    )
+    corpus = Dataset.from_dict({
+        "id": data.corpus.column(DOC_ID).to_pylist(),
+        "title": [t or "" for t in data.corpus.column(TITLE).to_pylist()],
+        "text": [t or "" for t in data.corpus.column(TEXT).to_pylist()],
+    })
+    queries = Dataset.from_dict({
+        "id": data.queries.column(QUERY_ID).to_pylist(),
+        "text": data.queries.column(TEXT).to_pylist(),
+    })
+    relevant: dict[str, dict[str, int]] = {}
+    for qi, di, s in zip(data.qrels.column(QUERY_ID).to_pylist(), data.qrels.column(DOC_ID).to_pylist(),
+                         data.qrels.column(SCORE).to_pylist()):
+        relevant.setdefault(qi, {})[di] = int(s)
+
+    class LocalRetrievalTask(AbsTaskRetrieval):
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            self.dataset = {"default": {split: {"corpus": corpus, "queries": queries,
+                                                "relevant_docs": relevant, "top_ranked": None}}}
+            self.data_loaded = True
+
+    LocalRetrievalTask.metadata = metadata
+    LocalRetrievalTask.__name__ = f"Local_{name}"
+    del mteb
+    return LocalRetrievalTask()
+
+
+def _model_name(label: str) -> str:
+    """mteb wants 'organization/model_name'."""
+    return label if "/" in label else f"raymine/{label}"
+
+
+def make_mteb_model(label: str, teacher: TeacherConfig, batch_size: int | None = None, encoder: Any = None) -> Any:
+    """An mteb encoder (``AbsEncoder``, cosine similarity) around a raymine :class:`~raymine.encoders.Encoder`.
+
+    Queries get the teacher's ``query_prompt``, documents its ``passage_prompt``; pooling, max lengths,
+    dtype and device come from the TeacherConfig too. ``encoder`` lets a caller pass one already loaded.
+    """
+    _import_mteb()
+    from mteb.models.abs_encoder import AbsEncoder
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+    from mteb.types import PromptType
+
+    if teacher.kind != "dense":
+        raise EvaluationError(f"model {label!r}: kind={teacher.kind!r}; only dense models are evaluated through mteb")
+
+    class RaymineMtebEncoder(AbsEncoder):
+        def __init__(self) -> None:
+            if encoder is None:
+                from raymine.encoders import Encoder
+
+                self.model = Encoder(teacher)
+            else:
+                self.model = encoder
+            self.mteb_model_meta = ModelMeta(
+                loader=None, name=_model_name(label), revision=None, release_date=None, languages=None,
+                n_parameters=None, memory_usage_mb=None, max_tokens=float(teacher.passage_max_length),
+                embed_dim=int(self.model.dim), license=None, open_weights=True, public_training_code=None,
+                public_training_data=None, framework=["PyTorch"], similarity_fn_name=ScoringFunction.COSINE,
+                use_instructions=bool(teacher.query_prompt or teacher.passage_prompt), training_datasets=None,
+            )
+
+        def encode(self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str,
+                   prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
+            texts: list[str] = []
+            for batch in inputs:
+                texts.extend(batch["text"])
+            side = "query" if prompt_type == PromptType.query else "passage"
+            return self.model.encode(texts, side, batch_size=batch_size)  # [n, dim] float32
+
+    return RaymineMtebEncoder()
+
+
+def _resolve_tasks(cfg: EvaluateConfig, data: str) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(task name, mteb task, info) for every entry of ``cfg.tasks``; fails naming the task."""
+    out = []
+    for entry in cfg.tasks:
+        if entry == LOCAL or storage.exists(entry):
+            path = data if entry == LOCAL else entry
+            if not storage.exists(path):
+                raise EvaluationError(f"task {entry!r}: local data folder {path!r} does not exist")
+            local = _load_local(path, cfg.split)
+            full = local.queries.num_rows
+            local = subsample_queries(local, cfg.max_queries, cfg.seed)
+            name = os.path.basename(os.path.normpath(path.split("://", 1)[-1])) or "local"
+            info = {"source": path, "split": cfg.split, "documents": local.corpus.num_rows,
+                    "queries": local.queries.num_rows, "queries_available": full,
+                    "qrels": local.qrels.num_rows, "skipped": local.skipped,
+                    "subset": local.queries.num_rows < full, "seed": cfg.seed}
+            if local.skipped:
+                log.warning("task %s: skipped %s", name, local.skipped)
+            if local.queries.num_rows == 0:
+                raise EvaluationError(f"task {entry!r}: no query with a relevant document in split {cfg.split!r}")
+            out.append((name, make_local_task(name, local, cfg.split), info))
+            continue
+        mteb = _import_mteb()
+        try:
+            task = mteb.get_tasks(tasks=[entry], eval_splits=[cfg.split])[0]
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvaluationError(f"task {entry!r}: not a local folder and not an MTEB task name ({e})") from e
+        try:
+            task.load_data()
+        except Exception as e:  # noqa: BLE001 -- any hub/network failure must name the task
+            raise EvaluationError(
+                f"MTEB task {entry!r} could not be loaded (it downloads from the Hugging Face hub, "
+                f"which may be unreachable; use a local BEIR/Parquet folder offline): {type(e).__name__}: {e}"
+            ) from e
+        if cfg.max_queries > 0:
+            log.warning("task %s: max_queries applies to local tasks only; evaluating all queries", entry)
+        out.append((entry, task, {"source": f"mteb:{entry}", "split": cfg.split, "subset": False}))
+    return out
+
+
+def _scores_of(result: Any, task_name: str, split: str) -> dict[str, Any]:
+    """The score dict of one task/split from an mteb ModelResult (averaged over hf subsets)."""
+    for tr in result.task_results:
+        if tr.task_name == task_name:
+            rows = tr.scores.get(split) or []
+            if not rows:
+                raise EvaluationError(f"task {task_name!r}: mteb returned no scores for split {split!r}")
+            if len(rows) == 1:
+                return dict(rows[0])
+            keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
+            return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    raise EvaluationError(f"task {task_name!r}: missing from mteb's results")
+
+
+def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str) -> dict:
+    """Evaluate every model on every task with mteb; write ``evaluation.json``, ``evaluation.md`` and
+    ``evaluation.png`` under ``out_dir``. Returns ``{task: {model: {metric: value}}}`` (values in [0, 1]).
+
+    The first model is the baseline: the Markdown table shows each other model's delta against it.
+    """
+    if not models:
+        raise EvaluationError("no models to evaluate")
+    t0 = time.perf_counter()
+    if "://" not in out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    mteb = _import_mteb(os.path.join(os.path.abspath(out_dir), "mteb_cache") if "://" not in out_dir else None)
+    tasks = _resolve_tasks(cfg, data)
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name, _, _ in tasks}
+    timings: dict[str, float] = {}
+    for label, teacher in models.items():
+        tm = time.perf_counter()
+        model = make_mteb_model(label, teacher, cfg.batch_size)
+        for name, task, info in tasks:
+            ts = time.perf_counter()
+            res = mteb.evaluate(model, tasks=[task], cache=None, overwrite_strategy="always",
+                                encode_kwargs={"batch_size": cfg.batch_size}, show_progress_bar=False)
+            scores = _scores_of(res, task.metadata.name, info["split"])
+            missing = [m for m in cfg.metrics if m not in scores]
+            if missing:
+                raise EvaluationError(f"task {name!r}: mteb scores lack {missing}")
+            results[name][label] = {m: float(scores[m]) for m in cfg.metrics}
+            log.info("%s on %s: %s (%.1f s)", label, name,
+                     ", ".join(f"{m}={scores[m]:.4f}" for m in cfg.metrics), time.perf_counter() - ts)
+        timings[label] = round(time.perf_counter() - tm, 2)
+        del model
+    report = {
+        "results": results,
+        "tasks": {name: info for name, _, info in tasks},
+        "models": {label: to_dict(t) for label, t in models.items()},
+        "config": to_dict(cfg),
+        "baseline": next(iter(models)),
+        "seconds_per_model": timings,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "mteb_version": getattr(mteb, "__version__", "unknown"),
+    }
+    storage.write_json(storage.join(out_dir, "evaluation.json"), report)
+    storage.write_bytes(storage.join(out_dir, "evaluation.md"), render_markdown(report).encode("utf-8"))
+    storage.write_bytes(storage.join(out_dir, "evaluation.png"), render_plot(results, cfg.metrics))
+    log.info("evaluated %d model(s) on %d task(s) in %.1f s → %s", len(models), len(tasks),
+             time.perf_counter() - t0, out_dir)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Report rendering
+# ------------------------------------------------------------------------------------------------
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """Before/after table: one row per task and metric, one column per model (×100, two decimals),
+    plus one Δ column per non-baseline model against the first model."""
+    results = report["results"]
+    metrics = report["config"]["metrics"]
+    labels = list(report["models"])
+    base = labels[0]
+    head = ["task", "metric", *labels, *[f"Δ {m} vs {base}" for m in labels[1:]]]
+    lines = ["# Retrieval evaluation (mteb)", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for task, per_model in results.items():
+        for metric in metrics:
+            vals = [per_model[m][metric] * 100 for m in labels]
+            deltas = [f"{v - vals[0]:+.2f}" for v in vals[1:]]
+            cells = [task, METRIC_LABELS.get(metric, metric), *[f"{v:.2f}" for v in vals], *deltas]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for task, info in report["tasks"].items():
+        what = f"- **{task}**: {info['source']}, split `{info['split']}`"
+        if "queries" in info:
+            what += f", {info['documents']} documents, {info['queries']} queries"
+        if info.get("subset"):
+            what += (f" — **seeded subset** of {info['queries']} of {info['queries_available']} queries "
+                     f"(seed {info['seed']}); not comparable with full-split scores")
+        if info.get("skipped"):
+            what += f"; skipped: {info['skipped']}"
+        lines.append(what)
+    lines.append("")
+    lines.append("Scores ×100 from mteb " + str(report.get("mteb_version", "")) +
+                 "; documents read as `title + ' ' + text` (mteb's convention).")
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(results: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str]) -> bytes:
+    """Grouped bar chart (PNG bytes): one panel per metric, tasks on the x axis, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results)
+    labels = list(next(iter(results.values())).keys()) if tasks else []
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    width = 0.8 / max(1, len(labels))
+    x = np.arange(len(tasks))
+    for ax, metric in zip(axes[0], metrics):
+        for i, label in enumerate(labels):
+            vals = [results[t][label][metric] * 100 for t in tasks]
+            bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width, label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(x, tasks, rotation=20)
+        ax.set_title(METRIC_LABELS.get(metric, metric))
+        ax.set_ylim(0, 105)
+    axes[0][0].set_ylabel("score ×100")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
