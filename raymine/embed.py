@@ -209,7 +209,7 @@ def embed_stage(
     )
 
     writer: _PartWriter | None = None
-    written = truncated = blocks = 0
+    written = truncated = 0
     actors: set[int] = set()
     dim = 0
     with _preserve_order(out):
@@ -227,13 +227,12 @@ def embed_stage(
             written += len(emb)
             truncated += int(np.asarray(batch[_TRUNCATED]).sum())
             actors.update(np.unique(batch[_ACTOR]).tolist())
-            blocks += 1
     if writer is not None:
         writer.close()
     if written != n_rows:
         raise RuntimeError(f"embed {side}: wrote {written} rows but the input has {n_rows}")
 
-    run.counts.update({"rows": written, "truncated": truncated, "blocks": blocks, "actors_used": len(actors)})
+    run.counts.update({"rows": written, "truncated": truncated, "input_blocks": num_blocks or None, "actors_used": len(actors)})
     if truncated:
         max_len = teacher.query_max_length if side == "query" else teacher.passage_max_length
         log.warning("embed %s: %d of %d texts truncated at %d tokens", side, truncated, written, max_len)

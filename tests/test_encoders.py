@@ -1,0 +1,149 @@
+"""Dense teacher encoders: exact agreement with sentence-transformers, pooling under both padding sides,
+prompts on the right side only, order restored after length sorting, bad input and truncation."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from raymine.config import TeacherConfig
+from raymine.encoders import Encoder, resolve_model_path
+
+TEXTS = [
+    "Protein folding is driven by hydrophobic collapse.",
+    "short",
+    "A considerably longer passage about the cerebral white matter of newborn infants, measured in vivo "
+    "by diffusion tensor magnetic resonance imaging, and what it tells us about cortical development.",
+    "Vitamin D deficiency and bone density.",
+    "x y",
+    "Mitochondria are the powerhouse of the cell; they produce ATP through oxidative phosphorylation.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path) -> Encoder:
+    return Encoder(TeacherConfig(model=minilm_path, batch_size=2))
+
+
+def test_resolve_model_path(minilm_path, tmp_path):
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == minilm_path
+    assert resolve_model_path("all-MiniLM-L6-v2") == minilm_path
+    assert resolve_model_path("intfloat/e5-large-v2") == "intfloat/e5-large-v2"
+
+
+def test_minilm_mean_pooling_equals_sentence_transformers(minilm, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(minilm_path, device="cpu")
+    ref = st.encode(TEXTS, batch_size=3, normalize_embeddings=True, convert_to_numpy=True)
+    ours = minilm.encode(TEXTS, "passage")
+    assert ours.dtype == np.float32 and ours.shape == (len(TEXTS), 384) == (len(TEXTS), minilm.dim)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_length_sorted_batches_restore_input_order(minilm):
+    batched = minilm.encode(TEXTS, "passage", batch_size=2)  # sorted by length, padded per batch
+    one_by_one = np.stack([minilm.encode([t], "passage")[0] for t in TEXTS])  # no padding at all
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    # the rows really differ, so a permutation would have been caught
+    assert np.abs(batched[0] - batched[1]).max() > 1e-2
+
+
+def test_prompts_apply_to_their_side_only(minilm, minilm_path):
+    prompted = Encoder(TeacherConfig(model=minilm_path, query_prompt="query: ", passage_prompt="passage: "))
+    q = prompted.encode(TEXTS[:3], "query")
+    p = prompted.encode(TEXTS[:3], "passage")
+    np.testing.assert_allclose(q, minilm.encode(["query: " + t for t in TEXTS[:3]], "query"), atol=1e-5)
+    np.testing.assert_allclose(p, minilm.encode(["passage: " + t for t in TEXTS[:3]], "passage"), atol=1e-5)
+    assert np.abs(q - p).max() > 1e-3
+
+    only_query = Encoder(TeacherConfig(model=minilm_path, query_prompt="query: "))
+    np.testing.assert_allclose(only_query.encode(TEXTS[:3], "passage"), minilm.encode(TEXTS[:3], "passage"),
+                               atol=1e-6)
+
+
+def test_normalize_off_keeps_raw_mean(minilm_path, minilm):
+    raw = Encoder(TeacherConfig(model=minilm_path, normalize=False)).encode(TEXTS[:2], "passage")
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True),
+                               minilm.encode(TEXTS[:2], "passage"), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["", "   \n\t"])
+def test_empty_text_raises_naming_the_index(minilm, bad):
+    with pytest.raises(ValueError, match=r"index 2 is empty"):
+        minilm.encode(["fine", "also fine", bad, "fine"], "passage")
+
+
+def test_non_string_text_raises(minilm):
+    with pytest.raises(ValueError, match=r"index 1 is NoneType"):
+        minilm.encode(["fine", None], "query")  # type: ignore[list-item]
+
+
+def test_side_must_be_query_or_passage(minilm):
+    with pytest.raises(ValueError, match="side"):
+        minilm.encode(["x"], "document")  # type: ignore[arg-type]
+
+
+def test_too_long_text_is_truncated_and_counted(minilm_path):
+    enc = Encoder(TeacherConfig(model=minilm_path, passage_max_length=8, query_max_length=64))
+    head = "alpha beta gamma delta epsilon zeta"  # 6 word-piece tokens + [CLS] + [SEP] = 8
+    texts = [head + " eta theta iota kappa", head + " completely different ending words", "short one"]
+    out = enc.encode(texts, "passage")
+    assert enc.last_truncated.tolist() == [True, True, False]
+    assert enc.truncated == 2 and enc.truncated_by_side == {"query": 0, "passage": 2}
+    # both were cut to the same 8 tokens, so they embed identically, and equal the head alone
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+    np.testing.assert_allclose(out[0], enc.encode([head], "passage")[0], atol=1e-5)
+    assert enc.last_truncated.tolist() == [False]  # exactly 8 tokens: not truncated
+    enc.encode(texts, "query")  # query side has its own, longer limit
+    assert enc.truncated_by_side == {"query": 0, "passage": 2}
+
+
+def test_empty_input_gives_empty_matrix(minilm):
+    out = minilm.encode([], "query")
+    assert out.shape == (0, 384) and out.dtype == np.float32
+
+
+def test_bm25_kind_is_rejected(minilm_path):
+    with pytest.raises(ValueError, match="dense"):
+        Encoder(TeacherConfig(kind="bm25", model=minilm_path))
+
+
+# --- decoders --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pooling", ["last_token", "mean"])
+def test_decoder_pooling_same_under_left_and_right_padding(tiny_mistral_path, pooling):
+    texts = TEXTS[:4]
+    cfg = TeacherConfig(model=tiny_mistral_path, pooling=pooling, batch_size=4)
+    left = Encoder(replace(cfg, padding_side="left"))
+    right = Encoder(replace(cfg, padding_side="right"))
+    assert left.tokenizer.padding_side == "left" and right.tokenizer.padding_side == "right"
+    a, b = left.encode(texts, "query"), right.encode(texts, "query")
+    alone = np.stack([right.encode([t], "query")[0] for t in texts])  # unpadded reference
+    assert np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, alone, atol=1e-5)
+    assert np.abs(a[0] - a[1]).max() > 1e-3
+
+
+def test_decoder_without_pad_token_pads_with_eos(tiny_mistral_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "nopad"
+    shutil.copytree(tiny_mistral_path, folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.eos_token = "[SEP]"
+    tok.pad_token = None
+    tok.save_pretrained(str(folder))
+    assert AutoTokenizer.from_pretrained(str(folder)).pad_token is None
+
+    enc = Encoder(TeacherConfig(model=str(folder), pooling="last_token", padding_side="left", batch_size=3))
+    assert enc.tokenizer.pad_token == "[SEP]"
+    texts = TEXTS[:3]
+    batched = enc.encode(texts, "passage")
+    alone = np.stack([enc.encode([t], "passage")[0] for t in texts])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
