@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
 
-    os.chdir(ROOT)  # relative paths in configs (data/, runs/) are relative to the project
     init_ray()
     try:
         report = run_pipeline(cfg, stages)
