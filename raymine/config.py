@@ -120,6 +120,7 @@ class SearchConfig:
     max_depth: int = _f(4096, "deepest re-query for indexes that cannot apply a ceiling (IVF/PQ)")
     use_ceiling: bool = _f(True, "apply the mining method's per-query score ceiling inside exact search")
     num_cpus_per_shard: float = _f(0.25, "CPUs reserved per shard actor")
+    threads_per_shard: int = _f(0, "BLAS/OpenMP threads per shard actor; 0 = node cores // num_shards (at least 1)")
     num_gpus_per_shard: float = _f(0.0, "GPUs per shard actor")
     query_batch_size: int = _f(1024, "queries per search batch sent to every shard")
     recall_sample: int = _f(1000, "queries sampled to report approximate-search recall@k against exact")
@@ -148,6 +149,9 @@ class MineConfig:
     hide_positive_fraction: float = _f(
         0.0, "analysis mode: hide this share of multi-positive queries' positives, report known-false-negative rate"
     )
+    batch_size: int = _f(1024, "queries per map_batches call of the mining stage")
+    join_partitions: int = _f(4, "hash partitions of the Ray Data join of teachers' candidates and queries")
+    report_sample: int = _f(100_000, "scores per category and teacher kept for the report's histograms")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,15 +46,28 @@ def reduce_positive_scores(pos_scores: Sequence[np.ndarray], how: str = "min") -
 
     ``pos_scores``: one 1-D array per query, any lengths. Returns float32 ``[nq]``.
     """
-    fn = {"min": np.min, "mean": np.mean, "max": np.max}.get(how)
-    if fn is None:
+    lengths = np.array([np.size(s) for s in pos_scores], dtype=np.int64)
+    flat = np.concatenate([np.asarray(s, dtype=np.float32).ravel() for s in pos_scores]) if len(pos_scores) else np.zeros(0, np.float32)
+    return reduce_positive_flat(flat, lengths, how)
+
+
+def reduce_positive_flat(values: np.ndarray, lengths: np.ndarray, how: str = "min") -> np.ndarray:
+    """:func:`reduce_positive_scores` on Arrow's layout: flat scores ``[sum(lengths)]`` + lengths ``[nq]``."""
+    if how not in ("min", "mean", "max"):
         raise ValueError(f"pos_reduce: {how!r} is not one of ['min', 'mean', 'max']")
-    out = np.full(len(pos_scores), np.nan, dtype=np.float32)
-    for i, s in enumerate(pos_scores):
-        s = np.asarray(s, dtype=np.float64)
-        s = s[~np.isnan(s)]
-        if s.size:
-            out[i] = fn(s)
+    values = np.asarray(values, dtype=np.float64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    nq = len(lengths)
+    ok = ~np.isnan(values)
+    row = np.repeat(np.arange(nq), lengths)  # [n values] query of each score
+    count = np.bincount(row[ok], minlength=nq)
+    if how == "mean":
+        out = np.bincount(row[ok], weights=values[ok], minlength=nq) / np.maximum(count, 1)
+    else:
+        out = np.full(nq, np.inf if how == "min" else -np.inf)
+        (np.minimum if how == "min" else np.maximum).at(out, row[ok], values[ok])
+    out = out.astype(np.float32)
+    out[count == 0] = np.nan
     return out
 
 
