@@ -30,7 +30,7 @@ _ID_LAST = np.iinfo(np.int64).max  # sort key that puts missing ids after every 
 def _check_ceilings(ceilings: np.ndarray | None, nq: int) -> np.ndarray | None:
     if ceilings is None:
         return None
-    c = np.asarray(ceilings, dtype=np.float32).reshape(-1)
+    c = np.array(ceilings, dtype=np.float32).reshape(-1)  # a writable copy (inputs may be read-only)
     if c.shape[0] != nq:
         raise ValueError(f"ceilings has {c.shape[0]} entries for {nq} queries")
     if np.isnan(c).any():
@@ -194,6 +194,8 @@ def torch_search(
     """
     import torch
 
+    if isinstance(queries, np.ndarray) and not queries.flags.writeable:
+        queries = queries.copy()  # e.g. from Ray's object store; small, and torch wants writable memory
     cor = torch.as_tensor(corpus)
     q = torch.as_tensor(queries).to(device=cor.device, dtype=cor.dtype)
     if q.ndim != 2 or cor.ndim != 2 or q.shape[1] != cor.shape[1]:
