@@ -170,12 +170,16 @@ class BiEncoder(nn.Module):
 
     # -------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: TrainConfig, device: torch.device | str = "cpu") -> BiEncoder:
-        """Build the student described by ``cfg``: dtype, bidirectional switch, LoRA, gradient checkpointing."""
+    def from_config(cls, cfg: TrainConfig, device: torch.device | str = "cpu", for_fsdp: bool = False) -> BiEncoder:
+        """Build the student described by ``cfg``: dtype, bidirectional switch, LoRA, gradient checkpointing.
+
+        LoRA (DDP / one process): the frozen base sits in the compute dtype, adapters stay fp32 (peft's
+        default), forward under autocast. Full fine-tuning: fp32 master weights + autocast, so lr 1e-5
+        updates are not lost to bf16. ``for_fsdp``: everything fp32 (FSDP needs one dtype per shard
+        group); FSDP's MixedPrecisionPolicy computes in the configured dtype.
+        """
         dtype = resolve_dtype(cfg.dtype, device)
-        # LoRA: the frozen base sits in the compute dtype, adapters stay fp32 (peft's default).
-        # Full fine-tuning: fp32 master weights and autocast, so lr 1e-5 updates are not lost to bf16.
-        load_dtype = dtype if cfg.lora else torch.float32
+        load_dtype = dtype if (cfg.lora and not for_fsdp) else torch.float32
         backbone, tok = load_backbone(cfg.model, load_dtype, cfg.bidirectional)
         if cfg.gradient_checkpointing:
             enable_checkpointing(backbone)
@@ -185,7 +189,7 @@ class BiEncoder(nn.Module):
         return cls(
             backbone, tok, cfg.pooling, cfg.normalize, cfg.query_prompt, cfg.passage_prompt,
             cfg.query_max_length, cfg.passage_max_length,
-            autocast_dtype=dtype if dtype != torch.float32 else None,
+            autocast_dtype=dtype if dtype != torch.float32 and not for_fsdp else None,
         )
 
     @property
