@@ -318,11 +318,12 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     agg_args = {"num_cpus": 0.25}
     ds = None
     for t in teachers:
-        d = ray.data.read_parquet(candidates[t], columns=[C.QUERY_ID, *_IN_COLS])
+        d = ray.data.read_parquet(candidates[t]).select_columns([C.QUERY_ID, *_IN_COLS])
         d = d.rename_columns({c: _tcol(c, t) for c in _IN_COLS})
         ds = d if ds is None else ds.join(d, "full_outer", cfg.join_partitions, on=(C.QUERY_ID,),
                                           aggregator_ray_remote_args=agg_args)
-    queries = ray.data.read_parquet(queries_uri, columns=[C.QUERY_ID, C.TEXT]).rename_columns({C.TEXT: C.QUERY})
+    queries = ray.data.read_parquet(queries_uri).select_columns([C.QUERY_ID, C.TEXT]).rename_columns(
+        {C.TEXT: C.QUERY})
     ds = ds.join(queries, "left_outer", cfg.join_partitions, on=(C.QUERY_ID,), aggregator_ray_remote_args=agg_args)
     if full_positives is not None:
         fp = ray.data.from_arrow(_positives_lists(full_positives))
@@ -330,17 +331,11 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     out = ds.map_batches(mine_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                          fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble}).materialize()
 
-    # every output key once: a duplicated query id in an input table would multiply rows in the join
-    key_cols = [C.QUERY_ID] if ensemble else [C.QUERY_ID, C.TEACHER]
-    dup = out.groupby(key_cols).count().filter(fn=lambda r: r["count()"] > 1)
-    if dup.count():
-        raise ValueError(f"mine: duplicated query ids in the candidates tables, e.g. {dup.take(3)}")
-
     storage.makedirs(out_uri)
+    report = _report_and_dropped(out, cfg, teachers, ensemble, out_uri, full_positives is not None)
     mined_uri = storage.join(out_uri, "mined")
     storage.delete_dir(mined_uri)
     out.map_batches(_mined_only, batch_format="pyarrow").write_parquet(mined_uri)
-    report = _report_and_dropped(out, cfg, teachers, ensemble, out_uri, full_positives is not None)
     run.counts.update(report["totals"])
     manifest = run.finish(report=report, teachers=teachers, ensemble=ensemble, candidates=candidates,
                           mined=mined_uri, dropped=storage.join(out_uri, "dropped.parquet"))
@@ -362,12 +357,16 @@ def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: boo
     totals = {"queries_out": 0, "mined": 0, "dropped": 0, "requested": 0, "delivered": 0, "short_queries": 0,
               "known_fn": 0}
     reasons: dict[str, int] = {}
+    keys: list[np.ndarray] = []  # 64-bit hashes of output keys: a duplicated input query id multiplies join rows
     fs, path = storage.resolve(storage.join(out_uri, "dropped.parquet"))
     schema = pa.schema([(C.QUERY_ID, pa.string()), (C.REASON, pa.string())]
                        + ([] if ensemble else [(C.TEACHER, pa.string())]))
     with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
         for b in out.iter_batches(batch_format="pyarrow", batch_size=8192):
             reason = b[_REASON]
+            k = _combine(b[C.QUERY_ID]) if ensemble else _combine(
+                pc.binary_join_element_wise(b[C.QUERY_ID], b[C.TEACHER], "\x1f"))
+            keys.append(S.fnv1a64(k))
             is_drop = pc.is_valid(reason)
             d = b.filter(is_drop)
             if d.num_rows:
@@ -394,6 +393,10 @@ def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: boo
                         v = v[: cfg.report_sample - hist_n[t][h]]
                         hists[t][h].append(v)
                         hist_n[t][h] += len(v)
+    allk = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    if len(np.unique(allk)) != len(allk):
+        raise ValueError("mine: duplicated query ids in a candidates table (output keys repeat); "
+                         "each teacher's table must hold one row per query")
     totals["missing"] = totals["requested"] - totals["delivered"]
     totals["shortfall"] = totals["missing"] / totals["requested"] if totals["requested"] else 0.0
     if analysis:
