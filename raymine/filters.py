@@ -145,7 +145,9 @@ def drop_listed(
     if p == 0 or k == 0 or not listed_valid.any():
         return keep.copy(), 0
     if p <= _BROADCAST_MAX_LISTED:
-        hit = ((cand_ids[:, :, None] == listed_ids[:, None, :]) & listed_valid[:, None, :]).any(axis=2)  # [nq, K]
+        hit = np.zeros(cand_ids.shape, dtype=bool)  # [nq, K]; one [nq, K] pass per listed column
+        for j in range(p):
+            hit |= (cand_ids == listed_ids[:, j: j + 1]) & listed_valid[:, j: j + 1]
     else:  # many ids in some query: match (row, id) keys by sorting instead of an [nq, K, P] cube
         if not np.issubdtype(cand_ids.dtype, np.integer):
             _, codes = np.unique(np.concatenate([cand_ids.ravel(), listed_ids.ravel()]), return_inverse=True)
@@ -182,7 +184,7 @@ def shift_filter(keep: np.ndarray, shift: int) -> tuple[np.ndarray, int]:
     Ranks count only candidates that survived the positive/excluded filters, so a positive at
     rank 0 does not use up one of the N skipped places.
     """
-    rank = np.cumsum(keep, axis=1) - 1  # [nq, K] rank among kept
+    rank = np.cumsum(keep, axis=1, dtype=np.int32) - 1  # [nq, K] rank among kept
     out = keep & (rank >= shift)
     return out, _dropped(keep, out)
 

@@ -95,7 +95,7 @@ def uniforms(seeds: np.ndarray, n: int, stream: int = STREAM_SAMPLING) -> np.nda
 # ------------------------------------------------------------------------------------------------
 def kept_rank(keep: np.ndarray) -> np.ndarray:
     """Rank of each kept candidate among its query's kept ones (0 = best), ``[nq, K]`` (junk where not kept)."""
-    return np.cumsum(keep, axis=1) - 1
+    return np.cumsum(keep, axis=1, dtype=np.int32) - 1
 
 
 def top(keep: np.ndarray, n: int) -> np.ndarray:
@@ -103,41 +103,49 @@ def top(keep: np.ndarray, n: int) -> np.ndarray:
     return keep & (kept_rank(keep) < n)
 
 
-def _gumbel_pick(scores: np.ndarray, eligible: np.ndarray, n: int, temperature: float,
+def _gumbel_pick(scores: np.ndarray, keep: np.ndarray, n: int, lo: int, hi: int, temperature: float,
                  seeds: np.ndarray) -> np.ndarray:
-    """n of the eligible candidates per row, without replacement, p ∝ softmax(score / T); mask ``[nq, K]``."""
+    """n of the kept candidates of kept-rank lo..hi-1 per row, without replacement, p ∝ softmax(score / T).
+
+    Works on the compact window ``[nq, hi - lo]``; the uniform of a candidate depends on its kept rank,
+    so a row's draw depends only on that row. Returns the chosen-mask ``[nq, K]``.
+    """
     if temperature <= 0:
         raise ValueError(f"sample_temperature must be > 0, got {temperature}")
     nq, k = scores.shape
     chosen = np.zeros((nq, k), dtype=bool)
-    if n <= 0 or k == 0:
+    w = hi - lo
+    if n <= 0 or k == 0 or w <= 0:
         return chosen
-    g = -np.log(-np.log(uniforms(seeds, k)))  # [nq, K] Gumbel(0, 1)
-    key = np.where(eligible, scores.astype(np.float64) / temperature + g, -np.inf)  # [nq, K]
-    if n >= k:
-        return eligible.copy()
-    part = np.argpartition(-key, n - 1, axis=1)[:, :n]  # [nq, n] the n largest keys
+    idx, _ = gather(keep, hi)  # [nq, hi] columns of the first hi kept, -1 padded
+    idx = idx[:, lo:]  # [nq, w]
+    ok = idx >= 0
     rows = np.arange(nq)[:, None]
-    chosen[rows, part] = True
-    return chosen & eligible
+    if n >= w:
+        pick = idx
+    else:
+        g = -np.log(-np.log(uniforms(seeds, w, STREAM_SAMPLING + lo)))  # [nq, w] Gumbel(0, 1)
+        key = np.where(ok, scores[rows, np.maximum(idx, 0)].astype(np.float64) / temperature + g, -np.inf)
+        part = np.argpartition(-key, n - 1, axis=1)[:, :n]  # [nq, n] the n largest keys
+        pick = idx[rows, part]
+    r, c = np.nonzero(pick >= 0)
+    chosen[r, pick[r, c]] = True
+    return chosen
 
 
 def sampled(scores: np.ndarray, keep: np.ndarray, n: int, k: int, temperature: float,
             seeds: np.ndarray) -> np.ndarray:
     """n drawn without replacement from the first k kept, p = softmax(score / T); mask ``[nq, K]``."""
-    eligible = keep & (kept_rank(keep) < k)
-    return _gumbel_pick(scores, eligible, n, temperature, seeds)
+    return _gumbel_pick(scores, keep, n, 0, k, temperature, seeds)
 
 
 def top1_sampled(scores: np.ndarray, keep: np.ndarray, n: int, k: int, temperature: float,
                  seeds: np.ndarray) -> np.ndarray:
     """The best kept always, plus n-1 drawn from kept ranks 2..k; mask ``[nq, K]``."""
-    rank = kept_rank(keep)
-    first = keep & (rank == 0)
+    first = keep & (kept_rank(keep) == 0)
     if n <= 1:
         return first if n == 1 else np.zeros_like(keep)
-    rest = keep & (rank >= 1) & (rank < k)
-    return first | _gumbel_pick(scores, rest, n - 1, temperature, seeds)
+    return first | _gumbel_pick(scores, keep, n - 1, 1, k, temperature, seeds)
 
 
 def sample(cfg: MineConfig, scores: np.ndarray, keep: np.ndarray, query_ids) -> np.ndarray:
@@ -163,12 +171,9 @@ def sampling_label(cfg: MineConfig) -> str:
 def gather(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Column indices of the True entries of each row, in order: (idx ``[nq, width]`` padded -1, count ``[nq]``)."""
     nq, k = mask.shape
-    count = mask.sum(axis=1)
     idx = np.full((nq, width), -1, dtype=np.int64)
-    if width == 0 or k == 0:
-        return idx, np.minimum(count, width)
-    order = np.argsort(~mask, axis=1, kind="stable")[:, :width]  # [nq, min(K, width)] True columns first
-    w = order.shape[1]
-    take = np.arange(w)[None, :] < count[:, None]
-    idx[:, :w] = np.where(take, order, -1)
-    return idx, np.minimum(count, width)
+    rank = np.cumsum(mask, axis=1, dtype=np.int32) - 1  # [nq, K]
+    take = mask & (rank < width)
+    r, c = np.nonzero(take)
+    idx[r, rank[r, c]] = c
+    return idx, take.sum(axis=1)
