@@ -181,7 +181,13 @@ class Shard:
         self.exact = _is_exact(self.cfg.index_factory)
         ids: list[pa.Array] = []
         index = faiss.index_factory(dim, self.cfg.index_factory, faiss.METRIC_INNER_PRODUCT)
-        vectors = None if self.exact else np.empty((n, dim), np.float32)  # [n, d]
+        if self.exact and n:
+            # size the Flat storage once and fill it in place: no growth-by-doubling copies at build
+            index.codes.resize(n * dim * 4)
+            index.ntotal = n
+            vectors = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)  # [n, d] view
+        else:
+            vectors = np.empty((n, dim), np.float32)  # [n, d]
         row = 0
         for p in pieces:
             with fs.open_input_file(p.path) as f:
@@ -194,16 +200,11 @@ class Shard:
             if t.column(DOC_ID).null_count:
                 raise ValueError(f"{p.path} row group {p.row_group}: null {DOC_ID}")
             ids.append(t.column(DOC_ID).combine_chunks().cast(pa.string()))
-            if self.exact:
-                index.add(emb)  # Flat: the index storage is the only copy
-            else:
-                vectors[row : row + len(emb)] = emb
+            vectors[row : row + len(emb)] = emb  # Flat: the index storage itself, the only copy
             row += len(emb)
-        self.doc_ids = np.asarray(pa.concat_arrays(ids).to_numpy(zero_copy_only=False) if ids else [], object)
-        if self.exact:
-            self.vectors = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim) if n else np.empty((0, dim), np.float32)
-        else:
-            self.vectors = vectors
+        self.doc_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())  # compact, not Python strs
+        self.vectors = vectors
+        if not self.exact:
             if n and not index.is_trained:
                 rng = np.random.default_rng(0)
                 sample = self.vectors[np.sort(rng.choice(n, min(n, self.cfg.train_sample), replace=False))]
@@ -266,13 +267,14 @@ class Shard:
             s, i = torch_search(self._torch_vectors(), q, kk, ceilings)
         else:
             s, i = self._faiss_search(q, kk)
-        names = np.where(i >= 0, self.doc_ids[np.maximum(i, 0)], "").astype(object)
+        names = self.doc_ids.take(pa.array(np.maximum(i, 0).reshape(-1))).to_numpy(zero_copy_only=False)
+        names = np.where(i >= 0, names.reshape(i.shape), "").astype(object)  # [nq, k']
         return s, i, names
 
     def lookup(self, q: np.ndarray, qidx: np.ndarray, doc_ids: list[str]) -> np.ndarray:
         """Inner product of ``q[qidx[j]]`` with doc ``doc_ids[j]``; NaN for ids not in this shard. [m]"""
         if self._row is None:
-            self._row = {d: r for r, d in enumerate(self.doc_ids)}
+            self._row = {d: r for r, d in enumerate(self.doc_ids.to_pylist())}
             if len(self._row) != len(self.doc_ids):
                 raise ValueError(f"shard has {len(self.doc_ids) - len(self._row)} duplicate doc ids")
         rows = np.fromiter((self._row.get(d, -1) for d in doc_ids), np.int64, len(doc_ids))  # [m]
@@ -321,6 +323,9 @@ class ShardedIndex:
         ``shard_rows`` overrides the balanced split (explicit rows per shard, e.g. uneven placements)."""
         import ray
 
+        if cfg.backend == "torch" and not _is_exact(cfg.index_factory):
+            raise ValueError(f"search.backend='torch' is exact search only; index_factory must be 'Flat', "
+                             f"got {cfg.index_factory!r}")
         dim, groups = embedding_layout(uri)
         total = sum(n for _, _, n in groups)
         sizes = list(shard_rows) if shard_rows is not None else balanced_sizes(total, cfg.num_shards)
@@ -548,8 +553,10 @@ def _search_batches(
     seen: set[str] = set()
     part = 0
     for qids, payload in batches:
-        sel = [j for j, q in enumerate(qids) if q in positives.row]
-        counts["queries_without_positives"] += len(qids) - len(sel)
+        sel = [j for j, q in enumerate(qids) if q in positives.row and q not in seen]
+        dup = sum(1 for q in qids if q in seen)
+        counts["duplicate_query_embeddings"] += dup
+        counts["queries_without_positives"] += len(qids) - len(sel) - dup
         if not sel:
             continue
         qids = [qids[j] for j in sel]
@@ -620,7 +627,7 @@ def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArr
 
 def _new_counts() -> dict[str, Any]:
     return {k: 0 for k in ("queries", "queries_without_positives", "positives_not_found",
-                           "queries_with_positive_not_found", "ceiling_nan", "queries_short", "candidates",
+                           "queries_with_positive_not_found", "ceiling_nan", "duplicate_query_embeddings", "queries_short", "candidates",
                            "short_below_ceiling_at_max_depth")}
 
 
@@ -647,7 +654,9 @@ def search_stage(
     (``index.lookup_scores``), ceilings = ``ceiling_fn(positive scores without the missing ones)``,
     candidates = ``index.search(k = max depth of the batch, ceilings)``, each row cut to
     ``depth_fn(#positives + #excluded)``. Positives and excluded ids stay in the candidates (mining
-    removes and counts them). ``key_extra``: whatever else decides the output (mining config, upstream
+    removes and counts them). ``ceiling_fn`` gets each query's positive scores with the positives
+    missing from the corpus (NaN, counted) left out; a NaN ceiling is written as NaN (the mine stage
+    drops such queries) and that query is searched without a ceiling. ``key_extra``: whatever else decides the output (mining config, upstream
     stage keys), since the callables cannot be hashed. Skipped when a manifest with the same key exists.
     """
     key = storage.stage_key(STAGE, teacher, to_dict(cfg), query_emb_uri, index.uri, index.num_docs,
