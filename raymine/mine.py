@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -166,7 +165,6 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
     label = f"{F.method_label(cfg)}/{S.sampling_label(cfg)}"
     u = S.uniforms(S.query_seeds(cfg.seed, qids), 1, S.STREAM_TEACHER)[:, 0]
     unknown = pc.is_null(qtext).to_numpy(zero_copy_only=False)
-    qid_list = qids.to_pylist()
 
     out_rows: list[dict[str, Any]] = []  # per output row: fields + index of the source query + teacher mask
     for i in range(nq):
@@ -186,7 +184,7 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
                 if not picks:
                     row["reason"] = "no_negatives"
                 else:
-                    def score(t: str, j: int) -> float:
+                    def score(t: str, j: int, i: int = i) -> float:
                         r = res[t]
                         nn = len(r["neg_ids"][i])
                         return float(r["neg_scores"][i][j] if j < nn else r["rest_scores"][i][j - nn])
