@@ -92,7 +92,7 @@ def main() -> None:
     for name, n in (("small", small_n), ("big", args.docs)):
         index = ShardedIndex.from_parquet(os.path.join(work, name), cfg)
         index.search(batches[0][:8], args.k)  # touch the search path once
-        mem[n] = (index.peak_rss_mb(), rss_mb())
+        mem[n] = (index.memory_mb(), rss_mb())
         if name == "small":
             index.close()
     big = index
@@ -164,12 +164,15 @@ def main() -> None:
     print(f"driver RSS before any index: {driver_base:.0f} MiB")
     for n, (shards, drv) in mem.items():
         raw = n * args.dim * 4 / 2**20
-        print(f"{n:>9} docs ({raw:7.1f} MiB raw): shard peak RSS MiB [{fmt(shards, 0)}], "
-              f"driver RSS {drv:.0f} MiB")
+        print(f"{n:>9} docs ({raw:7.1f} MiB raw): shard peak RSS MiB [{fmt([m['peak_rss'] for m in shards], 0)}], "
+              f"current [{fmt([m['rss'] for m in shards], 0)}]; driver RSS {drv:.0f} MiB")
     (s0, d0), (s1, d1) = mem[small_n], mem[args.docs]
-    print(f"growth {args.growth}x corpus -> mean shard peak RSS x{np.mean(s1) / np.mean(s0):.2f} "
-          f"(+{np.mean(s1) - np.mean(s0):.0f} MiB/shard, raw share +{(args.docs - small_n) * args.dim * 4 / 2**20 / args.shards:.0f}), "
-          f"driver RSS {d1 - d0:+.0f} MiB")
+    raw_share = (args.docs - small_n) * args.dim * 4 / 2**20 / args.shards
+    for key in ("peak_rss", "rss"):
+        a, b = np.mean([m[key] for m in s0]), np.mean([m[key] for m in s1])
+        print(f"growth {args.growth}x corpus -> mean shard {key} x{b / a:.2f} (+{b - a:.0f} MiB/shard; "
+              f"raw vectors per shard +{raw_share:.0f} MiB)")
+    print(f"driver RSS change small -> big corpus: {d1 - d0:+.0f} MiB")
     big.close()
 
 

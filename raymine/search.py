@@ -159,6 +159,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _rss_mb() -> float:
+    """Current resident memory (MiB; Linux /proc, NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 # ------------------------------------------------------------------------------------------------
 # Shard actor body (plain class; wrapped with ray.remote in ShardedIndex)
 # ------------------------------------------------------------------------------------------------
@@ -191,18 +203,24 @@ class Shard:
         row = 0
         for p in pieces:
             with fs.open_input_file(p.path) as f:
-                t = pq.ParquetFile(f).read_row_group(p.row_group, columns=[DOC_ID, EMBEDDING])
-            t = t.slice(p.lo, p.hi - p.lo)
-            emb = _embeddings(t.column(EMBEDDING), dim)  # [rows, d]
+                pf = pq.ParquetFile(f)
+                # columns read separately: kept id arrays must not pin the row group's embedding buffers
+                id_col = pf.read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID)
+                emb_col = pf.read_row_group(p.row_group, columns=[EMBEDDING]).column(EMBEDDING)
+            emb = _embeddings(emb_col.slice(p.lo, p.hi - p.lo), dim)  # [rows, d]
             bad = ~np.isfinite(emb).all(axis=1)
             if bad.any():
                 raise ValueError(f"{p.path} row group {p.row_group}: {int(bad.sum())} embeddings with NaN/inf")
-            if t.column(DOC_ID).null_count:
+            id_col = id_col.slice(p.lo, p.hi - p.lo)
+            if id_col.null_count:
                 raise ValueError(f"{p.path} row group {p.row_group}: null {DOC_ID}")
-            ids.append(t.column(DOC_ID).combine_chunks().cast(pa.string()))
+            ids.append(id_col.combine_chunks().cast(pa.string()))
             vectors[row : row + len(emb)] = emb  # Flat: the index storage itself, the only copy
             row += len(emb)
+            del emb, emb_col
         self.doc_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())  # compact, not Python strs
+        del ids
+        pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
         self.vectors = vectors
         if not self.exact:
             if n and not index.is_trained:
@@ -241,6 +259,7 @@ class Shard:
             self.cfg.backend == "auto" and self.torch_device == "cuda" and self.gpu_index is None))
 
     def _faiss_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # faiss-gpu selects at most GPU_MAX_K: deeper searches use the CPU copy of the index
         index = self.gpu_index if self.gpu_index is not None and k <= GPU_MAX_K else self.index
         d, i = index.search(q, k)
         d = d.astype(np.float32)
@@ -263,7 +282,8 @@ class Shard:
             return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), np.empty((nq, 0), object)
         if ceilings is not None and not self.exact and not exact:
             raise ValueError(f"index {self.cfg.index_factory!r} cannot apply a ceiling; search deeper instead")
-        if ceilings is not None or exact or self._use_torch() or (self.gpu_index is not None and kk > GPU_MAX_K and self.torch_device == "cuda"):
+        gpu_k_over = self.exact and self.gpu_index is not None and kk > GPU_MAX_K and self.torch_device == "cuda"
+        if ceilings is not None or exact or self._use_torch() or gpu_k_over:  # exact masked/brute-force scan
             s, i = torch_search(self._torch_vectors(), q, kk, ceilings)
         else:
             s, i = self._faiss_search(q, kk)
@@ -291,8 +311,8 @@ class Shard:
             if ix is not None and "IVF" in self.cfg.index_factory.upper():
                 faiss.ParameterSpace().set_index_parameter(ix, "nprobe", nprobe)
 
-    def peak_rss_mb(self) -> float:
-        return _peak_rss_mb()
+    def memory_mb(self) -> dict[str, float]:
+        return {"rss": round(_rss_mb(), 1), "peak_rss": round(_peak_rss_mb(), 1)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,11 +378,11 @@ class ShardedIndex:
             ray.kill(a)
         self.actors = []
 
-    def peak_rss_mb(self) -> list[float]:
-        """Peak resident memory of each shard actor (MiB)."""
+    def memory_mb(self) -> list[dict[str, float]]:
+        """Current and peak resident memory of each shard actor (MiB)."""
         import ray
 
-        return ray.get([a.peak_rss_mb.remote() for a in self.actors])
+        return ray.get([a.memory_mb.remote() for a in self.actors])
 
     def set_nprobe(self, nprobe: int) -> None:
         """Change the IVF cells probed per query on every shard (tuning recall vs speed)."""

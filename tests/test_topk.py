@@ -144,3 +144,19 @@ def test_torch_backend_equals_faiss_flat():
     ts, ti = torch_search(corpus, queries, 100, max_block_elems=50 * 256)
     np.testing.assert_array_equal(ti, fi)
     np.testing.assert_allclose(ts, fs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_torch_search_cuda_equals_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(5)
+    corpus = rng.integers(-2, 3, size=(5000, 16)).astype(np.float32)
+    queries = rng.integers(-2, 3, size=(40, 16)).astype(np.float32)
+    ceilings = rng.integers(-3, 8, size=40).astype(np.float32)
+    for k in (10, 3000):  # 3000 > faiss-gpu's 2048 selection limit
+        got = torch_search(torch.from_numpy(corpus).cuda(), queries, k, ceilings, max_block_elems=40 * 1024)
+        ref = brute_force_topk(corpus, queries, k, ceilings)
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[0], ref[0])
