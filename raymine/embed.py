@@ -206,6 +206,11 @@ def embed_stage(
         compute=ray.data.ActorPoolStrategy(size=embed_cfg.num_actors),
         num_cpus=embed_cfg.num_cpus_per_actor,
         num_gpus=embed_cfg.num_gpus_per_actor or None,
+        # fault tolerance: Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1
+        # (ray 2.60 actor_pool_map_operator), so an actor that dies (node lost, OOM kill, preemption) is
+        # restarted and its in-flight blocks retried; blocks are pure functions of their rows, so the output
+        # is unchanged (tests/test_faults.py kills one mid-stage). Passing them here would go through the
+        # deprecated **ray_remote_args.
     )
 
     writer: _PartWriter | None = None
