@@ -66,150 +66,168 @@ def student_encoder(cfg: Config, model: str | None = None) -> TeacherConfig:
 
 
 def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
-    """Run the selected stages (and every earlier stage whose output is missing). Returns the report."""
-    import pyarrow.parquet as pq
-    import ray.data
+    """Run the stages up to the last one selected; each stage skips itself when already done.
 
-    from raymine.embed import embed_stage
-    from raymine.filters import required_depth, score_ceiling
-    from raymine.ingest import ingest_stage
-    from raymine.search import ShardedIndex, bm25_search_stage, search_stage
-
+    Returns the report (also written to ``OUTPUT/report.json`` and ``report.md``).
+    """
     unknown = [s for s in stages if s not in STAGES]
-    if unknown:
+    if unknown or not stages:
         raise PipelineError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    upto = max(STAGES.index(s) for s in stages)
     t0 = time.time()
-    out = cfg.output
-    storage.makedirs(out)
-    chain = _Chain(out)
-    report: dict[str, Any] = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stages": {}}
+    storage.makedirs(cfg.output)
+    run = _Run(cfg, _Chain(cfg.output))
+    steps = (run.embed, run.search, run.mine, run.train, run.evaluate)
+    run.ingest()
+    for step in steps[: upto + 1]:
+        step()
+    return _finish(run.report, cfg.output, t0)
 
-    # ---- ingest (always; skipped when done) -------------------------------------------------------
-    ingest_dir = storage.join(out, "ingest")
-    k_ingest = chain.enter("ingest", ingest_dir, cfg.ingest)
-    report["stages"]["ingest"] = ingest_stage(cfg.ingest, ingest_dir)
-    corpus_uri = storage.join(ingest_dir, "corpus.parquet")
-    queries_uri = storage.join(ingest_dir, "train_queries.parquet")
 
-    # ---- embed (dense teachers) -----------------------------------------------------------------
-    want = set(stages)
-    emb: dict[str, dict[str, str]] = {}
-    k_embed: dict[str, str] = {}
-    for name in cfg.teachers:
-        t = cfg.teacher(name)
-        if t.kind != "dense":
-            continue
-        tdir = storage.join(out, "embed", name)
-        k_embed[name] = chain.enter(f"embed:{name}", tdir, t, cfg.embed, k_ingest)
-        emb[name] = {"corpus": storage.join(tdir, "corpus"), "queries": storage.join(tdir, "queries")}
-        if "embed" in want or not (_done(emb[name]["corpus"]) and _done(emb[name]["queries"])):
-            corpus_ds = ray.data.read_parquet(corpus_uri)
-            corpus_ds = corpus_ds.map_batches(_passage_batch, batch_format="pyarrow")
-            m1 = embed_stage(corpus_ds, C.DOC_ID, C.TEXT, t, cfg.embed, "passage", emb[name]["corpus"],
-                             input_key=k_embed[name])
-            q_ds = ray.data.read_parquet(queries_uri).select_columns([C.QUERY_ID, C.TEXT])
-            m2 = embed_stage(q_ds, C.QUERY_ID, C.TEXT, t, cfg.embed, "query", emb[name]["queries"],
-                             input_key=k_embed[name])
-            report["stages"][f"embed:{name}"] = {"corpus": m1, "queries": m2}
+class _Run:
+    """One pipeline run: the stage steps in order, sharing paths and chained keys."""
 
-    # ---- search (every teacher) -------------------------------------------------------------------
-    cand: dict[str, str] = {}
-    k_search: dict[str, str] = {}
+    def __init__(self, cfg: Config, chain: _Chain):
+        self.cfg, self.chain, self.out = cfg, chain, cfg.output
+        self.report: dict[str, Any] = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stages": {}}
+        self.keys: dict[str, str] = {}
+        d = lambda *p: storage.join(self.out, *p)  # noqa: E731
+        self.ingest_dir, self.mine_dir, self.mined_uri = d("ingest"), d("mine"), d("mined")
+        self.export_dir, self.model_dir, self.eval_dir = d("exports"), d("model"), d("evaluate")
+        self.corpus_uri = d("ingest", "corpus.parquet")
+        self.queries_uri = d("ingest", "train_queries.parquet")
+        self.st_uri = d("exports", "sentence_transformers.parquet")
 
-    def depth_fn(num_excluded: int) -> int:
-        return cfg.search.depth or required_depth(cfg.mine, num_excluded) + cfg.search.depth_slack
+    def _emb(self, teacher: str, side: str) -> str:
+        return storage.join(self.out, "embed", teacher, side)
 
-    def ceiling_fn(pos_scores):
-        return score_ceiling(cfg.mine, pos_scores)
+    # ---- ingest -------------------------------------------------------------------------------
+    def ingest(self) -> None:
+        from raymine.ingest import ingest_stage
 
-    use_ceiling = ceiling_fn if cfg.search.use_ceiling else None
-    fs, path = storage.resolve(queries_uri)
-    positives = full_positives = pq.read_table(path, filesystem=fs)
-    if cfg.mine.hide_positive_fraction > 0:
-        # analysis mode: teachers see only the visible positives; mining reports how many of its
-        # negatives the full qrels call relevant (the known-false-negative rate)
-        positives, n_hidden = _hide_positives(full_positives, cfg.mine.hide_positive_fraction, cfg.mine.seed)
-        report["analysis"] = {"hidden_positives": n_hidden, "hide_positive_fraction": cfg.mine.hide_positive_fraction}
-    for name in cfg.teachers:
-        t = cfg.teacher(name)
-        sdir = storage.join(out, "search", name)
-        k_search[name] = chain.enter(f"search:{name}", sdir, cfg.search, cfg.mine, t, k_embed.get(name, k_ingest))
-        cand[name] = sdir
-        if "search" not in want and _done(sdir):
-            continue
-        if t.kind == "dense":
-            index = ShardedIndex.from_parquet(emb[name]["corpus"], cfg.search)
-            try:
-                m = search_stage(emb[name]["queries"], positives, index, depth_fn, use_ceiling, cfg.search, sdir,
-                                 name, key_extra=k_search[name])
-            finally:
-                index.close()
-        else:
-            corpus = pq.read_table(storage.resolve(corpus_uri)[1], filesystem=storage.resolve(corpus_uri)[0])
-            corpus = _with_passage_text(corpus)
-            m = bm25_search_stage(positives.select([C.QUERY_ID, C.TEXT]), corpus, positives, t, depth_fn,
-                                  use_ceiling, cfg.search, sdir, name, key_extra=k_search[name])
-        report["stages"][f"search:{name}"] = m
+        self.keys["ingest"] = self.chain.enter("ingest", self.ingest_dir, self.cfg.ingest)
+        self.report["stages"]["ingest"] = ingest_stage(self.cfg.ingest, self.ingest_dir)
 
-    # ---- mine + exports ---------------------------------------------------------------------------
-    from raymine.mine import export_flagembedding, export_sentence_transformers, mine_stage
+    # ---- embed: dense teachers, corpus and queries --------------------------------------------
+    def embed(self) -> None:
+        import ray.data
 
-    mine_dir = storage.join(out, "mine")
-    mined_uri = storage.join(out, "mined")
-    chain.enter("mine", mine_dir, cfg.mine, cfg.teachers, [k_search[n] for n in cfg.teachers])
-    export_dir = storage.join(out, "exports")
-    st_uri = storage.join(export_dir, "sentence_transformers.parquet")
-    if "mine" in want or not _done(mine_dir):
-        report["stages"]["mine"] = mine_stage(
-            {n: cand[n] for n in cfg.teachers}, queries_uri, cfg.mine, mine_dir, mined_uri=mined_uri,
-            full_positives=_positive_lists(full_positives) if cfg.mine.hide_positive_fraction > 0 else None)
-    mined_manifest = storage.read_json(storage.join(mine_dir, storage.MANIFEST))
-    k_export = storage.stage_key("export", mined_manifest["key"], mined_manifest["finished_at"])
-    done = storage.completed(export_dir, k_export)
-    if done is None:
-        storage.delete_dir(export_dir)
-        run = storage.StageRun(export_dir, "export", k_export)
-        run.counts = {
-            "sentence_transformers": export_sentence_transformers(mined_uri, corpus_uri, st_uri,
-                                                                  cfg.mine.num_negatives),
-            "flagembedding": export_flagembedding(mined_uri, corpus_uri,
-                                                  storage.join(export_dir, "flagembedding.jsonl")),
-        }
-        done = run.finish()
-    report["stages"]["export"] = done
+        from raymine.embed import embed_stage
 
-    # ---- train --------------------------------------------------------------------------------------
-    model_dir = storage.join(out, "model")
-    k_train = chain.enter("train", model_dir, cfg.train, k_export)
-    if "train" in want or not _done(model_dir):
+        for name in self.cfg.teachers:
+            t = self.cfg.teacher(name)
+            if t.kind != "dense":
+                continue
+            key = self.chain.enter(f"embed:{name}", storage.join(self.out, "embed", name), t, self.cfg.embed,
+                                   self.keys["ingest"])
+            self.keys[f"embed:{name}"] = key
+            corpus = ray.data.read_parquet(self.corpus_uri).map_batches(_passage_batch, batch_format="pyarrow")
+            queries = ray.data.read_parquet(self.queries_uri).select_columns([C.QUERY_ID, C.TEXT])
+            self.report["stages"][f"embed:{name}"] = {
+                "corpus": embed_stage(corpus, C.DOC_ID, C.TEXT, t, self.cfg.embed, "passage",
+                                      self._emb(name, "corpus"), input_key=key),
+                "queries": embed_stage(queries, C.QUERY_ID, C.TEXT, t, self.cfg.embed, "query",
+                                       self._emb(name, "queries"), input_key=key),
+            }
+
+    # ---- search: every teacher, with the mining method's per-query ceiling --------------------
+    def search(self) -> None:
+        from raymine.filters import required_depth, score_ceiling
+        from raymine.search import ShardedIndex, bm25_search_stage, search_stage
+
+        cfg = self.cfg
+
+        def depth_fn(num_excluded: int) -> int:
+            return cfg.search.depth or required_depth(cfg.mine, num_excluded) + cfg.search.depth_slack
+
+        def ceiling_fn(pos_scores):
+            return score_ceiling(cfg.mine, pos_scores)
+
+        ceiling = ceiling_fn if cfg.search.use_ceiling else None
+        positives = self._positives_for_search()
+        for name in cfg.teachers:
+            t = cfg.teacher(name)
+            sdir = storage.join(self.out, "search", name)
+            key = self.chain.enter(f"search:{name}", sdir, cfg.search, cfg.mine, t,
+                                   self.keys.get(f"embed:{name}", self.keys["ingest"]))
+            self.keys[f"search:{name}"] = key
+            if t.kind == "dense":
+                with ShardedIndex.from_parquet(self._emb(name, "corpus"), cfg.search) as index:
+                    m = search_stage(self._emb(name, "queries"), positives, index, depth_fn, ceiling, cfg.search,
+                                     sdir, name, key_extra=key)
+            else:
+                corpus = _with_passage_text(_read_table(self.corpus_uri))
+                m = bm25_search_stage(positives.select([C.QUERY_ID, C.TEXT]), corpus, positives, t, depth_fn,
+                                      ceiling, cfg.search, sdir, name, key_extra=key)
+            self.report["stages"][f"search:{name}"] = m
+
+    def _positives_for_search(self):
+        """The training queries' positives; in analysis mode with a share of them hidden from the teachers."""
+        table = _read_table(self.queries_uri)
+        frac = self.cfg.mine.hide_positive_fraction
+        if frac > 0:
+            table, n_hidden = _hide_positives(table, frac, self.cfg.mine.seed)
+            self.report["analysis"] = {"hidden_positives": n_hidden, "hide_positive_fraction": frac}
+        return table
+
+    # ---- mine + exports -------------------------------------------------------------------------
+    def mine(self) -> None:
+        from raymine.mine import export_flagembedding, export_sentence_transformers, mine_stage
+
+        cfg = self.cfg
+        self.chain.enter("mine", self.mine_dir, cfg.mine, cfg.teachers, [self.keys[f"search:{n}"] for n in cfg.teachers])
+        full = _positive_lists(_read_table(self.queries_uri)) if cfg.mine.hide_positive_fraction > 0 else None
+        candidates = {n: storage.join(self.out, "search", n) for n in cfg.teachers}
+        mined = mine_stage(candidates, self.queries_uri, cfg.mine, self.mine_dir, mined_uri=self.mined_uri,
+                           full_positives=full)
+        self.report["stages"]["mine"] = mined
+        # exports follow the mining run they were made from
+        self.keys["export"] = key = storage.stage_key("export", mined["key"], mined["finished_at"])
+        done = storage.completed(self.export_dir, key)
+        if done is None:
+            storage.delete_dir(self.export_dir)
+            run = storage.StageRun(self.export_dir, "export", key)
+            run.counts = {
+                "sentence_transformers": export_sentence_transformers(self.mined_uri, self.corpus_uri, self.st_uri,
+                                                                      cfg.mine.num_negatives),
+                "flagembedding": export_flagembedding(self.mined_uri, self.corpus_uri,
+                                                      storage.join(self.export_dir, "flagembedding.jsonl")),
+            }
+            done = run.finish()
+        self.report["stages"]["export"] = done
+
+    # ---- train ----------------------------------------------------------------------------------
+    def train(self) -> None:
         from raymine.train import train_stage
 
-        done = storage.completed(model_dir, k_train)
+        cfg = self.cfg
+        self.keys["train"] = key = self.chain.enter("train", self.model_dir, cfg.train, self.keys["export"])
+        done = storage.completed(self.model_dir, key)
         if done is None:
-            run = storage.StageRun(model_dir, "train", k_train, config=to_dict(cfg.train))
-            result = train_stage(st_uri, cfg.train, model_dir, run_name=f"train-{k_train}",
-                                 storage_path=_abs(storage.join(out, "train_checkpoints")))
-            run.counts = {k: v for k, v in result.items() if k not in ("losses",)}
+            run = storage.StageRun(self.model_dir, "train", key, config=to_dict(cfg.train))
+            # the run name carries the key: a re-run of the same config resumes from its checkpoint
+            result = train_stage(self.st_uri, cfg.train, self.model_dir, run_name=f"train-{key}",
+                                 storage_path=_abs(storage.join(self.out, "train_checkpoints")))
+            run.counts = {k: v for k, v in result.items() if k != "losses"}
             done = run.finish(losses=result.get("losses"))
-        report["stages"]["train"] = done
+        self.report["stages"]["train"] = done
 
-    # ---- evaluate -----------------------------------------------------------------------------------
-    if "evaluate" in want:
+    # ---- evaluate -------------------------------------------------------------------------------
+    def evaluate(self) -> None:
         from raymine.evaluate import evaluate_models
 
-        eval_dir = storage.join(out, "evaluate")
-        k_eval = chain.enter("evaluate", eval_dir, cfg.evaluate, cfg.ingest.data, k_train)
-        done = storage.completed(eval_dir, k_eval)
+        cfg = self.cfg
+        key = self.chain.enter("evaluate", self.eval_dir, cfg.evaluate, cfg.ingest.data, self.keys["train"])
+        done = storage.completed(self.eval_dir, key)
         if done is None:
-            models = {"before": student_encoder(cfg)}
-            if _done(model_dir):
-                models["after"] = student_encoder(cfg, model=_abs(model_dir))
-            run = storage.StageRun(eval_dir, "evaluate", k_eval, config=to_dict(cfg.evaluate))
-            results = evaluate_models(models, cfg.evaluate, cfg.ingest.data, eval_dir)
-            done = run.finish(results=results)
-        report["stages"]["evaluate"] = done
-        report["evaluate"] = _flatten_eval(done["results"])
+            run = storage.StageRun(self.eval_dir, "evaluate", key, config=to_dict(cfg.evaluate))
+            models = {"before": student_encoder(cfg), "after": student_encoder(cfg, model=_abs(self.model_dir))}
+            done = run.finish(results=evaluate_models(models, cfg.evaluate, cfg.ingest.data, self.eval_dir))
+        self.report["stages"]["evaluate"] = done
+        self.report["evaluate"] = _flatten_eval(done["results"])
 
+
+def _finish(report: dict[str, Any], out: str, t0: float) -> dict[str, Any]:
     report["wall_s"] = round(time.time() - t0, 1)
     storage.write_json(storage.join(out, "report.json"), report)
     storage.write_bytes(storage.join(out, "report.md"), render_report(report).encode())
@@ -217,8 +235,11 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-def _done(stage_dir: str) -> bool:
-    return storage.exists(storage.join(stage_dir, storage.MANIFEST))
+def _read_table(uri: str):
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs)
 
 
 def _abs(uri: str) -> str:
@@ -237,12 +258,12 @@ def _with_passage_text(table):
 
     from raymine.ingest import passage_text
 
-    texts = [passage_text(t, x) for t, x in zip(table.column(C.TITLE).to_pylist(), table.column(C.TEXT).to_pylist())]
+    texts = [passage_text(t, x) for t, x in zip(table.column(C.TITLE).to_pylist(), table.column(C.TEXT).to_pylist(), strict=True)]
     return table.set_column(table.schema.get_field_index(C.TEXT), C.TEXT, pa.array(texts, pa.string()))
 
 
 def _positive_lists(table) -> dict[str, list[str]]:
-    return dict(zip(table.column(C.QUERY_ID).to_pylist(), table.column(C.POSITIVE_IDS).to_pylist()))
+    return dict(zip(table.column(C.QUERY_ID).to_pylist(), table.column(C.POSITIVE_IDS).to_pylist(), strict=True))
 
 
 def _hide_positives(table, fraction: float, seed: int):
@@ -256,7 +277,7 @@ def _hide_positives(table, fraction: float, seed: int):
                      C.DOC_ID: [d for ps in full.values() for d in ps]})
     visible, hidden = hide_positives(flat, fraction, seed)
     keep: dict[str, list[str]] = {}
-    for q, d in zip(visible.column(C.QUERY_ID).to_pylist(), visible.column(C.DOC_ID).to_pylist()):
+    for q, d in zip(visible.column(C.QUERY_ID).to_pylist(), visible.column(C.DOC_ID).to_pylist(), strict=True):
         keep.setdefault(q, []).append(d)
     col = pa.array([keep.get(q, []) for q in table.column(C.QUERY_ID).to_pylist()], pa.list_(pa.string()))
     return table.set_column(table.schema.get_field_index(C.POSITIVE_IDS), C.POSITIVE_IDS, col), hidden.num_rows
