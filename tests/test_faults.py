@@ -180,7 +180,7 @@ def test_same_seed_identical_negatives_other_seed_differs(reference, synthetic, 
     other = replace(MINE, seed=MINE.seed + 1)
     mine_stage({"dense": str(reference / "search" / "dense")}, synthetic["queries"], other, str(tmp_path / "b" / "mine"))
     diff = mined_table(tmp_path / "b")
-    changed = sum(x != y for x, y in zip(diff.column(C.NEGATIVE_IDS).to_pylist(), ref.column(C.NEGATIVE_IDS).to_pylist()))
+    changed = sum(x != y for x, y in zip(diff.column(C.NEGATIVE_IDS).to_pylist(), ref.column(C.NEGATIVE_IDS).to_pylist(), strict=True))
     assert changed > 20, f"another seed changed only {changed} of 200 queries' negatives"
 
 
