@@ -153,7 +153,7 @@ def _clean(data: LocalData) -> LocalData:
     corpus = data.corpus
     titles = corpus.column(TITLE).to_pylist()
     texts = corpus.column(TEXT).to_pylist()
-    keep = np.array([bool(((t or "") + " " + (x or "")).strip()) for t, x in zip(titles, texts)], dtype=bool)
+    keep = np.array([bool(((t or "") + " " + (x or "")).strip()) for t, x in zip(titles, texts, strict=True)], dtype=bool)
     if not keep.all():
         skipped["empty_documents"] = int((~keep).sum())
         corpus = corpus.filter(pa.array(keep))
@@ -174,7 +174,7 @@ def _clean(data: LocalData) -> LocalData:
     q = qrels.column(QUERY_ID).to_pylist()
     d = qrels.column(DOC_ID).to_pylist()
     qset = set(query_ids)
-    known = np.array([qi in qset and di in doc_ids for qi, di in zip(q, d)], dtype=bool)
+    known = np.array([qi in qset and di in doc_ids for qi, di in zip(q, d, strict=True)], dtype=bool)
     if not known.all():
         skipped["qrels_unknown_ids"] = int((~known).sum())
         qrels = qrels.filter(pa.array(known))
@@ -219,7 +219,7 @@ def _import_mteb(cache_dir: str | None = None) -> Any:
 
 def make_local_task(name: str, data: LocalData, split: str) -> Any:
     """An mteb retrieval task (main score nDCG@10) over one split of local data."""
-    mteb = _import_mteb()
+    _import_mteb()
     from datasets import Dataset
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -255,7 +255,7 @@ def make_local_task(name: str, data: LocalData, split: str) -> Any:
     })
     relevant: dict[str, dict[str, int]] = {}
     for qi, di, s in zip(data.qrels.column(QUERY_ID).to_pylist(), data.qrels.column(DOC_ID).to_pylist(),
-                         data.qrels.column(SCORE).to_pylist()):
+                         data.qrels.column(SCORE).to_pylist(), strict=True):
         relevant.setdefault(qi, {})[di] = int(s)
 
     class LocalRetrievalTask(AbsTaskRetrieval):
@@ -266,7 +266,6 @@ def make_local_task(name: str, data: LocalData, split: str) -> Any:
 
     LocalRetrievalTask.metadata = metadata
     LocalRetrievalTask.__name__ = f"Local_{name}"
-    del mteb
     return LocalRetrievalTask()
 
 
@@ -467,7 +466,7 @@ def render_plot(results: Mapping[str, Mapping[str, Mapping[str, float]]], metric
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
     width = 0.8 / max(1, len(labels))
     x = np.arange(len(tasks))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         for i, label in enumerate(labels):
             vals = [results[t][label][metric] * 100 for t in tasks]
             bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width, label=label)
