@@ -13,9 +13,7 @@ folders and the published MTEB numbers are computed the same way.
 """
 from __future__ import annotations
 
-import gzip
 import io
-import json
 import logging
 import os
 import time
@@ -25,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raymine import storage
 from raymine.columns import DOC_ID, QUERY_ID, SCORE, TEXT, TITLE
@@ -54,95 +51,15 @@ class LocalData:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
-def _read_text(uri: str) -> str:
-    data = storage.read_bytes(uri)  # pyarrow streams already decompress by extension; check the magic
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    return data.decode("utf-8")
-
-
-def _first_existing(root: str, names: Sequence[str]) -> str | None:
-    for n in names:
-        uri = storage.join(root, n)
-        if storage.exists(uri):
-            return uri
-    return None
-
-
-def _read_jsonl(uri: str, id_key: str, fields: Sequence[str]) -> dict[str, list[str]]:
-    cols: dict[str, list[str]] = {k: [] for k in (id_key, *fields)}
-    for lineno, line in enumerate(_read_text(uri).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{uri}:{lineno}: not valid JSON: {e}") from e
-        if "_id" not in row:
-            raise ValueError(f"{uri}:{lineno}: no '_id' field")
-        cols[id_key].append(str(row["_id"]))
-        for f in fields:
-            v = row.get(f) or ""
-            cols[f].append(str(v))
-    return cols
-
-
-def _read_beir_qrels(uri: str) -> pa.Table:
-    qids, dids, scores = [], [], []
-    for lineno, line in enumerate(_read_text(uri).splitlines(), 1):
-        parts = line.rstrip("\n").split("\t")
-        if not line.strip() or (lineno == 1 and not parts[-1].strip().lstrip("-").isdigit()):
-            continue  # blank line or header ("query-id corpus-id score")
-        if len(parts) != 3:
-            raise ValueError(f"{uri}:{lineno}: expected 3 tab-separated fields, got {len(parts)}")
-        qids.append(parts[0])
-        dids.append(parts[1])
-        try:
-            scores.append(int(parts[2]))
-        except ValueError as e:
-            raise ValueError(f"{uri}:{lineno}: score {parts[2]!r} is not an integer") from e
-    return pa.table({QUERY_ID: pa.array(qids, pa.string()), DOC_ID: pa.array(dids, pa.string()),
-                     SCORE: pa.array(scores, pa.int64())})
-
-
-def _read_parquet(uri: str) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs)
-
-
 def _load_local(path: str, split: str) -> LocalData:
-    """Read a BEIR folder (``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]``, ``qrels/{split}.tsv[.gz]``) or a
-    Parquet folder (``corpus.parquet``, ``queries.parquet``, ``qrels/{split}.parquet`` or
-    ``qrels_{split}.parquet``, with raymine's column names).
+    """One split of a BEIR folder or Parquet folder, read and validated by :func:`raymine.ingest.read_beir`
+    (its errors name file, line and rule; its skips are counted). Only queries judged in ``split`` are
+    kept (BEIR convention); see :func:`_clean` for the evaluation's own counted skips."""
+    from raymine.ingest import read_beir
 
-    Interim private reader until ``raymine.ingest.read_beir`` lands. Only queries judged in ``split``
-    are kept (BEIR convention); see :func:`_clean` for the counted skips.
-    """
-    corpus_uri = _first_existing(path, ["corpus.parquet", "corpus.jsonl", "corpus.jsonl.gz"])
-    queries_uri = _first_existing(path, ["queries.parquet", "queries.jsonl", "queries.jsonl.gz"])
-    qrels_uri = _first_existing(path, [f"qrels/{split}.parquet", f"qrels_{split}.parquet",
-                                       f"qrels/{split}.tsv", f"qrels/{split}.tsv.gz"])
-    missing = [n for n, u in (("corpus", corpus_uri), ("queries", queries_uri), (f"qrels for split {split!r}", qrels_uri))
-               if u is None]
-    if missing:
-        raise FileNotFoundError(f"{path}: no {', '.join(missing)} (expected a BEIR folder or Parquet tables)")
-    assert corpus_uri and queries_uri and qrels_uri
-    if corpus_uri.endswith(".parquet"):
-        corpus = _read_parquet(corpus_uri)
-        if TITLE not in corpus.column_names:
-            corpus = corpus.append_column(TITLE, pa.array([""] * corpus.num_rows, pa.string()))
-        corpus = corpus.select([DOC_ID, TITLE, TEXT])
-    else:
-        corpus = pa.table(_read_jsonl(corpus_uri, DOC_ID, (TITLE, TEXT)))
-    if queries_uri.endswith(".parquet"):
-        queries = _read_parquet(queries_uri).select([QUERY_ID, TEXT])
-    else:
-        queries = pa.table(_read_jsonl(queries_uri, QUERY_ID, (TEXT,)))
-    if qrels_uri.endswith(".parquet"):
-        qrels = _read_parquet(qrels_uri).select([QUERY_ID, DOC_ID, SCORE])
-    else:
-        qrels = _read_beir_qrels(qrels_uri)
-    return _clean(LocalData(corpus=corpus, queries=queries, qrels=qrels))
+    data = read_beir(path, split)
+    skipped = {k.removeprefix("skipped_"): v for k, v in data.report.counts.items() if k.startswith("skipped_")}
+    return _clean(LocalData(corpus=data.corpus, queries=data.queries, qrels=data.qrels, skipped=skipped))
 
 
 def _clean(data: LocalData) -> LocalData:

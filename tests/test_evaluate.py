@@ -177,9 +177,9 @@ def test_bad_input_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(TINY, bad)
     (bad / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\tx\n")
-    with pytest.raises(ValueError, match=r"test\.tsv:2: score 'x'"):
+    with pytest.raises(ValueError, match=r"test\.tsv:2: \[qrels_score\] relevance 'x' is not an integer"):
         _load_local(str(bad), "test")
-    with pytest.raises(FileNotFoundError, match="qrels for split 'dev'"):
+    with pytest.raises(ValueError, match=r"no qrels/dev file"):
         _load_local(str(TINY), "dev")
 
 
