@@ -55,7 +55,7 @@ def write_corpus(work: Path, n: int, dim: int, file_rows: int, n_queries: int, s
                        files / f"part-{part:05d}.parquet", row_group_size=16_384)
     pos = rng.choice(len(first), size=n_queries, replace=False)
     q = first[pos] + 1.0 * rng.standard_normal((n_queries, dim), dtype=np.float32) / np.sqrt(dim)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)  # [nq, d], cosine to the positive ≈ 0.7
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)  # [nq, d], cosine to the positive ≈ 0.7
     qids = [f"q{i:06d}" for i in range(n_queries)]
     (work / "query_emb").mkdir(exist_ok=True)
     pq.write_table(pa.table({C.QUERY_ID: pa.array(qids, pa.string()), C.EMBEDDING: embeddings_to_arrow(q)}),
@@ -133,7 +133,9 @@ def one_size(work: Path, size: int, file_rows: int, num_shards: int) -> dict:
         sm = search_stage(str(work / "query_emb"), positives, index,
                           lambda n: required_depth(mcfg, n) + scfg.depth_slack, lambda p: score_ceiling(mcfg, p),
                           scfg, str(out / "search"), "synthetic")
-        shard_rss = index.peak_rss_mb()
+        import ray
+
+        shard_rss = [i["peak_rss_mb"] for i in ray.get([a.info.remote() for a in index.actors])]
     finally:
         index.close()
     t_search = time.perf_counter() - t0
