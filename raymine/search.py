@@ -351,7 +351,10 @@ class ShardedIndex:
         sizes = list(shard_rows) if shard_rows is not None else balanced_sizes(total, cfg.num_shards)
         plans = plan_shards(groups, sizes)
         threads = cfg.threads_per_shard or max(1, (os.cpu_count() or 1) // len(sizes))
-        remote = ray.remote(Shard).options(num_cpus=cfg.num_cpus_per_shard, num_gpus=cfg.num_gpus_per_shard)
+        # a shard that dies (node lost, OOM kill) restarts and rebuilds the same rows from Parquet in
+        # __init__; calls in flight are retried, so a search never returns a partial merge
+        remote = ray.remote(Shard).options(num_cpus=cfg.num_cpus_per_shard, num_gpus=cfg.num_gpus_per_shard,
+                                           max_restarts=-1, max_task_retries=-1)
         cfg_d = to_dict(cfg)
         t0 = time.time()
         actors = [remote.remote(uri, plan, dim, cfg_d, threads) for plan in plans]
