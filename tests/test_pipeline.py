@@ -40,7 +40,7 @@ class _Head:
         self.temp = tempfile.mkdtemp(prefix="rm_e2e_", dir="/tmp")
         self.dash = _free_port()
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}
         self.env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", f"--port={_free_port()}",
@@ -59,6 +59,17 @@ class _Head:
     def job(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), "job", *args, "--address", self.address], env=self.env,
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+    def submit(self, *args: str) -> str:
+        """Submit a job (retrying while the head's job agent is still starting); returns the job id."""
+        for _ in range(30):
+            r = self.job("submit", *args)
+            if r.returncode == 0:
+                return next(w for w in r.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+            if "No available agent" not in r.stderr:
+                break
+            time.sleep(3)
+        raise AssertionError(f"ray job submit failed: {r.stderr[-3000:]}")
 
     def status(self, job_id: str) -> str:
         out = self.job("status", job_id).stdout
@@ -86,8 +97,10 @@ class _Head:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=60)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            with __import__("contextlib").suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            pass
+        # whatever this head started and is still alive (raylet, GCS, workers) runs with --temp-dir in its
+        # command line or session path: end exactly those, never another cluster's processes
+        subprocess.run(["pkill", "-9", "-f", self.temp], check=False)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
@@ -99,9 +112,7 @@ def test_job_submit_kill_during_training_and_resume(tmp_path):
            "--output", str(out), "train.max_steps=6", "train.checkpoint_every=2"]
     head = _Head()
     try:
-        sub = head.job("submit", *cmd)
-        assert sub.returncode == 0, sub.stderr
-        job1 = next(w for w in sub.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+        job1 = head.submit(*cmd)
 
         def checkpointed() -> bool:
             return bool(glob.glob(str(out / "train_checkpoints" / "*" / "checkpoint_*")))
@@ -113,8 +124,7 @@ def test_job_submit_kill_during_training_and_resume(tmp_path):
         head.wait(job1, {"STOPPED", "SUCCEEDED"}, timeout=120)
         assert not (out / "model" / MANIFEST).exists() or head.status(job1) == "SUCCEEDED"
 
-        sub = head.job("submit", *cmd)
-        job2 = next(w for w in sub.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+        job2 = head.submit(*cmd)
         head.wait(job2, {"SUCCEEDED"}, timeout=900)
         logs = head.job("logs", job2).stdout
     finally:
