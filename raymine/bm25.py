@@ -102,12 +102,14 @@ class BM25Teacher:
 
     # -- queries --------------------------------------------------------------------------------
     def search(
-        self, query_texts: Sequence[str], k: int, ceilings: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, query_texts: Sequence[str], k: int, ceilings: np.ndarray | None = None,
+        return_above: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-``k`` docs per query (only score < ceiling[i] when given; +inf = no ceiling).
 
         Returns doc ids object [nq, k] ("" where fewer than k docs qualify) and scores float32 [nq, k]
-        (-inf there), best first.
+        (-inf there), best first; with ``return_above`` also ``above [nq] int64``: corpus docs scoring
+        ``>= ceiling[i]`` (what the ceiling removed, positives included; 0 without a ceiling).
         """
         nq = len(query_texts)
         if ceilings is not None:
@@ -116,12 +118,16 @@ class BM25Teacher:
                 raise ValueError(f"{ceilings.shape[0]} ceilings for {nq} queries")
         out_ids = np.full((nq, k), "", dtype=object)
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        above = np.zeros(nq, dtype=np.int64)
         for i, toks in enumerate(self.tokenize(query_texts)):
             s = self.full_scores(toks)  # [num_docs]
-            rows = top_k_rows(s, k, np.inf if ceilings is None else float(ceilings[i]))
+            c = np.inf if ceilings is None else float(ceilings[i])
+            rows = top_k_rows(s, k, c)
             out_ids[i, : rows.size] = self.doc_ids[rows]
             out_scores[i, : rows.size] = s[rows]
-        return out_ids, out_scores
+            if return_above and not np.isposinf(c):
+                above[i] = int((s >= c).sum())  # NaN ceilings were rejected by top_k_rows
+        return (out_ids, out_scores, above) if return_above else (out_ids, out_scores)
 
     def score(self, query_texts: Sequence[str], doc_ids: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """BM25 score of each listed doc for each query → one float32 array per query (e.g. positives)."""

@@ -23,6 +23,8 @@ EMBEDDING = "embedding"  # fixed_size_list<float16|float32>[dim]
 CANDIDATE_IDS = "candidate_ids"  # list<string>, best first
 CANDIDATE_SCORES = "candidate_scores"  # list<float32>, descending
 CEILING = "ceiling"  # float32: the per-query score ceiling applied in the search (+inf = none)
+ABOVE_CEILING = "above_ceiling"  # int64: corpus docs scoring >= the query's ceiling, positives included
+# (what the ceiling removed inside the search; exact for Flat/BM25, a lower bound for IVF/PQ)
 
 # --- mine: one row per query (and teacher, before ensembling) ------------------------------------
 QUERY = "query"  # the query text

@@ -17,6 +17,15 @@ differ, e.g. BM25 vs cosine, so scores of an ensembled row are not comparable ac
 The ``CEILING`` column written by the search is not trusted: the ceiling is recomputed from the
 positive scores and this stage's config.
 
+Drops inside the search: a positive-aware ceiling is applied in the search itself (exact masked
+scan), so candidates over it never reach ``F.method_filter`` here and ``drop_method`` stays near 0.
+The search counts them instead (``ABOVE_CEILING``: corpus docs scoring >= the query's ceiling); the
+report gives, per teacher, ``above_ceiling`` (sum over queries), ``above_ceiling_median`` (per
+query) and ``above_ceiling_queries`` (queries with a count). The count includes the query's
+positives (and excluded ids) that score over the ceiling, so it bounds the method's removals of
+would-be negatives from above; it is exact for Flat and BM25 and a lower bound for IVF/PQ. Tables
+written before the column existed are still read; their teacher reports ``None``.
+
 Drop reasons: ``unknown_query`` (id not in the queries table), ``no_positive_score`` (no teacher
 has a score for any of the query's positives), ``no_negatives`` (every candidate was filtered out).
 """
@@ -124,6 +133,14 @@ def _mine_teacher(cfg: MineConfig, batch: pa.Table, teacher: str, qids: pa.Array
         "requested": np.where(present & ~no_pos, cfg.num_negatives, 0), "delivered": count,
         "anchor": anchor, "no_pos": no_pos, "present_mask": present,
     }
+    # corpus docs the search's ceiling removed (positives included); -1 = not reported
+    ac = _tcol(C.ABOVE_CEILING, teacher)
+    if ac in batch.column_names:
+        col = _combine(batch.column(ac))
+        out["above_ceiling"] = np.where(present & pc.is_valid(col).to_numpy(zero_copy_only=False),
+                                        pc.fill_null(col, -1).to_numpy(zero_copy_only=False), -1).astype(np.int64)
+    else:
+        out["above_ceiling"] = np.full(nq, -1, np.int64)
     rows = np.arange(nq)[:, None]
     neg_codes = np.where(idx >= 0, cand[rows, np.maximum(idx, 0)], -1)  # [nq, n]
     neg_scores = np.where(idx >= 0, scores[rows, np.maximum(idx, 0)], np.nan)
@@ -224,6 +241,9 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
             col = np.zeros(n, dtype=np.int64)
             col[owner[has]] = np.asarray(res[t][s])[has]
             arrays[_tcol("_" + s, t)] = pa.array(col, pa.int64())
+        above = np.full(n, -1, dtype=np.int64)
+        above[owner[has]] = res[t]["above_ceiling"][has]
+        arrays[_tcol("_above_ceiling", t)] = pa.array(above, pa.int64(), mask=above < 0)  # null: not reported
         for h, key in (("positive", "hist_positive"), ("kept", "neg_scores"), ("dropped", "hist_dropped")):
             vals: list[Any] = [[] for _ in range(n)]
             for q in np.nonzero(has)[0]:
@@ -313,8 +333,10 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     agg_args = {"num_cpus": 0.25}
     ds = None
     for t in teachers:
-        d = ray.data.read_parquet(candidates[t]).select_columns([C.QUERY_ID, *_IN_COLS])
-        d = d.rename_columns({c: _tcol(c, t) for c in _IN_COLS})
+        # ABOVE_CEILING is optional: candidates written before it existed are still mined
+        extra = [C.ABOVE_CEILING] if C.ABOVE_CEILING in _dataset(candidates[t]).schema.names else []
+        d = ray.data.read_parquet(candidates[t]).select_columns([C.QUERY_ID, *_IN_COLS, *extra])
+        d = d.rename_columns({c: _tcol(c, t) for c in (*_IN_COLS, *extra)})
         ds = d if ds is None else ds.join(d, "full_outer", cfg.join_partitions, on=(C.QUERY_ID,),
                                           aggregator_ray_remote_args=agg_args)
     queries = ray.data.read_parquet(queries_uri).select_columns([C.QUERY_ID, C.TEXT]).rename_columns(
@@ -348,6 +370,7 @@ def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: boo
     stats = {t: dict.fromkeys(_STATS, 0) for t in teachers}
     hists: dict[str, dict[str, list[np.ndarray]]] = {t: {h: [] for h in _HISTS} for t in teachers}
     hist_n = {t: dict.fromkeys(_HISTS, 0) for t in teachers}
+    above: dict[str, list[np.ndarray]] = {t: [] for t in teachers}  # per-query above-ceiling counts
     totals = {"queries_out": 0, "mined": 0, "dropped": 0, "requested": 0, "delivered": 0, "short_queries": 0,
               "known_fn": 0}
     reasons: dict[str, int] = {}
@@ -381,6 +404,8 @@ def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: boo
             for t in teachers:
                 for s in _STATS:
                     stats[t][s] += int(pc.sum(b[_tcol("_" + s, t)]).as_py() or 0)
+                a = _combine(pc.drop_null(b[_tcol("_above_ceiling", t)]))
+                above[t].append(a.to_numpy(zero_copy_only=False).astype(np.int64))
                 for h in _HISTS:
                     if hist_n[t][h] < cfg.report_sample:
                         v = b[_tcol("_hist_" + h, t)].combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -402,6 +427,10 @@ def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: boo
         s["shortfall"] = s["short"] / s["requested"] if s["requested"] else 0.0
         if analysis:
             s["known_false_negative_rate"] = s["known_fn"] / s["delivered"] if s["delivered"] else 0.0
+        a = np.concatenate(above[t]) if above[t] else np.zeros(0, np.int64)
+        s["above_ceiling_queries"] = int(a.size)  # 0: candidates table without ABOVE_CEILING
+        s["above_ceiling"] = int(a.sum()) if a.size else None
+        s["above_ceiling_median"] = float(np.median(a)) if a.size else None
         per_teacher[t] = s
     method = f"{F.method_label(cfg)}/{S.sampling_label(cfg)}"
     report = {"method": method, "ensemble": cfg.ensemble if ensemble and len(teachers) > 1 else None,
@@ -415,7 +444,9 @@ def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: boo
         log.warning("mine: score plot not written: %s", e)
         report["plot_error"] = str(e)
     storage.write_json(storage.join(out_uri, "report.json"), report)
-    log.info("mine %s: %s", method, json.dumps(totals))
+    in_search = {t: per_teacher[t]["above_ceiling"] for t in teachers}
+    log.info("mine %s: %s; removed by the ceiling inside the search (positives included): %s", method,
+             json.dumps(totals), json.dumps(in_search))
     return report
 
 

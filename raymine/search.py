@@ -8,6 +8,9 @@ top-k, equal to one brute-force search over the whole corpus for ``Flat``.
 - Ceiling-aware search (positive-aware mining): exact indexes mask ``score >= ceiling`` inside the
   shard scan (torch matmul + top-k), so no depth is guessed. Indexes that cannot mask (IVF/PQ) are
   re-queried deeper (k doubling up to ``max_depth``) for the queries still short; the rest is counted.
+- The ceiling's removals are counted, not hidden: per query, how many corpus documents scored
+  ``>= ceiling`` (``ShardedIndex.last_above_ceiling``, column ``ABOVE_CEILING``; exact for exact
+  indexes and BM25, a lower bound for IVF/PQ: only the results seen while re-querying are counted).
 - Shards keep their raw vectors (needed for exact positive scores and for recall of IVF/PQ against
   exact search); for ``Flat`` that is the index's own storage, no copy.
 """
@@ -26,6 +29,7 @@ import pyarrow.parquet as pq
 
 from raymine import storage
 from raymine.columns import (
+    ABOVE_CEILING,
     CANDIDATE_IDS,
     CANDIDATE_SCORES,
     CEILING,
@@ -57,6 +61,7 @@ SEARCH_SCHEMA = pa.schema(
         (CANDIDATE_SCORES, pa.list_(pa.float32())),
         (CEILING, pa.float32()),
         (TEACHER, pa.string()),
+        (ABOVE_CEILING, pa.int64()),
     ]
 )
 
@@ -273,23 +278,25 @@ class Shard:
                 "gpu": self.gpu_index is not None or self.torch_device == "cuda"}
 
     def search(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False):
-        """Shard top-k: ``(scores [nq,k'], local rows [nq,k'], doc ids object [nq,k'])``, k' = min(k, n).
+        """Shard top-k: ``(scores [nq,k'], local rows [nq,k'], doc ids object [nq,k'], above [nq])``,
+        k' = min(k, n); ``above``: shard rows scoring ``>= ceilings[q]`` (0 without a ceiling).
 
         Exact masked scan when a ceiling is given (only allowed for exact indexes) or ``exact``."""
         nq = q.shape[0]
         kk = min(k, self.num_docs)
-        if kk == 0:
-            return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), np.empty((nq, 0), object)
         if ceilings is not None and not self.exact and not exact:
             raise ValueError(f"index {self.cfg.index_factory!r} cannot apply a ceiling; search deeper instead")
+        above = np.zeros(nq, np.int64)
+        if kk == 0 and (ceilings is None or self.num_docs == 0):
+            return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), np.empty((nq, 0), object), above
         gpu_k_over = self.exact and self.gpu_index is not None and kk > GPU_MAX_K and self.torch_device == "cuda"
         if ceilings is not None or exact or self._use_torch() or gpu_k_over:  # exact masked/brute-force scan
-            s, i = torch_search(self._torch_vectors(), q, kk, ceilings)
+            s, i, above = torch_search(self._torch_vectors(), q, kk, ceilings, return_above=True)
         else:
             s, i = self._faiss_search(q, kk)
         names = self.doc_ids.take(pa.array(np.maximum(i, 0).reshape(-1))).to_numpy(zero_copy_only=False)
         names = np.where(i >= 0, names.reshape(i.shape), "").astype(object)  # [nq, k']
-        return s, i, names
+        return s, i, names, above
 
     def lookup(self, q: np.ndarray, qidx: np.ndarray, doc_ids: list[str]) -> np.ndarray:
         """Inner product of ``q[qidx[j]]`` with doc ``doc_ids[j]``; NaN for ids not in this shard. [m]"""
@@ -335,6 +342,9 @@ class ShardedIndex:
         self.infos = infos
         self.exact = _is_exact(cfg.index_factory)
         self.last_stats: dict[str, Any] = {}
+        # per query of the last search: corpus docs scoring >= its ceiling (removed inside the search);
+        # exact for Flat, a lower bound for IVF/PQ (only results seen while re-querying deeper)
+        self.last_above_ceiling: np.ndarray = np.zeros(0, np.int64)
 
     @classmethod
     def from_parquet(cls, uri: str, cfg: SearchConfig, shard_rows: Sequence[int] | None = None) -> ShardedIndex:
@@ -401,7 +411,8 @@ class ShardedIndex:
         return q
 
     def _fanout(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False):
-        """All shards' top-k merged: (scores [nq,k], global ids [nq,k], doc ids object [nq,k])."""
+        """All shards' top-k merged: (scores [nq,k], global ids [nq,k], doc ids object [nq,k]); sets
+        ``last_above_ceiling`` to the shards' summed above-ceiling counts [nq]."""
         import ray
 
         qref = ray.put(q)
@@ -413,6 +424,8 @@ class ShardedIndex:
         out = np.full(g.shape, "", object)
         hit = pos >= 0
         out[hit] = np.take_along_axis(names, np.maximum(pos, 0), axis=1)[hit]
+        self.last_above_ceiling = (np.sum([p[3] for p in parts], axis=0).astype(np.int64) if parts
+                                   else np.zeros(q.shape[0], np.int64))
         return s, g, out
 
     def search(self, queries: np.ndarray, k: int, ceilings: np.ndarray | None = None
@@ -421,7 +434,10 @@ class ShardedIndex:
 
         Returns ``(scores float32 [nq,k], doc ids object [nq,k])`` ("" / -inf where missing).
         ``self.last_stats`` holds ``short`` (queries that got fewer than k results although the corpus
-        may hold more: only for indexes that cannot apply a ceiling) and the deepest k used."""
+        may hold more: only for indexes that cannot apply a ceiling) and the deepest k used;
+        ``self.last_above_ceiling [nq] int64`` how many corpus docs scored ``>= ceilings[q]`` (removed by
+        the ceiling; 0 without one) — exact for ``Flat``, a lower bound for IVF/PQ (results seen while
+        re-querying deeper)."""
         s, _, names = self.search_ids(queries, k, ceilings)
         return s, names
 
@@ -451,6 +467,7 @@ class ShardedIndex:
         out_g = np.full((nq, k), MISSING_ID, np.int64)
         out_n = np.full((nq, k), "", object)
         todo = np.arange(nq)
+        above = np.zeros(nq, np.int64)  # results >= ceiling seen: a lower bound on the corpus count
         kk = k
         cap = max(k, min(self.cfg.max_depth, self.num_docs))
         used = kk
@@ -458,6 +475,7 @@ class ShardedIndex:
             used = kk
             s, g, names = self._fanout(q[todo], kk, None)
             allowed = (g >= 0) & (s < c[todo, None])  # [n_todo, kk]
+            above[todo] = np.maximum(above[todo], ((g >= 0) & ~allowed).sum(axis=1))
             order = np.argsort(~allowed, axis=1, kind="stable")[:, :k]  # allowed first, rank order kept
             keep = np.take_along_axis(allowed, order, axis=1)
             sel_s = np.where(keep, np.take_along_axis(s, order, axis=1), -np.inf)
@@ -476,6 +494,7 @@ class ShardedIndex:
                 break
             kk = min(2 * kk, cap)
         self.last_stats = {"short": int(todo.size), "deepest_k": used}
+        self.last_above_ceiling = above
         if todo.size:
             log.warning("search: %d of %d queries have fewer than %d results below their ceiling at depth %d "
                         "(max_depth); approximate index cannot mask", todo.size, nq, k, used)
@@ -563,7 +582,7 @@ def _search_batches(
     batches: Iterator[tuple[list[str], Any]],
     positives: _Positives,
     score_fn: Callable[[Any, list[list[str]]], list[np.ndarray]],
-    search_fn: Callable[[Any, int, np.ndarray | None], tuple[np.ndarray, np.ndarray]],
+    search_fn: Callable[[Any, int, np.ndarray | None], tuple[np.ndarray, np.ndarray, np.ndarray]],
     depth_fn: Callable[[int], int],
     ceiling_fn: Callable[[list[np.ndarray]], np.ndarray] | None,
     cfg: SearchConfig,
@@ -571,7 +590,10 @@ def _search_batches(
     teacher: str,
     counts: dict[str, Any],
 ) -> list[int]:
-    """Shared per-batch loop of the dense and BM25 stages; writes one part file per batch."""
+    """Shared per-batch loop of the dense and BM25 stages; writes one part file per batch.
+
+    ``search_fn(payload, k, ceilings)`` → (scores [nq,k], doc ids [nq,k], above [nq]): ``above`` =
+    corpus docs scoring ``>= ceiling`` (positives included), written as ``ABOVE_CEILING``."""
     depths_all: list[int] = []
     seen: set[str] = set()
     part = 0
@@ -604,7 +626,9 @@ def _search_batches(
             depths = [cfg.depth] * len(qids)
         k = max(depths)
         use = cfg.use_ceiling and ceiling_fn is not None
-        scores, ids = search_fn(payload, k, np.where(np.isnan(ceil), np.inf, ceil) if use else None)
+        scores, ids, above = search_fn(payload, k, np.where(np.isnan(ceil), np.inf, ceil) if use else None)
+        above = np.zeros(len(qids), np.int64) if not use else np.asarray(above, np.int64).reshape(-1)
+        counts["above_ceiling"] += int(above.sum())
         cand_ids, cand_scores = [], []
         for j, d in enumerate(depths):
             keep = ids[j, :d] != ""
@@ -622,6 +646,7 @@ def _search_batches(
                 CANDIDATE_SCORES: _list_array(cand_scores, pa.float32()),
                 CEILING: pa.array(ceil, pa.float32()),
                 TEACHER: pa.array([teacher] * len(qids), pa.string()),
+                ABOVE_CEILING: pa.array(above, pa.int64()),
             },
             schema=SEARCH_SCHEMA,
         )
@@ -651,7 +676,7 @@ def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArr
 def _new_counts() -> dict[str, Any]:
     return {k: 0 for k in ("queries", "queries_without_positives", "positives_not_found",
                            "queries_with_positive_not_found", "ceiling_nan", "duplicate_query_embeddings", "queries_short", "candidates",
-                           "short_below_ceiling_at_max_depth")}
+                           "short_below_ceiling_at_max_depth", "above_ceiling")}
 
 
 def _depth_summary(depths: list[int]) -> dict[str, Any]:
@@ -679,7 +704,9 @@ def search_stage(
     ``depth_fn(#positives + #excluded)``. Positives and excluded ids stay in the candidates (mining
     removes and counts them). ``ceiling_fn`` gets each query's positive scores with the positives
     missing from the corpus (NaN, counted) left out; a NaN ceiling is written as NaN (the mine stage
-    drops such queries) and that query is searched without a ceiling. ``key_extra``: whatever else decides the output (mining config, upstream
+    drops such queries) and that query is searched without a ceiling. ``ABOVE_CEILING``: corpus docs
+    scoring ``>= ceiling`` (the ceiling's removals, positives included; exact for ``Flat``, a lower
+    bound for IVF/PQ; 0 without a ceiling), summed in ``counts["above_ceiling"]``. ``key_extra``: whatever else decides the output (mining config, upstream
     stage keys), since the callables cannot be hashed. Skipped when a manifest with the same key exists.
     """
     key = storage.stage_key(STAGE, teacher, to_dict(cfg), query_emb_uri, index.uri, index.num_docs,
@@ -699,7 +726,7 @@ def search_stage(
             sample.append(q[: cfg.recall_sample])
         s, ids = index.search(q, k, ceil)
         shorts.append(index.last_stats.get("short", 0))
-        return s, ids
+        return s, ids, index.last_above_ceiling
 
     depths = _search_batches(
         _iter_query_embeddings(query_emb_uri, cfg.query_batch_size), _Positives(positives),
@@ -763,8 +790,8 @@ def bm25_search_stage(
         return out
 
     def search_fn(texts: list[str], k: int, ceil: np.ndarray | None):
-        ids, scores = bm25.search(texts, k, ceil)
-        return scores, ids
+        ids, scores, above = bm25.search(texts, k, ceil, return_above=True)
+        return scores, ids, above
 
     qids = queries.column(QUERY_ID).to_pylist()
     texts = queries.column(TEXT).to_pylist()

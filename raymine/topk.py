@@ -8,7 +8,9 @@ Conventions everywhere:
 - ties are broken by the smaller id, i.e. exactly what ``np.argsort(-scores, kind="stable")`` over the
   concatenated corpus gives;
 - a missing entry (fewer than k results) is ``(-inf, -1)``;
-- a ceiling excludes every entry with ``score >= ceiling`` before the selection (``+inf`` = no ceiling).
+- a ceiling excludes every entry with ``score >= ceiling`` before the selection (``+inf`` = no ceiling);
+  ``return_above=True`` also returns how many entries each query lost that way (``above [nq] int64``),
+  so the removals made inside the search can be reported.
 """
 from __future__ import annotations
 
@@ -95,13 +97,14 @@ def merge_topk(
 
 # ------------------------------------------------------------------------------------------------
 def masked_topk(
-    scores: np.ndarray, k: int, ceilings: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    scores: np.ndarray, k: int, ceilings: np.ndarray | None = None, return_above: bool = False
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact top-k of each row of ``scores [nq, nd]`` with entries ``>= ceilings[q]`` excluded first.
 
     Returns ``(scores [nq,k] float32, ids [nq,k] int64 column indices)``; rows with fewer than k
     allowed entries are padded with ``(-inf, -1)``. Deterministic ties: the smaller column wins, also
-    at the k-th place (what a stable argsort gives).
+    at the k-th place (what a stable argsort gives). ``return_above``: also ``above [nq] int64``, the
+    number of entries ``>= ceilings[q]`` (0 without a ceiling).
     """
     s = np.asarray(scores, dtype=np.float32)
     if s.ndim != 2:
@@ -110,8 +113,11 @@ def masked_topk(
         raise ValueError("scores contain NaN")
     nq, nd = s.shape
     c = _check_ceilings(ceilings, nq)
+    above = np.zeros(nq, np.int64)
     if c is not None:
-        s = np.where(s >= c[:, None], np.float32(-np.inf), s)  # [nq, nd]
+        over = s >= c[:, None]  # [nq, nd]
+        above = over.sum(axis=1).astype(np.int64)
+        s = np.where(over, np.float32(-np.inf), s)  # [nq, nd]
     kk = min(k, nd)
     if kk == 0:
         vals = np.empty((nq, 0), np.float32)
@@ -132,7 +138,8 @@ def masked_topk(
         vals = np.take_along_axis(vals, order, axis=1)
     idx = idx.astype(np.int64)
     idx[np.isneginf(vals)] = MISSING_ID
-    return _pad(vals.astype(np.float32), idx, k)
+    vals, idx = _pad(vals.astype(np.float32), idx, k)
+    return (vals, idx, above) if return_above else (vals, idx)
 
 
 def _pad(vals: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,9 +191,12 @@ def torch_search(
     k: int,
     ceilings: np.ndarray | None = None,
     max_block_elems: int = 1 << 24,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_above: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact inner-product search: ``corpus [nd, d]``, ``queries [nq, d]`` → ``(scores [nq,k] float32,
     ids [nq,k] int64 corpus rows)``, entries ``>= ceilings[q]`` excluded before the selection.
+    ``return_above``: also ``above [nq] int64``, how many corpus rows scored ``>= ceilings[q]`` (the
+    rows the ceiling removed; 0 without a ceiling), counted in the same scan.
 
     The corpus is scanned in row blocks so the score block ``[nq, rows]`` stays under
     ``max_block_elems`` floats (the ``[nq, nd]`` matrix is never built); runs on the corpus' device
@@ -202,8 +212,12 @@ def torch_search(
         raise ValueError(f"queries {tuple(q.shape)} and corpus {tuple(cor.shape)} must be [nq,d] and [nd,d]")
     nq, nd = q.shape[0], cor.shape[0]
     c = _check_ceilings(ceilings, nq)
-    if k <= 0:
-        return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
+    count = return_above and c is not None and not np.isposinf(c).all()
+    above = torch.zeros(nq, dtype=torch.int64, device=cor.device)
+    if k <= 0 and not count:
+        empty = (np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64))
+        return (*empty, np.zeros(nq, np.int64)) if return_above else empty
+    k = max(k, 0)
     ct = None if c is None else torch.from_numpy(c).to(cor.device)[:, None]  # [nq, 1]
     rows = max(k, max_block_elems // max(nq, 1), 1)
     best_s = torch.full((nq, 0), -float("inf"), dtype=torch.float32, device=cor.device)
@@ -212,7 +226,12 @@ def torch_search(
         for lo in range(0, nd, rows):
             block = (q @ cor[lo : lo + rows].T).float()  # [nq, rows]
             if ct is not None:
-                block = block.masked_fill(block >= ct, -float("inf"))
+                over = block >= ct  # [nq, rows]
+                if count:
+                    above += over.sum(dim=1)
+                block = block.masked_fill(over, -float("inf"))
+            if k == 0:
+                continue
             vals, idx = _torch_topk_exact(block, min(k, block.shape[1]))
             # earlier blocks hold smaller ids: a stable sort of [best | block] keeps the tie rule
             cat_s = torch.cat([best_s, vals], dim=1)  # [nq, <= 2k]
@@ -222,4 +241,5 @@ def torch_search(
     vals = best_s.cpu().numpy().astype(np.float32)
     ids = best_i.cpu().numpy().astype(np.int64)
     ids[np.isneginf(vals)] = MISSING_ID
-    return _pad(vals, ids, k)
+    vals, ids = _pad(vals, ids, k)
+    return (vals, ids, above.cpu().numpy().astype(np.int64)) if return_above else (vals, ids)

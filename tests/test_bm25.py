@@ -128,6 +128,12 @@ def test_ceiling_search_equals_brute_force_mask(scifact):
     ceilings[1::5] += 0.013
     k = 25
     got_ids, got_scores = teacher.search(queries, k=k, ceilings=ceilings)
+    # the same search also counts what the ceiling removed: every doc scoring >= the ceiling
+    ids3, scores3, above = teacher.search(queries, k=k, ceilings=ceilings, return_above=True)
+    assert ids3.tolist() == got_ids.tolist() and above.dtype == np.int64
+    np.testing.assert_array_equal(above, [int((s >= c).sum()) for s, c in zip(full, ceilings, strict=True)])
+    assert (above[::5] == 0).all() and (above > 0).sum() >= len(queries) // 2
+    np.testing.assert_array_equal(teacher.search(queries[:3], k=2, return_above=True)[2], [0, 0, 0])
     for q, s in enumerate(full):
         masked = np.where((s > 0) & (s < ceilings[q]), s, -np.inf)
         order = np.lexsort((np.arange(len(s)), -masked))[:k]

@@ -19,10 +19,12 @@ F32 = pa.list_(pa.float32())
 STR = pa.list_(pa.string())
 
 
-def cand_table(rows, teacher):
-    """rows: (qid, pos_ids, pos_scores, excluded, cand_ids, cand_scores)."""
+def cand_table(rows, teacher, above=None):
+    """rows: (qid, pos_ids, pos_scores, excluded, cand_ids, cand_scores); ``above``: the search's
+    ABOVE_CEILING per row (None: a table written before that column existed)."""
     cols = list(zip(*rows))
-    return pa.table({
+    extra = {} if above is None else {C.ABOVE_CEILING: pa.array(above, pa.int64())}
+    return pa.table({**extra,
         C.QUERY_ID: pa.array(cols[0], pa.string()), C.POSITIVE_IDS: pa.array(cols[1], STR),
         C.POSITIVE_SCORES: pa.array(cols[2], F32), C.EXCLUDED_IDS: pa.array(cols[3], STR),
         C.CANDIDATE_IDS: pa.array(cols[4], STR), C.CANDIDATE_SCORES: pa.array(cols[5], F32),
@@ -39,7 +41,7 @@ A = cand_table([
     ("q2", ["d7"], [-0.2], [], ["d8", "d7", "d9"], [-0.1, -0.2, -0.3]),
     ("q3", ["d1"], [], [], ["d2", "d4"], [0.5, 0.4]),
     ("q5", ["d2"], [0.9], [], ["d1"], [0.5]),
-], "A")
+], "A", above=[7, 1, 0, 3])  # A's search also removed docs at/over its ceilings (counted there)
 # Teacher B: q1 anchor 0.5 -> ceiling 0.475 -> d6, d3 (then d10); q3 only its positive -> no negatives;
 # q4 only in B -> d5, d6
 B = cand_table([
@@ -59,7 +61,8 @@ def joined(teachers=("A", "B"), full=None):
     rows: dict[str, dict] = {}
     for t in teachers:
         for r in tabs[t].to_pylist():
-            rows.setdefault(r[C.QUERY_ID], {}).update({f"{c}@{t}": r[c] for c in M._IN_COLS})
+            rows.setdefault(r[C.QUERY_ID], {}).update({f"{c}@{t}": r[c] for c in (*M._IN_COLS, C.ABOVE_CEILING)
+                                                      if c in r})
     text = dict(zip(QUERIES[C.QUERY_ID].to_pylist(), QUERIES[C.TEXT].to_pylist()))
     fp = {} if full is None else {k: sorted(v) for k, v in full.items()}
     qids = sorted(rows)
@@ -68,6 +71,9 @@ def joined(teachers=("A", "B"), full=None):
         for c in M._IN_COLS:
             typ = F32 if c in (C.POSITIVE_SCORES, C.CANDIDATE_SCORES) else STR
             cols[f"{c}@{t}"] = pa.array([rows[q].get(f"{c}@{t}") for q in qids], typ)
+        if C.ABOVE_CEILING in tabs[t].column_names:
+            cols[f"{C.ABOVE_CEILING}@{t}"] = pa.array([rows[q].get(f"{C.ABOVE_CEILING}@{t}") for q in qids],
+                                                     pa.int64())
     if full is not None:
         cols[M._FULL_POS] = pa.array([fp.get(q) for q in qids], STR)
     return pa.table(cols)
@@ -102,6 +108,10 @@ def test_mine_batch_hand_computed_ensemble_and_batching():
     assert sums == {"present": 4, "no_positive_score": 1, "seen": 10, "drop_positive": 3, "drop_excluded": 1,
                     "drop_method": 2, "kept": 4, "requested": 6, "delivered": 4, "known_fn": 1}
     assert sorted(sum((x["_hist_dropped@A"] for x in r.values()), [])) == pytest.approx([-0.1, 0.78])
+    # the search's above-ceiling counts pass through per query (A has the column, B's table predates it)
+    assert {q: x["_above_ceiling@A"] for q, x in r.items() if x["_above_ceiling@A"] is not None} == {
+        "q1": 7, "q2": 1, "q3": 0, "q5": 3}
+    assert all(x["_above_ceiling@B"] is None for x in r.values())
     # any batching gives the same rows
     for size in (1, 2, 3):
         parts = pa.concat_tables([M.mine_batch(j.slice(i, size), CFG, ["A", "B"], True)
@@ -162,6 +172,10 @@ def test_mine_stage_ray(ray_local, tmp_path):
     assert rep["totals"]["requested"] == 6 and rep["totals"]["delivered"] == 5 and rep["totals"]["short_queries"] == 1
     assert rep["totals"]["known_false_negative_rate"] == pytest.approx(1 / 5)
     assert rep["per_teacher"]["A"]["drop_method"] == 2 and rep["per_teacher"]["B"]["drop_positive"] == 2
+    # removals inside the search: summed from A's ABOVE_CEILING; B's older table reports none
+    a, b = rep["per_teacher"]["A"], rep["per_teacher"]["B"]
+    assert (a["above_ceiling"], a["above_ceiling_median"], a["above_ceiling_queries"]) == (11, 2.0, 4)
+    assert (b["above_ceiling"], b["above_ceiling_median"], b["above_ceiling_queries"]) == (None, None, 0)
     assert rep["dropped_reasons"] == {"no_negatives": 1, "unknown_query": 1}
     assert (tmp_path / "mine" / "scores.png").stat().st_size > 1000
     assert json.loads((tmp_path / "mine" / "report.json").read_text())["totals"] == rep["totals"]

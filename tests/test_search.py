@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymine.columns import (
+    ABOVE_CEILING,
     CANDIDATE_IDS,
     CANDIDATE_SCORES,
     CEILING,
@@ -91,6 +92,15 @@ def test_sharded_flat_equals_brute_force(ray_local, tie_corpus, num_shards):
         np.testing.assert_array_equal(index.search(queries, 40, ceilings)[1],
                                       np.where(ref_i >= 0, ids[np.maximum(ref_i, 0)], ""))
         assert (index.search(queries, 5, ceilings)[1][1] == "").all()
+        # what the ceiling removed inside the shards, summed over shards = brute-force count
+        full = queries @ emb.T  # [nq, N], exact small integers
+        want_above = (full >= ceilings[:, None]).sum(axis=1)
+        assert want_above[0] == 0 and want_above[1] == N and want_above[2:].min() >= 0
+        for k in (0, 7):
+            index.search(queries, k, ceilings)
+            np.testing.assert_array_equal(index.last_above_ceiling, want_above)
+        index.search(queries, 7)
+        np.testing.assert_array_equal(index.last_above_ceiling, np.zeros(13))
         # positive scores: exact inner products, NaN for an unknown id
         lists = [[ids[3], "nope", ids[N - 1]], [], [ids[500]]] + [[ids[7]]] * 10
         got = index.lookup_scores(queries, lists)
@@ -141,10 +151,15 @@ def test_ivf_recall_and_deeper_ceiling_search(ray_local, clustered, tmp_path):
         np.testing.assert_allclose(s, ref_s, atol=1e-5)
         assert (got == ids[ref_i]).mean() > 0.99
         assert index.last_stats == {"short": 0, "deepest_k": 40}
+        # re-queried to depth 40 with 30 docs over the ceiling: every one of them was seen
+        np.testing.assert_array_equal(index.last_above_ceiling, (full >= ceil[:, None]).sum(axis=1))
         # ceilings below rank 100 cannot be reached at max_depth 64: reported short, not silently filled
         low = srt[:, -100].astype(np.float32)
         s, got = index.search(queries[:8], 10, low[:8])
         assert index.last_stats["short"] == 8 and (got == "").all()
+        # 100 docs over the ceiling, only 64 seen at max_depth: a lower bound, as documented
+        np.testing.assert_array_equal(index.last_above_ceiling, [64] * 8)
+        assert ((full[:8] >= low[:8, None]).sum(axis=1) >= 100).all()
 
         index.set_nprobe(8)
         # recall reported by the stage, on the sampled queries, against exact sharded search
@@ -191,6 +206,7 @@ def test_search_stage_table_and_manifest(ray_local, tie_corpus, tmp_path):
         assert man["counts"]["queries_without_embedding"] == 1
         assert man["counts"]["positives_not_found"] == 1
         assert man["counts"]["queries_with_positive_not_found"] == 1
+        assert man["counts"]["above_ceiling"] == sum(table.column(ABOVE_CEILING).to_pylist())
         want_max = max(depth_fn(len(p) + len(e)) for p, e in zip(pos_lists, exc_lists, strict=True))
         assert man["depth"]["max"] == want_max and man["recall"] is None
         rows = {r[QUERY_ID]: r for r in table.to_pylist()}
@@ -202,6 +218,7 @@ def test_search_stage_table_and_manifest(ray_local, tie_corpus, tmp_path):
             np.testing.assert_array_equal(r[POSITIVE_SCORES][: len(known)], full[i, known])
             ceil = full[i, known].min() - 0.5
             assert r[CEILING] == pytest.approx(ceil) and r[TEACHER] == "tie"
+            assert r[ABOVE_CEILING] == int((full[i] >= np.float32(r[CEILING])).sum())  # positives included
             assert r[EXCLUDED_IDS] == exc_lists[i]
             depth = depth_fn(len(pos_lists[i]) + len(exc_lists[i]))
             ref_s, ref_i = brute_force_topk(emb, queries[i : i + 1], depth, np.array([ceil]))
@@ -243,3 +260,8 @@ def test_bm25_search_stage(tmp_path):
         assert t[q][CANDIDATE_IDS] == [d for d in ids[0] if d][: 4]
         assert all(s < p * 0.99 for s in t[q][CANDIDATE_SCORES])
     assert np.isnan(t["b"][POSITIVE_SCORES][1])
+    # ABOVE_CEILING: every corpus doc whose BM25 score reached the query's ceiling (positives included)
+    for q, text in zip(["a", "b", "c"], ["sweet red apples", "yellow bananas", "apples"], strict=True):
+        full = ref.full_scores(ref.tokenize([text])[0])
+        assert t[q][ABOVE_CEILING] == int((full >= np.float32(t[q][CEILING])).sum()) >= 1
+    assert man["counts"]["above_ceiling"] == sum(r[ABOVE_CEILING] for r in t.values())

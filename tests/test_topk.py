@@ -131,6 +131,32 @@ def test_torch_search_equals_brute_force_tie_heavy(block):
             np.testing.assert_array_equal(got[0], ref[0])
 
 
+@pytest.mark.parametrize("block", [7, 1 << 24])
+def test_above_ceiling_counts_equal_numpy(block):
+    """return_above: per query, how many corpus rows the ceiling removed = (scores >= ceiling).sum(1)."""
+    rng = np.random.default_rng(6)
+    corpus = rng.integers(-2, 3, size=(45, 8)).astype(np.float32)
+    queries = rng.integers(-2, 3, size=(9, 8)).astype(np.float32)
+    ceilings = rng.integers(-4, 5, size=9).astype(np.float32)
+    ceilings[0], ceilings[1] = np.inf, -100.0  # none removed / all removed
+    scores = queries @ corpus.T  # [nq, nd], exact small integers
+    want = (scores >= ceilings[:, None]).sum(axis=1)
+    assert want[0] == 0 and want[1] == 45 and 0 < want[2:].sum() < 45 * 7
+    for k in (0, 3, 45, 50):
+        s, i, above = torch_search(corpus, queries, k, ceilings, max_block_elems=block, return_above=True)
+        np.testing.assert_array_equal(above, want)
+        assert above.dtype == np.int64
+        ref = brute_force_topk(corpus, queries, k, ceilings)  # the flag leaves the results alone
+        np.testing.assert_array_equal(i, ref[1])
+        np.testing.assert_array_equal(s, ref[0])
+        ms, mi, mabove = masked_topk(scores, k, ceilings, return_above=True)
+        np.testing.assert_array_equal(mabove, want)
+        np.testing.assert_array_equal(mi, ref[1])
+    np.testing.assert_array_equal(torch_search(corpus, queries, 5, None, return_above=True)[2], np.zeros(9))
+    np.testing.assert_array_equal(masked_topk(scores, 5, return_above=True)[2], np.zeros(9))
+    assert len(torch_search(corpus, queries, 5, ceilings)) == 2 and len(masked_topk(scores, 5, ceilings)) == 2
+
+
 def test_torch_backend_equals_faiss_flat():
     faiss = pytest.importorskip("faiss")
     rng = np.random.default_rng(4)
