@@ -286,11 +286,43 @@ def _scores_of(result: Any, task_name: str, split: str) -> dict[str, Any]:
     raise EvaluationError(f"task {task_name!r}: missing from mteb's results")
 
 
-def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str) -> dict:
+class PassageCache:
+    """Encoder wrapper: passages that the same encoder config already embedded (e.g. the embed stage's
+    teacher output, when the student's base model is that teacher) come from a table, by exact text;
+    the rest, and every query, go through the encoder. Saves re-encoding a corpus to evaluate a base model."""
+
+    def __init__(self, encoder: Any, vectors: Mapping[str, np.ndarray]):
+        self.encoder, self.vectors = encoder, vectors
+        self.hits = self.misses = 0
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.dim)
+
+    def encode(self, texts: Sequence[str], side: str, batch_size: int | None = None) -> np.ndarray:
+        if side != "passage":
+            return self.encoder.encode(texts, side, batch_size=batch_size)
+        found = [self.vectors.get(t) for t in texts]
+        miss = [i for i, v in enumerate(found) if v is None]
+        out = np.empty((len(texts), self.dim), np.float32)  # [n, dim]
+        if miss:
+            out[miss] = self.encoder.encode([texts[i] for i in miss], side, batch_size=batch_size)
+        for i, v in enumerate(found):
+            if v is not None:
+                out[i] = v
+        self.hits += len(texts) - len(miss)
+        self.misses += len(miss)
+        return out
+
+
+def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str,
+                    passage_cache: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict:
     """Evaluate every model on every task with mteb; write ``evaluation.json``, ``evaluation.md`` and
     ``evaluation.png`` under ``out_dir``. Returns ``{task: {model: {metric: value}}}`` (values in [0, 1]).
 
     The first model is the baseline: the Markdown table shows each other model's delta against it.
+    ``passage_cache``: model label → {passage text: embedding} already computed with that model's exact
+    encoder config (see :class:`PassageCache`).
     """
     if not models:
         raise EvaluationError("no models to evaluate")
@@ -303,7 +335,12 @@ def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, da
     timings: dict[str, float] = {}
     for label, teacher in models.items():
         tm = time.perf_counter()
-        model = make_mteb_model(label, teacher, cfg.batch_size)
+        encoder = None
+        if passage_cache and label in passage_cache:
+            from raymine.encoders import Encoder
+
+            encoder = PassageCache(Encoder(teacher), passage_cache[label])
+        model = make_mteb_model(label, teacher, cfg.batch_size, encoder=encoder)
         for name, task, info in tasks:
             ts = time.perf_counter()
             res = mteb.evaluate(model, tasks=[task], cache=None, overwrite_strategy="always",
@@ -316,6 +353,8 @@ def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, da
             log.info("%s on %s: %s (%.1f s)", label, name,
                      ", ".join(f"{m}={scores[m]:.4f}" for m in cfg.metrics), time.perf_counter() - ts)
         timings[label] = round(time.perf_counter() - tm, 2)
+        if encoder is not None:
+            log.info("%s: %d passages from the cache, %d encoded", label, encoder.hits, encoder.misses)
         del model
     report = {
         "results": results,

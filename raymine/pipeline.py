@@ -222,9 +222,32 @@ class _Run:
         if done is None:
             run = storage.StageRun(self.eval_dir, "evaluate", key, config=to_dict(cfg.evaluate))
             models = {"before": student_encoder(cfg), "after": student_encoder(cfg, model=_abs(self.model_dir))}
-            done = run.finish(results=evaluate_models(models, cfg.evaluate, cfg.ingest.data, self.eval_dir))
+            cache = self._teacher_passages(models["before"])
+            results = evaluate_models(models, cfg.evaluate, cfg.ingest.data, self.eval_dir,
+                                      passage_cache={"before": cache} if cache else None)
+            done = run.finish(results=results)
         self.report["stages"]["evaluate"] = done
         self.report["evaluate"] = _flatten_eval(done["results"])
+
+    def _teacher_passages(self, student: TeacherConfig) -> dict[str, Any] | None:
+        """{passage text: embedding} from a dense teacher whose passage encoding equals the untrained
+        student's (the default run: MiniLM is teacher and student), so "before" needs no corpus pass."""
+        from raymine.embed import read_embeddings
+        from raymine.encoders import resolve_model_path
+
+        same = ("pooling", "normalize", "passage_prompt", "passage_max_length", "dtype", "trust_remote_code")
+        for name in self.cfg.teachers:
+            t = self.cfg.teacher(name)
+            if (t.kind == "dense" and t.storage_dtype == "float32"
+                    and resolve_model_path(t.model) == resolve_model_path(student.model)
+                    and all(getattr(t, f) == getattr(student, f) for f in same)
+                    and storage.exists(storage.join(self._emb(name, "corpus"), storage.MANIFEST))):
+                ids, emb = read_embeddings(self._emb(name, "corpus"), C.DOC_ID)  # [n], [n, dim]
+                texts = dict(zip(*(_with_passage_text(_read_table(self.corpus_uri)).column(c).to_pylist()
+                                   for c in (C.DOC_ID, C.TEXT)), strict=True))
+                log.info("evaluate: the untrained student's passages come from teacher %r's embeddings", name)
+                return {texts[i]: e for i, e in zip(ids, emb, strict=True)}
+        return None
 
 
 def _finish(report: dict[str, Any], out: str, t0: float) -> dict[str, Any]:
