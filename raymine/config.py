@@ -206,6 +206,8 @@ class EvaluateConfig:
     batch_size: int = _f(64, "encode batch size")
     max_queries: int = _f(0, "evaluate on a seeded random subset of N queries (0 = all); for quick runs")
     seed: int = _f(13, "seed of the max_queries subset")
+    query_max_length: int = _f(0, "max query tokens when encoding for evaluation (0 = train.query_max_length)")
+    passage_max_length: int = _f(0, "max passage tokens when encoding for evaluation (0 = train.passage_max_length)")
     metrics: tuple[str, ...] = _f(
         ("ndcg_at_10", "recall_at_100", "mrr_at_10"), "mteb score names collected per model and task"
     )

@@ -56,12 +56,13 @@ class _Chain:
 
 
 def student_encoder(cfg: Config, model: str | None = None) -> TeacherConfig:
-    """The student as an encoder config (for evaluation): same pooling, prompts and lengths as training."""
-    t = cfg.train
+    """The student as an encoder config (for evaluation): pooling and prompts as in training; lengths from
+    ``evaluate.*_max_length`` (0 = the training lengths)."""
+    t, e = cfg.train, cfg.evaluate
     return TeacherConfig(
         model=model or t.model, pooling=t.pooling, normalize=t.normalize, query_prompt=t.query_prompt,
-        passage_prompt=t.passage_prompt, query_max_length=t.query_max_length,
-        passage_max_length=t.passage_max_length, batch_size=cfg.evaluate.batch_size,
+        passage_prompt=t.passage_prompt, query_max_length=e.query_max_length or t.query_max_length,
+        passage_max_length=e.passage_max_length or t.passage_max_length, batch_size=e.batch_size,
     )
 
 
