@@ -46,6 +46,9 @@ class _Head:
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", f"--port={_free_port()}",
              "--include-dashboard=true", f"--dashboard-port={self.dash}", f"--temp-dir={self.temp}",
+             # the job agent's fixed default port (52365) is taken when another local Ray runs (the test
+             # session's own): give it a free one, or jobs are refused with "No available agent"
+             f"--dashboard-agent-listen-port={_free_port()}",
              "--disable-usage-stats"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.address = f"http://127.0.0.1:{self.dash}"
