@@ -91,7 +91,7 @@ def main() -> None:
     cfg = EmbedConfig(num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
                       rows_per_block=args.rows_per_block)
     with tempfile.TemporaryDirectory() as tmp:
-        ds = ray.data.from_items([{"doc_id": i, "text": t} for i, t in zip(ids, texts)])
+        ds = ray.data.from_items([{"doc_id": i, "text": t} for i, t in zip(ids, texts, strict=False)])
         t0 = time.perf_counter()
         manifest = embed_stage(ds, "doc_id", "text", teacher, cfg, "passage", f"{tmp}/emb",
                                input_key=f"bench-{time.time()}")
@@ -102,7 +102,7 @@ def main() -> None:
     rate = {"sentence-transformers encode": n / st_s, "raymine Encoder (1 process)": n / enc_s,
             f"Ray stage ({args.num_actors} actors)": n / ray_s}
     print(f"\n{'':32s} {'seconds':>8s} {'docs/s':>8s}")
-    for (name, r), s in zip(rate.items(), (st_s, enc_s, ray_s)):
+    for (name, r), s in zip(rate.items(), (st_s, enc_s, ray_s), strict=False):
         print(f"{name:32s} {s:8.1f} {r:8.1f}")
     print(f"(ray.init {init_s:.1f} s not counted; Ray stage includes actor start-up + model load; "
           f"{manifest['counts']['truncated']} docs truncated at {args.max_length} tokens)")

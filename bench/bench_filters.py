@@ -55,12 +55,12 @@ def vectorised(cfg, batches):
 def python_loop(cfg, batches, limit):
     """Per-query reference loop (top sampling): what a straightforward implementation does."""
     done = 0
-    for cand, scores, pid, pval, eid, evalid, anchor, qids in batches:
+    for cand, scores, pid, pval, eid, _evalid, anchor, _qids in batches:
         ceil = F.ceiling_from_anchor(cfg, anchor)
         for i in range(len(cand)):
             banned = set(pid[i][pval[i]].tolist()) | set(eid[i].tolist())
             out = []
-            for j, (c, s) in enumerate(zip(cand[i].tolist(), scores[i].tolist())):
+            for _j, (c, s) in enumerate(zip(cand[i].tolist(), scores[i].tolist(), strict=False)):
                 if c in banned or not s < ceil[i]:
                     continue
                 out.append(c)

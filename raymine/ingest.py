@@ -94,7 +94,7 @@ class BeirData:
     def positives(self) -> dict[str, list[str]]:
         """query id → positive doc ids (score > 0), in qrels order."""
         out: dict[str, list[str]] = defaultdict(list)
-        for q, d, s in zip(*(self.qrels.column(c).to_pylist() for c in C.QRELS_COLUMNS)):
+        for q, d, s in zip(*(self.qrels.column(c).to_pylist() for c in C.QRELS_COLUMNS), strict=False):
             if s > 0:
                 out[q].append(d)
         return dict(out)
@@ -137,8 +137,7 @@ def _lines(uri: str):
     compression = "gzip" if path.endswith(".gz") else None
     with fs.open_input_stream(path, compression=compression) as raw:
         buf = io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[arg-type]
-        for n, line in enumerate(buf, start=1):
-            yield n, line
+        yield from enumerate(buf, start=1)
 
 
 def _decode(uri: str, n: int, line: bytes) -> str:
@@ -406,7 +405,7 @@ def _check_qrels(uri: str, qrels: pa.Table, corpus: pa.Table, queries: pa.Table,
 def identical_text_groups(corpus: pa.Table) -> dict[str, list[str]]:
     """doc id → the other doc ids whose normalised passage text is identical (only docs that have twins)."""
     groups: dict[str, list[str]] = defaultdict(list)
-    for d, t, x in zip(*(corpus.column(c).to_pylist() for c in (C.DOC_ID, C.TITLE, C.TEXT))):
+    for d, t, x in zip(*(corpus.column(c).to_pylist() for c in (C.DOC_ID, C.TITLE, C.TEXT)), strict=False):
         groups[normalize_text(passage_text(t, x))].append(d)
     out: dict[str, list[str]] = {}
     for ids in groups.values():

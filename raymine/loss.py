@@ -44,7 +44,7 @@ class _GatherWithGrad(torch.autograd.Function):
         out = [torch.empty_like(xp) for _ in range(world)]
         dist.all_gather(out, xp, group=group)
         ctx.group, ctx.sizes, ctx.rank, ctx.pad = group, sizes, rank, pad
-        return torch.cat([o[:s] for o, s in zip(out, sizes)])  # [sum(sizes), ...]
+        return torch.cat([o[:s] for o, s in zip(out, sizes, strict=False)])  # [sum(sizes), ...]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

@@ -221,11 +221,11 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
         C.POSITIVE_SCORES: pos_col("positive_scores", pa.list_(pa.float32())),
         C.NEGATIVE_IDS: pa.array([r.get("neg_ids") for r in out_rows], pa.list_(pa.string())),
         C.NEGATIVE_SCORES: pa.array([r.get("neg_scores") for r in out_rows], pa.list_(pa.float32())),
-        C.TEACHER: pa.array([r.get("teacher") if m else "+".join(r["teachers"]) for r, m in zip(out_rows, mined)],
+        C.TEACHER: pa.array([r.get("teacher") if m else "+".join(r["teachers"]) for r, m in zip(out_rows, mined, strict=False)],
                             pa.string()),
         C.METHOD: pa.array([label] * n, pa.string()),
         C.NUM_SHORT: pa.array([cfg.num_negatives - len(r["neg_ids"]) if m else None
-                               for r, m in zip(out_rows, mined)], pa.int32()),
+                               for r, m in zip(out_rows, mined, strict=False)], pa.int32()),
         _REASON: pa.array([r["reason"] for r in out_rows], pa.string()),
         "_known_fn": pa.array([r.get("known_fn", 0) for r in out_rows], pa.int64()),
         "_delivered": pa.array([len(r.get("neg_ids") or ()) for r in out_rows], pa.int64()),
@@ -391,7 +391,7 @@ def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: boo
                 if not ensemble:
                     cols[C.TEACHER] = d[C.TEACHER]
                 writer.write_table(pa.table(cols, schema=schema))
-                for r, c in zip(*np.unique(d[_REASON].to_numpy(zero_copy_only=False), return_counts=True)):
+                for r, c in zip(*np.unique(d[_REASON].to_numpy(zero_copy_only=False), return_counts=True), strict=False):
                     reasons[str(r)] = reasons.get(str(r), 0) + int(c)
             m = b.filter(pc.invert(is_drop))
             totals["queries_out"] += b.num_rows
@@ -460,7 +460,7 @@ def plot_scores(samples: dict[str, dict[str, np.ndarray]], title: str, out_uri: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(samples), figsize=(5 * len(samples), 3.5), squeeze=False)
-    for ax, (t, s) in zip(axes[0], samples.items()):
+    for ax, (t, s) in zip(axes[0], samples.items(), strict=False):
         allv = np.concatenate([v for v in s.values() if len(v)] or [np.zeros(1)])
         bins = np.linspace(float(allv.min()), float(allv.max()) + 1e-6, 50)
         for h, color in (("positive", "tab:green"), ("kept", "tab:blue"), ("dropped", "tab:red")):
@@ -498,7 +498,7 @@ def _texts_for(corpus_uri: str, needed: set[str], batch_size: int = 65_536) -> d
             continue
         sub = pa.Table.from_batches([b]).filter(hit)
         titles = sub[C.TITLE].to_pylist() if C.TITLE in cols else [None] * sub.num_rows
-        for d, ti, te in zip(pc.cast(sub[C.DOC_ID], pa.string()).to_pylist(), titles, sub[C.TEXT].to_pylist()):
+        for d, ti, te in zip(pc.cast(sub[C.DOC_ID], pa.string()).to_pylist(), titles, sub[C.TEXT].to_pylist(), strict=False):
             texts[d] = passage_text(ti, te)
     return texts
 

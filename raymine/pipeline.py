@@ -330,6 +330,20 @@ def render_report(report: dict[str, Any]) -> str:
             if isinstance(sub, dict) and "wall_s" in sub:
                 counts = ", ".join(f"{k}={v}" for k, v in list((sub.get("counts") or {}).items())[:12])
                 lines.append(f"| {sub.get('stage', name)} | {sub['wall_s']} | {counts} |")
+    mine = (report["stages"].get("mine") or {}).get("report")
+    if mine:
+        lines += ["", f"## Mining: {mine.get('method')}, ensemble {mine.get('ensemble')}", "",
+                  "| teacher | queries | candidates seen | dropped: positive | dropped: identical text | "
+                  "dropped: method | above ceiling (in search) | requested | delivered | shortfall | known FN |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, t in mine.get("per_teacher", {}).items():
+            lines.append(f"| {name} | {t.get('present')} | {t.get('seen')} | {t.get('drop_positive')} | "
+                         f"{t.get('drop_excluded')} | {t.get('drop_method')} | {t.get('above_ceiling')} | "
+                         f"{t.get('requested')} | {t.get('delivered')} | {100 * t.get('shortfall', 0):.2f}% | "
+                         f"{t.get('known_fn')} |")
+        tot = mine.get("totals", {})
+        lines.append(f"| **after ensembling** | {tot.get('queries_out')} | | | | | | {tot.get('requested')} | "
+                     f"{tot.get('delivered')} | {100 * tot.get('shortfall', 0):.2f}% | {tot.get('known_fn')} |")
     ev = report.get("evaluate")
     if ev:
         lines += ["", "## Evaluation", "", "| model | task | nDCG@10 | recall@100 | MRR@10 |", "|---|---|---:|---:|---:|"]

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raymine.config import config_hash
@@ -26,7 +27,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid if hasattr(pafs, "ArrowInvalid") else Exception, ValueError):
+    except (pa.ArrowInvalid, ValueError):
         import fsspec  # fsspec covers schemes pyarrow lacks (memory://, gcsfs, abfs...)
 
         fs, path = fsspec.core.url_to_fs(uri)

@@ -178,7 +178,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
 
     cfg: TrainConfig = config["cfg"]

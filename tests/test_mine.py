@@ -22,7 +22,7 @@ STR = pa.list_(pa.string())
 def cand_table(rows, teacher, above=None):
     """rows: (qid, pos_ids, pos_scores, excluded, cand_ids, cand_scores); ``above``: the search's
     ABOVE_CEILING per row (None: a table written before that column existed)."""
-    cols = list(zip(*rows))
+    cols = list(zip(*rows, strict=False))
     extra = {} if above is None else {C.ABOVE_CEILING: pa.array(above, pa.int64())}
     return pa.table({**extra,
         C.QUERY_ID: pa.array(cols[0], pa.string()), C.POSITIVE_IDS: pa.array(cols[1], STR),
@@ -63,7 +63,7 @@ def joined(teachers=("A", "B"), full=None):
         for r in tabs[t].to_pylist():
             rows.setdefault(r[C.QUERY_ID], {}).update({f"{c}@{t}": r[c] for c in (*M._IN_COLS, C.ABOVE_CEILING)
                                                       if c in r})
-    text = dict(zip(QUERIES[C.QUERY_ID].to_pylist(), QUERIES[C.TEXT].to_pylist()))
+    text = dict(zip(QUERIES[C.QUERY_ID].to_pylist(), QUERIES[C.TEXT].to_pylist(), strict=False))
     fp = {} if full is None else {k: sorted(v) for k, v in full.items()}
     qids = sorted(rows)
     cols = {C.QUERY_ID: pa.array(qids, pa.string()), C.QUERY: pa.array([text.get(q) for q in qids], pa.string())}

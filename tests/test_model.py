@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import build_tiny_decoder
+
 from raymine.config import TrainConfig
 from raymine.loss import info_nce
 from raymine.model import BiEncoder, load_backbone, make_bidirectional

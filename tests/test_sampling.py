@@ -115,7 +115,7 @@ def test_property_independent_of_batching(rows, mode, n, k, split):
     pieces = [x for j in range(0, len(rows), split)
               for x in _run(c, rows[j: j + split], max(len(r[1]) for r in rows[j: j + split]))]
     assert full == padded == pieces
-    for (qid, sc, kp), chosen in zip(rows, full):
+    for (_qid, _sc, kp), chosen in zip(rows, full, strict=False):
         kept = [j for j, b in enumerate(kp) if b]
         pool = kept if mode == "top" else kept[:k]
         assert set(chosen) <= set(kept) and len(chosen) == min(n, len(pool))  # never padded, never short of pool
