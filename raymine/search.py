@@ -711,12 +711,9 @@ def search_stage(
     """
     key = storage.stage_key(STAGE, teacher, to_dict(cfg), query_emb_uri, index.uri, index.num_docs,
                             index.cfg.index_factory, key_extra)
-    done = storage.completed(out_uri, key)
-    if done is not None:
-        log.info("search[%s]: up to date (%s), skipped", teacher, out_uri)
+    done, run = storage.begin(out_uri, f"{STAGE}:{teacher}", key, config=to_dict(cfg))
+    if run is None:
         return done
-    storage.delete_dir(out_uri)
-    run = storage.StageRun(out_uri, f"{STAGE}:{teacher}", key, config=to_dict(cfg))
     run.counts = _new_counts()
     shorts = []
     sample: list[np.ndarray] = []
@@ -767,12 +764,9 @@ def bm25_search_stage(
 
     key = storage.stage_key(STAGE, teacher, to_dict(cfg), to_dict(teacher_cfg), corpus.num_rows,
                             queries.num_rows, key_extra)
-    done = storage.completed(out_uri, key)
-    if done is not None:
-        log.info("search[%s]: up to date (%s), skipped", teacher, out_uri)
+    done, run = storage.begin(out_uri, f"{STAGE}:{teacher}", key, config=to_dict(cfg))
+    if run is None:
         return done
-    storage.delete_dir(out_uri)
-    run = storage.StageRun(out_uri, f"{STAGE}:{teacher}", key, config=to_dict(cfg))
     run.counts = _new_counts()
     doc_ids = corpus.column(DOC_ID).to_pylist()
     bm25 = BM25Teacher(teacher_cfg)

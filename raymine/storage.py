@@ -125,3 +125,15 @@ def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return manifest if manifest.get("key") == key else None
+
+
+def begin(stage_dir: str, stage: str, key: str, config: Any = None) -> tuple[dict[str, Any] | None, StageRun | None]:
+    """(manifest, None) when the stage is already done with this key; else clear the folder of any stale
+    or partial run and return (None, a StageRun to ``finish``)."""
+    done = completed(stage_dir, key)
+    if done is not None:
+        log.info("%s: up to date (%s), skipped", stage, stage_dir)
+        return done, None
+    delete_dir(stage_dir)
+    return None, StageRun(stage_dir, stage, key, config=config)
+
