@@ -63,38 +63,14 @@ def _load_local(path: str, split: str) -> LocalData:
 
 
 def _clean(data: LocalData) -> LocalData:
-    """Keep what mteb can score, counting every drop: docs with no title and no text, qrels naming
-    unknown docs/queries, queries not judged in the split, and queries whose judgements are all 0
-    (no relevant document: nDCG is undefined for them; BEIR/pytrec_eval would count them as 0)."""
+    """Keep what mteb can score, counting every drop: queries not judged in the split, and queries whose
+    judgements are all 0 (no relevant document: nDCG is undefined for them; BEIR/pytrec_eval would count
+    them as 0). Empty texts, duplicate ids and qrels naming unknown ids were already handled by
+    :func:`raymine.ingest.read_beir`."""
     skipped: dict[str, int] = dict(data.skipped)
-    corpus = data.corpus
-    titles = corpus.column(TITLE).to_pylist()
-    texts = corpus.column(TEXT).to_pylist()
-    keep = np.array([bool(((t or "") + " " + (x or "")).strip()) for t, x in zip(titles, texts, strict=True)], dtype=bool)
-    if not keep.all():
-        skipped["empty_documents"] = int((~keep).sum())
-        corpus = corpus.filter(pa.array(keep))
-    doc_ids = set(corpus.column(DOC_ID).to_pylist())
-    if len(doc_ids) != corpus.num_rows:
-        raise ValueError(f"corpus has duplicate doc ids ({corpus.num_rows - len(doc_ids)} repeats)")
-    queries = data.queries
-    qtexts = queries.column(TEXT).to_pylist()
-    qkeep = np.array([bool((t or "").strip()) for t in qtexts], dtype=bool)
-    if not qkeep.all():
-        skipped["empty_queries"] = int((~qkeep).sum())
-        queries = queries.filter(pa.array(qkeep))
+    corpus, queries, qrels = data.corpus, data.queries, data.qrels
     query_ids = queries.column(QUERY_ID).to_pylist()
-    if len(set(query_ids)) != len(query_ids):
-        raise ValueError(f"queries have duplicate ids ({len(query_ids) - len(set(query_ids))} repeats)")
-
-    qrels = data.qrels
-    q = qrels.column(QUERY_ID).to_pylist()
-    d = qrels.column(DOC_ID).to_pylist()
     qset = set(query_ids)
-    known = np.array([qi in qset and di in doc_ids for qi, di in zip(q, d, strict=True)], dtype=bool)
-    if not known.all():
-        skipped["qrels_unknown_ids"] = int((~known).sum())
-        qrels = qrels.filter(pa.array(known))
     scores = qrels.column(SCORE).to_numpy()
     positive_q = set(np.asarray(qrels.column(QUERY_ID).to_pylist(), dtype=object)[scores > 0].tolist())
     judged_q = set(qrels.column(QUERY_ID).to_pylist())
