@@ -107,9 +107,10 @@ def one_size(work: Path, size: int, file_rows: int, num_shards: int) -> dict:
 
     from raymine.config import MineConfig, SearchConfig
     from raymine.filters import required_depth, score_ceiling
+    from raymine.index import ShardedIndex
     from raymine.mine import mine_stage
     from raymine.raycluster import init_ray
-    from raymine.search import ShardedIndex, search_stage
+    from raymine.search import search_stage
 
     corpus = work / f"corpus_{size}"
     if corpus.exists():

@@ -68,8 +68,8 @@ def main() -> None:
 
     from raymine.columns import EMBEDDING
     from raymine.config import SearchConfig
+    from raymine.index import MISSING_ID, ShardedIndex, list_parquet
     from raymine.raycluster import init_ray
-    from raymine.search import MISSING_ID, ShardedIndex, list_parquet
     from raymine.topk import merge_topk_positions
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_search_")

@@ -80,10 +80,11 @@ def run_raymine(data_dir: Path, out: Path, model: str, args) -> tuple[float, dic
     from raymine.config import EmbedConfig, IngestConfig, MineConfig, SearchConfig, TeacherConfig
     from raymine.embed import embed_stage
     from raymine.filters import required_depth, score_ceiling
+    from raymine.index import ShardedIndex
     from raymine.ingest import ingest_stage
     from raymine.mine import mine_stage
     from raymine.pipeline import _passage_batch
-    from raymine.search import ShardedIndex, search_stage
+    from raymine.search import search_stage
 
     shutil.rmtree(out, ignore_errors=True)
     teacher = TeacherConfig(model=model, query_max_length=args.max_length, passage_max_length=args.max_length,

@@ -8,6 +8,7 @@ from __future__ import annotations
 DOC_ID = "doc_id"
 TITLE = "title"
 TEXT = "text"
+PASSAGE = "passage"  # the text teachers and students see: title + " " + text (written once, at ingest)
 QUERY_ID = "query_id"
 SCORE = "score"  # qrels relevance grade: > 0 is positive, 0 is not
 

@@ -134,7 +134,8 @@ class _Run:
     # ---- search: every teacher, with the mining method's per-query ceiling --------------------
     def search(self) -> None:
         from raymine.filters import required_depth, score_ceiling
-        from raymine.search import ShardedIndex, bm25_search_stage, search_stage
+        from raymine.index import ShardedIndex
+        from raymine.search import bm25_search_stage, search_stage
 
         cfg = self.cfg
 

@@ -101,8 +101,9 @@ def search_and_mine(paths: dict[str, str], out: Path, mine: MineConfig = MINE, s
 
     ``on_batch(index, batch_number)`` is called by the driver before each query batch is searched
     (the fault-injection hook)."""
+    from raymine.index import ShardedIndex
     from raymine.mine import mine_stage
-    from raymine.search import ShardedIndex, search_stage
+    from raymine.search import search_stage
 
     depth_fn, ceiling_fn = depth_and_ceiling(mine, search)
     positives = pq.read_table(paths["queries"])

@@ -23,7 +23,8 @@ from raymine.columns import (
     TEXT,
 )
 from raymine.config import SearchConfig
-from raymine.search import SEARCH_SCHEMA, ShardedIndex, embedding_layout, plan_shards, search_stage
+from raymine.index import ShardedIndex, embedding_layout, plan_shards
+from raymine.search import SEARCH_SCHEMA, search_stage
 from raymine.topk import brute_force_topk
 
 N, D = 1203, 8

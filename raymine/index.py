@@ -1,0 +1,518 @@
+"""Sharded FAISS index on Ray actors: S shard actors over the corpus embeddings, each holding a FAISS
+index; a query batch fans out to every shard and the partial top-k lists merge
+(``raymine.topk.merge_topk_positions``) into the global top-k, equal to one brute-force search over the whole
+corpus for ``Flat``.
+
+- The driver lists Parquet metadata only; every shard actor reads its own rows (files / row groups).
+- Global id of a document = its row in the corpus read in file-name order (shard offset + local row);
+  each shard maps its local rows back to the user's string doc ids.
+- Ceiling-aware search (positive-aware mining): exact indexes mask ``score >= ceiling`` inside the
+  shard scan (torch matmul + top-k), so no depth is guessed. Indexes that cannot mask (IVF/PQ) are
+  re-queried deeper (k doubling up to ``max_depth``) for the queries still short; the rest is counted.
+- The ceiling's removals are counted, not hidden: per query, how many corpus documents scored
+  ``>= ceiling`` (``ShardedIndex.last_above_ceiling``; exact for exact indexes and BM25, a lower bound for
+  IVF/PQ: only the results seen while re-querying are counted).
+- Shards keep their raw vectors (needed for exact positive scores and for recall of IVF/PQ against
+  exact search); for ``Flat`` that is the index's own storage, no copy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymine import storage
+from raymine.columns import DOC_ID, EMBEDDING
+from raymine.config import SearchConfig, to_dict
+from raymine.topk import MISSING_ID, merge_topk_positions, torch_search
+
+log = logging.getLogger(__name__)
+
+GPU_MAX_K = 2048  # faiss-gpu selection limit (GPU_MAX_SELECTION_K)
+
+# ------------------------------------------------------------------------------------------------
+# Parquet layout (driver side: metadata only)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[lo, hi)`` of one row group of one Parquet file (path inside the URI's filesystem)."""
+
+    path: str
+    row_group: int
+    lo: int
+    hi: int
+
+
+def list_parquet(uri: str) -> list[str]:
+    """Parquet files under ``uri`` (a file or a folder), in name order; ``_``/``.`` files skipped."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    if info.type == pafs.FileType.File:
+        return [path]
+    files = [
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if f.type == pafs.FileType.File
+        and f.path.endswith(".parquet")
+        and not any(p.startswith(("_", ".")) for p in os.path.relpath(f.path, path).split(os.sep))
+    ]
+    if not files:
+        raise FileNotFoundError(f"{uri}: no .parquet files")
+    return sorted(files)
+
+
+def embedding_layout(uri: str, id_column: str = DOC_ID) -> tuple[int, list[tuple[str, int, int]]]:
+    """(dim, [(path, row_group, num_rows)...]) of an embedding table, from Parquet metadata only."""
+    fs, _ = storage.resolve(uri)
+    dim = None
+    groups = []
+    for path in list_parquet(uri):
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            for col in (id_column, EMBEDDING):
+                if col not in schema.names:
+                    raise ValueError(f"{path}: column {col!r} missing (has {schema.names})")
+            t = schema.field(EMBEDDING).type
+            if not pa.types.is_fixed_size_list(t) or t.value_type not in (pa.float32(), pa.float16()):
+                raise ValueError(f"{path}: {EMBEDDING} must be fixed_size_list<float32|float16>[dim], got {t}")
+            if dim is not None and t.list_size != dim:
+                raise ValueError(f"{path}: embedding dim {t.list_size} differs from earlier files ({dim})")
+            dim = t.list_size
+            for g in range(pf.metadata.num_row_groups):
+                groups.append((path, g, pf.metadata.row_group(g).num_rows))
+    assert dim is not None
+    return dim, groups
+
+
+def plan_shards(groups: Sequence[tuple[str, int, int]], shard_rows: Sequence[int]) -> list[list[Piece]]:
+    """Cut the corpus (row groups in order) into consecutive shards of ``shard_rows[i]`` rows."""
+    total = sum(n for _, _, n in groups)
+    if sum(shard_rows) != total or any(n < 0 for n in shard_rows):
+        raise ValueError(f"shard sizes {list(shard_rows)} must be >= 0 and sum to the corpus size {total}")
+    plans: list[list[Piece]] = [[] for _ in shard_rows]
+    bounds = np.concatenate([[0], np.cumsum(shard_rows)])  # [S + 1] global row bounds
+    start = 0
+    for path, g, n in groups:
+        for s in range(len(shard_rows)):
+            lo, hi = max(start, bounds[s]), min(start + n, bounds[s + 1])
+            if lo < hi:
+                plans[s].append(Piece(path, g, int(lo - start), int(hi - start)))
+        start += n
+    return plans
+
+
+def balanced_sizes(total: int, num_shards: int) -> list[int]:
+    """Shard sizes differing by at most one row."""
+    return [total * (i + 1) // num_shards - total * i // num_shards for i in range(num_shards)]
+
+
+def _embeddings(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """fixed_size_list column → float32 [n, dim] (no Python objects)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32, copy=False)
+
+
+def _is_exact(factory: str) -> bool:
+    return factory.replace(" ", "").upper() == "FLAT"
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _rss_mb() -> float:
+    """Current resident memory (MiB; Linux /proc, NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shard actor body (plain class; wrapped with ray.remote in ShardedIndex)
+# ------------------------------------------------------------------------------------------------
+class Shard:
+    """One shard: reads its pieces, builds a FAISS index, answers searches with shard-local rows."""
+
+    def __init__(self, uri: str, pieces: list[Piece], dim: int, cfg: dict[str, Any], threads: int) -> None:
+        import faiss
+        import torch
+
+        from raymine.config import SearchConfig
+
+        self.cfg = SearchConfig(**cfg)
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
+        t0 = time.time()
+        fs, _ = storage.resolve(uri)
+        n = sum(p.hi - p.lo for p in pieces)
+        self.dim = dim
+        self.exact = _is_exact(self.cfg.index_factory)
+        ids: list[pa.Array] = []
+        index = faiss.index_factory(dim, self.cfg.index_factory, faiss.METRIC_INNER_PRODUCT)
+        if self.exact and n:
+            # size the Flat storage once and fill it in place: no growth-by-doubling copies at build
+            index.codes.resize(n * dim * 4)
+            index.ntotal = n
+            vectors = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)  # [n, d] view
+        else:
+            vectors = np.empty((n, dim), np.float32)  # [n, d]
+        row = 0
+        for p in pieces:
+            with fs.open_input_file(p.path) as f:
+                pf = pq.ParquetFile(f)
+                # columns read separately: kept id arrays must not pin the row group's embedding buffers
+                id_col = pf.read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID)
+                emb_col = pf.read_row_group(p.row_group, columns=[EMBEDDING]).column(EMBEDDING)
+            emb = _embeddings(emb_col.slice(p.lo, p.hi - p.lo), dim)  # [rows, d]
+            bad = ~np.isfinite(emb).all(axis=1)
+            if bad.any():
+                raise ValueError(f"{p.path} row group {p.row_group}: {int(bad.sum())} embeddings with NaN/inf")
+            id_col = id_col.slice(p.lo, p.hi - p.lo)
+            if id_col.null_count:
+                raise ValueError(f"{p.path} row group {p.row_group}: null {DOC_ID}")
+            ids.append(id_col.combine_chunks().cast(pa.string()))
+            vectors[row : row + len(emb)] = emb  # Flat: the index storage itself, the only copy
+            row += len(emb)
+            del emb, emb_col
+        self.doc_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())  # compact, not Python strs
+        del ids
+        pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
+        self.vectors = vectors
+        if not self.exact:
+            if n and not index.is_trained:
+                rng = np.random.default_rng(0)
+                sample = self.vectors[np.sort(rng.choice(n, min(n, self.cfg.train_sample), replace=False))]
+                index.train(sample)
+            if n:
+                index.add(self.vectors)
+            if "IVF" in self.cfg.index_factory.upper():
+                faiss.ParameterSpace().set_index_parameter(index, "nprobe", self.cfg.nprobe)
+        self.index = index
+        self._row: dict[str, int] | None = None
+        # device: faiss-gpu when present and asked for; else torch on CUDA for exact search
+        self.gpu_index = None
+        self.torch_device = "cpu"
+        if self.cfg.num_gpus_per_shard > 0 and n:
+            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and self.cfg.backend != "torch":
+                self._gpu_res = faiss.StandardGpuResources()
+                self.gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+            if torch.cuda.is_available():
+                self.torch_device = "cuda"
+        self._tvec = None
+        self.num_docs = n
+        self.build_s = time.time() - t0
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _torch_vectors(self):
+        import torch
+
+        if self._tvec is None:
+            self._tvec = torch.from_numpy(self.vectors).to(self.torch_device)
+        return self._tvec
+
+    def _use_torch(self) -> bool:
+        return self.exact and (self.cfg.backend == "torch" or (
+            self.cfg.backend == "auto" and self.torch_device == "cuda" and self.gpu_index is None))
+
+    def _faiss_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # faiss-gpu selects at most GPU_MAX_K: deeper searches use the CPU copy of the index
+        index = self.gpu_index if self.gpu_index is not None and k <= GPU_MAX_K else self.index
+        d, i = index.search(q, k)
+        d = d.astype(np.float32)
+        d[i < 0] = -np.inf
+        return d, i.astype(np.int64)
+
+    # -- actor methods ---------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"num_docs": self.num_docs, "dim": self.dim, "build_s": round(self.build_s, 3),
+                "peak_rss_mb": round(_peak_rss_mb(), 1), "pid": os.getpid(),
+                "gpu": self.gpu_index is not None or self.torch_device == "cuda"}
+
+    def search(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False):
+        """Shard top-k: ``(scores [nq,k'], local rows [nq,k'], doc ids object [nq,k'], above [nq])``,
+        k' = min(k, n); ``above``: shard rows scoring ``>= ceilings[q]`` (0 without a ceiling).
+
+        Exact masked scan when a ceiling is given (only allowed for exact indexes) or ``exact``."""
+        nq = q.shape[0]
+        kk = min(k, self.num_docs)
+        if ceilings is not None and not self.exact and not exact:
+            raise ValueError(f"index {self.cfg.index_factory!r} cannot apply a ceiling; search deeper instead")
+        above = np.zeros(nq, np.int64)
+        if kk == 0 and (ceilings is None or self.num_docs == 0):
+            return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), np.empty((nq, 0), object), above
+        gpu_k_over = self.exact and self.gpu_index is not None and kk > GPU_MAX_K and self.torch_device == "cuda"
+        if ceilings is not None or exact or self._use_torch() or gpu_k_over:  # exact masked/brute-force scan
+            s, i, above = torch_search(self._torch_vectors(), q, kk, ceilings, return_above=True)
+        else:
+            s, i = self._faiss_search(q, kk)
+        names = self.doc_ids.take(pa.array(np.maximum(i, 0).reshape(-1))).to_numpy(zero_copy_only=False)
+        names = np.where(i >= 0, names.reshape(i.shape), "").astype(object)  # [nq, k']
+        return s, i, names, above
+
+    def lookup(self, q: np.ndarray, qidx: np.ndarray, doc_ids: list[str]) -> np.ndarray:
+        """Inner product of ``q[qidx[j]]`` with doc ``doc_ids[j]``; NaN for ids not in this shard. [m]"""
+        if self._row is None:
+            self._row = {d: r for r, d in enumerate(self.doc_ids.to_pylist())}
+            if len(self._row) != len(self.doc_ids):
+                raise ValueError(f"shard has {len(self.doc_ids) - len(self._row)} duplicate doc ids")
+        rows = np.fromiter((self._row.get(d, -1) for d in doc_ids), np.int64, len(doc_ids))  # [m]
+        out = np.full(len(doc_ids), np.nan, np.float32)
+        hit = rows >= 0
+        if hit.any():
+            out[hit] = np.einsum("ij,ij->i", q[qidx[hit]], self.vectors[rows[hit]])
+        return out
+
+    def set_nprobe(self, nprobe: int) -> None:
+        import faiss
+
+        for ix in (self.index, self.gpu_index):
+            if ix is not None and "IVF" in self.cfg.index_factory.upper():
+                faiss.ParameterSpace().set_index_parameter(ix, "nprobe", nprobe)
+
+    def memory_mb(self) -> dict[str, float]:
+        return {"rss": round(_rss_mb(), 1), "peak_rss": round(_peak_rss_mb(), 1)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver-side handle
+# ------------------------------------------------------------------------------------------------
+class ShardedIndex:
+    """S shard actors over one corpus embedding table; search merges their top-k exactly.
+
+    Use :meth:`from_parquet`; call :meth:`close` (or use as a context manager) to free the actors.
+    """
+
+    def __init__(self, actors: list, offsets: np.ndarray, sizes: list[int], dim: int, cfg: SearchConfig,
+                 uri: str, infos: list[dict[str, Any]]) -> None:
+        self.actors = actors
+        self.offsets = offsets  # [S] global id of each shard's first row
+        self.sizes = sizes
+        self.dim = dim
+        self.cfg = cfg
+        self.uri = uri
+        self.infos = infos
+        self.exact = _is_exact(cfg.index_factory)
+        self.last_stats: dict[str, Any] = {}
+        # per query of the last search: corpus docs scoring >= its ceiling (removed inside the search);
+        # exact for Flat, a lower bound for IVF/PQ (only results seen while re-querying deeper)
+        self.last_above_ceiling: np.ndarray = np.zeros(0, np.int64)
+
+    @classmethod
+    def from_parquet(cls, uri: str, cfg: SearchConfig, shard_rows: Sequence[int] | None = None) -> ShardedIndex:
+        """Start ``cfg.num_shards`` actors, each reading its consecutive share of the rows under ``uri``.
+
+        ``shard_rows`` overrides the balanced split (explicit rows per shard, e.g. uneven placements)."""
+        import ray
+
+        if cfg.backend == "torch" and not _is_exact(cfg.index_factory):
+            raise ValueError(f"search.backend='torch' is exact search only; index_factory must be 'Flat', "
+                             f"got {cfg.index_factory!r}")
+        dim, groups = embedding_layout(uri)
+        total = sum(n for _, _, n in groups)
+        sizes = list(shard_rows) if shard_rows is not None else balanced_sizes(total, cfg.num_shards)
+        plans = plan_shards(groups, sizes)
+        threads = cfg.threads_per_shard or max(1, (os.cpu_count() or 1) // len(sizes))
+        # a shard that dies (node lost, OOM kill) restarts and rebuilds the same rows from Parquet in
+        # __init__; calls in flight are retried, so a search never returns a partial merge
+        remote = ray.remote(Shard).options(num_cpus=cfg.num_cpus_per_shard, num_gpus=cfg.num_gpus_per_shard,
+                                           max_restarts=-1, max_task_retries=-1)
+        cfg_d = to_dict(cfg)
+        t0 = time.time()
+        actors = [remote.remote(uri, plan, dim, cfg_d, threads) for plan in plans]
+        infos = ray.get([a.info.remote() for a in actors])
+        log.info("search: %d shards %s of %d docs (dim %d, %s) ready in %.1f s", len(actors), sizes, total,
+                 dim, cfg.index_factory, time.time() - t0)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return cls(actors, offsets, sizes, dim, cfg, uri, infos)
+
+    @property
+    def num_docs(self) -> int:
+        return int(sum(self.sizes))
+
+    def __enter__(self) -> ShardedIndex:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def memory_mb(self) -> list[dict[str, float]]:
+        """Current and peak resident memory of each shard actor (MiB)."""
+        import ray
+
+        return ray.get([a.memory_mb.remote() for a in self.actors])
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Change the IVF cells probed per query on every shard (tuning recall vs speed)."""
+        import ray
+
+        ray.get([a.set_nprobe.remote(nprobe) for a in self.actors])
+
+    # -- search ----------------------------------------------------------------------------------
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [nq, {self.dim}], got {q.shape}")
+        return q
+
+    def _fanout(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False):
+        """All shards' top-k merged: (scores [nq,k], global ids [nq,k], doc ids object [nq,k]); sets
+        ``last_above_ceiling`` to the shards' summed above-ceiling counts [nq]."""
+        import ray
+
+        qref = ray.put(q)
+        parts = ray.get([a.search.remote(qref, k, ceilings, exact) for a in self.actors])
+        scores = [p[0] for p in parts]
+        gids = [np.where(p[1] >= 0, p[1] + off, MISSING_ID) for p, off in zip(parts, self.offsets, strict=True)]
+        s, g, pos = merge_topk_positions(scores, gids, k)
+        names = np.concatenate([p[2] for p in parts], axis=1) if parts else np.empty((q.shape[0], 0), object)
+        out = np.full(g.shape, "", object)
+        hit = pos >= 0
+        out[hit] = np.take_along_axis(names, np.maximum(pos, 0), axis=1)[hit]
+        self.last_above_ceiling = (np.sum([p[3] for p in parts], axis=0).astype(np.int64) if parts
+                                   else np.zeros(q.shape[0], np.int64))
+        return s, g, out
+
+    def search(self, queries: np.ndarray, k: int, ceilings: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Global top-k of ``queries [nq, d]`` below ``ceilings [nq]`` (+inf = none).
+
+        Returns ``(scores float32 [nq,k], doc ids object [nq,k])`` ("" / -inf where missing).
+        ``self.last_stats`` holds ``short`` (queries that got fewer than k results although the corpus
+        may hold more: only for indexes that cannot apply a ceiling) and the deepest k used;
+        ``self.last_above_ceiling [nq] int64`` how many corpus docs scored ``>= ceilings[q]`` (removed by
+        the ceiling; 0 without one) — exact for ``Flat``, a lower bound for IVF/PQ (results seen while
+        re-querying deeper)."""
+        s, _, names = self.search_ids(queries, k, ceilings)
+        return s, names
+
+    def search_exact(self, queries: np.ndarray, k: int, ceilings: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (brute-force, sharded) search whatever the index type; reference for recall."""
+        q = self._check_queries(queries)
+        s, _, names = self._fanout(q, k, _norm_ceilings(ceilings, q.shape[0]), exact=True)
+        return s, names
+
+    def search_ids(self, queries: np.ndarray, k: int, ceilings: np.ndarray | None = None):
+        """Like :meth:`search`, also returning global int ids: (scores, ids int64, doc ids object)."""
+        q = self._check_queries(queries)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        c = _norm_ceilings(ceilings, q.shape[0])
+        if c is None or self.exact:
+            self.last_stats = {"short": 0, "deepest_k": k}
+            return self._fanout(q, k, c)
+        return self._search_deeper(q, k, c)
+
+    def _search_deeper(self, q: np.ndarray, k: int, c: np.ndarray):
+        """Ceiling for indexes that cannot mask: search k' = k, 2k, ... (≤ max_depth), keep hits below
+        the ceiling, re-query only the queries still short."""
+        nq = q.shape[0]
+        out_s = np.full((nq, k), -np.inf, np.float32)
+        out_g = np.full((nq, k), MISSING_ID, np.int64)
+        out_n = np.full((nq, k), "", object)
+        todo = np.arange(nq)
+        above = np.zeros(nq, np.int64)  # results >= ceiling seen: a lower bound on the corpus count
+        kk = k
+        cap = max(k, min(self.cfg.max_depth, self.num_docs))
+        used = kk
+        while todo.size:
+            used = kk
+            s, g, names = self._fanout(q[todo], kk, None)
+            allowed = (g >= 0) & (s < c[todo, None])  # [n_todo, kk]
+            above[todo] = np.maximum(above[todo], ((g >= 0) & ~allowed).sum(axis=1))
+            order = np.argsort(~allowed, axis=1, kind="stable")[:, :k]  # allowed first, rank order kept
+            keep = np.take_along_axis(allowed, order, axis=1)
+            sel_s = np.where(keep, np.take_along_axis(s, order, axis=1), -np.inf)
+            sel_g = np.where(keep, np.take_along_axis(g, order, axis=1), MISSING_ID)
+            sel_n = np.where(keep, np.take_along_axis(names, order, axis=1), "")
+            pad = k - order.shape[1]
+            if pad > 0:
+                sel_s = np.pad(sel_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+                sel_g = np.pad(sel_g, ((0, 0), (0, pad)), constant_values=MISSING_ID)
+                sel_n = np.pad(sel_n, ((0, 0), (0, pad)), constant_values="")
+            out_s[todo], out_g[todo], out_n[todo] = sel_s, sel_g, sel_n
+            exhausted = (g < 0).any(axis=1)  # the index returned fewer than kk: nothing deeper exists
+            short = (allowed.sum(axis=1) < k) & ~exhausted
+            todo = todo[short]
+            if kk >= cap:
+                break
+            kk = min(2 * kk, cap)
+        self.last_stats = {"short": int(todo.size), "deepest_k": used}
+        self.last_above_ceiling = above
+        if todo.size:
+            log.warning("search: %d of %d queries have fewer than %d results below their ceiling at depth %d "
+                        "(max_depth); approximate index cannot mask", todo.size, nq, k, used)
+        return out_s, out_g, out_n
+
+    def lookup_scores(self, queries: np.ndarray, doc_ids: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Exact inner product of query i with each doc in ``doc_ids[i]`` → one float32 array per query;
+        NaN for an id held by no shard (the caller counts and reports it)."""
+        import ray
+
+        q = self._check_queries(queries)
+        if len(doc_ids) != q.shape[0]:
+            raise ValueError(f"{len(doc_ids)} doc-id lists for {q.shape[0]} queries")
+        lens = np.fromiter((len(d) for d in doc_ids), np.int64, len(doc_ids))
+        flat = [str(d) for ds in doc_ids for d in ds]
+        qidx = np.repeat(np.arange(q.shape[0]), lens)  # [m]
+        qref = ray.put(q)
+        parts = ray.get([a.lookup.remote(qref, qidx, flat) for a in self.actors])
+        found = np.sum([~np.isnan(p) for p in parts], axis=0) if parts else np.zeros(len(flat))
+        if (found > 1).any():
+            dup = sorted({flat[j] for j in np.flatnonzero(found > 1)})[:5]
+            raise ValueError(f"doc ids held by several shards (duplicate ids in the corpus): {dup}")
+        merged = np.full(len(flat), np.nan, np.float32)
+        for p in parts:
+            merged = np.where(np.isnan(p), merged, p)
+        return np.split(merged, np.cumsum(lens)[:-1]) if len(lens) else []
+
+
+def _norm_ceilings(ceilings: np.ndarray | None, nq: int) -> np.ndarray | None:
+    if ceilings is None:
+        return None
+    c = np.asarray(ceilings, np.float32).reshape(-1)
+    if c.shape[0] != nq:
+        raise ValueError(f"{c.shape[0]} ceilings for {nq} queries")
+    if np.isnan(c).any():
+        raise ValueError("ceilings contain NaN; use +inf for 'no ceiling'")
+    return None if np.isposinf(c).all() else c
+
+
+# ------------------------------------------------------------------------------------------------
+# Recall of an approximate index against exact search
+# ------------------------------------------------------------------------------------------------
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean over queries of |approx ∩ exact| / |exact| (ids object/int [nq,k]; "" / -1 = missing)."""
+    hits, total = 0, 0
+    for a, e in zip(approx_ids, exact_ids, strict=True):
+        ev = {x for x in e if x != "" and x != MISSING_ID}
+        hits += len(ev & set(a))
+        total += len(ev)
+    return hits / total if total else 1.0
