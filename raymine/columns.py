@@ -59,3 +59,9 @@ def negative_column(i: int) -> str:
 EXCLUDED_IDS = "excluded_ids"  # list<string>
 # --- text hash used to find identical texts (normalised: casefolded, whitespace collapsed)
 TEXT_HASH = "text_hash"  # int64
+
+# --- train rows (internal, built by the train stage from the mined table + corpus): one row per
+# (query, positive); QUERY_ID, QUERY, POSITIVE_IDS (all of the query's), NEGATIVE_IDS as above
+POSITIVE_ID = "positive_id"  # string: this row's positive (its text in POSITIVE)
+NEGATIVES = "negatives"  # list<string>: texts of NEGATIVE_IDS, same order (variable length)
+TRAIN_ROW_COLUMNS = (QUERY_ID, QUERY, POSITIVE_ID, POSITIVE, POSITIVE_IDS, NEGATIVE_IDS, NEGATIVES)
