@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
+from raymine.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message names the key."""
 
 
@@ -79,6 +83,13 @@ class TeacherConfig:
     storage_dtype: Literal["float16", "float32"] = _f("float32", "dtype of stored embeddings")
     padding_side: Literal["auto", "left", "right"] = _f(
         "auto", "tokenizer padding side; 'auto' keeps the tokenizer's own (pooling is correct for either)"
+    )
+    bidirectional: bool = _f(
+        False, "make a decoder's causal mask bidirectional (a student trained with train.bidirectional)"
+    )
+    append_eos: Literal["auto", "always", "never"] = _f(
+        "auto", "append the tokenizer's EOS after truncation (e5-mistral-7b-instruct style); 'auto' = with "
+        "last_token pooling when the tokenizer does not end texts with EOS itself"
     )
     # BM25 only
     bm25_k1: float = _f(1.5, "BM25 k1 (bm25 teachers only)")
@@ -240,9 +251,119 @@ class Config:
             )
         if not self.teachers:
             raise ConfigError("teachers: at least one teacher is needed")
+        validate(self)
 
     def teacher(self, name: str) -> TeacherConfig:
         return self.teacher_defs[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Domains: every numeric and enum-like key's allowed values, checked once when a Config is built
+# (load_config, from_dict, Config(...)), so a bad value fails at load with the key named — never
+# inside a Ray worker. Literal-typed keys are checked by their type already. A test fails when a
+# numeric field has no entry here: add one (or ``ANY``) when you add a field.
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Domain:
+    """A predicate on one value and the words that describe it (``must be <text>``)."""
+
+    ok: Any
+    text: str
+
+    def check(self, value: Any, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value) and self is not ANY:
+            raise ConfigError(f"{key}: {value!r} must be a finite number {self.text}")
+        if not self.ok(value):
+            raise ConfigError(f"{key}: {value!r} must be {self.text}")
+
+
+def at_least(lo: float) -> Domain:
+    return Domain(lambda v: v >= lo, f">= {lo}")
+
+
+def above(lo: float) -> Domain:
+    return Domain(lambda v: v > lo, f"> {lo}")
+
+
+def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Domain:
+    text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Domain(lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi), text)
+
+
+def one_of(*values: Any) -> Domain:
+    return Domain(lambda v: v in values, f"one of {list(values)}")
+
+
+ANY = Domain(lambda v: True, "any number")
+NON_EMPTY = Domain(lambda v: len(v) > 0, "non-empty")
+COUNT, NON_NEGATIVE, POSITIVE = at_least(1), at_least(0), above(0)
+DEVICE = Domain(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+
+DOMAINS: dict[str, dict[str, Domain]] = {
+    "IngestConfig": {"max_queries": NON_NEGATIVE},
+    "TeacherConfig": {
+        "query_max_length": COUNT, "passage_max_length": COUNT, "batch_size": COUNT, "device": DEVICE,
+        "bm25_k1": NON_NEGATIVE, "bm25_b": between(0, 1),
+        "bm25_method": one_of("robertson", "lucene", "bm25l", "bm25+", "atire"),
+    },
+    "EmbedConfig": {
+        "num_actors": COUNT, "num_gpus_per_actor": NON_NEGATIVE, "num_cpus_per_actor": NON_NEGATIVE,
+        "rows_per_block": COUNT, "num_blocks": at_least(-1), "rows_per_file": COUNT,
+    },
+    "SearchConfig": {
+        "num_shards": COUNT, "index_factory": NON_EMPTY, "nprobe": COUNT, "train_sample": COUNT,
+        "depth": NON_NEGATIVE, "depth_slack": NON_NEGATIVE, "max_depth": COUNT, "num_cpus_per_shard": NON_NEGATIVE,
+        "threads_per_shard": NON_NEGATIVE, "num_gpus_per_shard": NON_NEGATIVE, "query_batch_size": COUNT,
+        "recall_sample": NON_NEGATIVE,
+    },
+    "MineConfig": {
+        "shift": NON_NEGATIVE, "abs_threshold": ANY, "margin": NON_NEGATIVE, "perc": between(0, 1, lo_open=True),
+        "num_negatives": COUNT, "sample_top_k": COUNT, "sample_temperature": POSITIVE, "seed": NON_NEGATIVE,
+        "hide_positive_fraction": between(0, 1, hi_open=True), "batch_size": COUNT, "join_partitions": COUNT,
+        "report_sample": NON_NEGATIVE,
+    },
+    "TrainConfig": {
+        "query_max_length": COUNT, "passage_max_length": COUNT, "lora_r": COUNT, "lora_alpha": POSITIVE,
+        "lora_dropout": between(0, 1, hi_open=True), "lora_targets": NON_EMPTY, "temperature": POSITIVE,
+        "num_hard_negatives": NON_NEGATIVE, "batch_size": COUNT, "grad_accum": COUNT, "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "epochs": COUNT, "max_steps": NON_NEGATIVE,
+        "num_workers": COUNT, "cpus_per_worker": NON_NEGATIVE, "checkpoint_every": COUNT, "log_every": COUNT,
+        "seed": NON_NEGATIVE,
+    },
+    "EvaluateConfig": {
+        "tasks": NON_EMPTY, "batch_size": COUNT, "max_queries": NON_NEGATIVE, "seed": NON_NEGATIVE,
+        "query_max_length": NON_NEGATIVE, "passage_max_length": NON_NEGATIVE, "metrics": NON_EMPTY,
+    },
+}
+
+
+def _cross_checks(cfg: Config) -> None:
+    """Rules between keys (each names both keys)."""
+    m = cfg.mine
+    if m.sampling != "top" and m.sample_top_k < m.num_negatives:
+        raise ConfigError(f"mine.sample_top_k: {m.sample_top_k} must be >= mine.num_negatives ({m.num_negatives}) "
+                          f"with mine.sampling={m.sampling!r}")
+    if cfg.train.num_hard_negatives > m.num_negatives:
+        raise ConfigError(f"train.num_hard_negatives: {cfg.train.num_hard_negatives} must be <= mine.num_negatives "
+                          f"({m.num_negatives}): training reads that many mined negatives per query")
+
+
+def _check_section(obj: Any, prefix: str) -> None:
+    for name, domain in DOMAINS.get(type(obj).__name__, {}).items():
+        if hasattr(obj, name):
+            domain.check(getattr(obj, name), f"{prefix}.{name}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first key whose value is outside its domain."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_section(value, f.name)
+        elif f.name == "teacher_defs":
+            for tname, t in value.items():
+                _check_section(t, f"teacher_defs.{tname}")
+    _cross_checks(cfg)
 
 
 # ------------------------------------------------------------------------------------------------
