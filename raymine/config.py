@@ -55,7 +55,10 @@ class IngestConfig:
     on_unknown_qrel: Literal["error", "skip"] = _f(
         "skip", "qrels naming unknown docs/queries: 'skip' drops and counts them; 'error' stops"
     )
-    max_queries: int = _f(0, "use only the first N training queries (0 = all); for quick runs")
+    max_queries: int = _f(0, "use only the first N training queries by query id (0 = all); for quick runs")
+    partitions: int = _f(0, "hash partitions of ingest's id / text-hash shuffles; 0 = one per 64 MiB of input, "
+                            "at least 4")
+    rows_per_block: int = _f(16384, "rows per block a read task yields (a file streams through in blocks)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +228,44 @@ class EvaluateConfig:
 
 
 # ------------------------------------------------------------------------------------------------
+ExportFormat = Literal["st_ntuple", "st_triplet", "st_labeled_pair", "st_labeled_list", "flagembedding", "nemo"]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Trainer-ready files: mined ids joined to passage texts with Ray Data, written by workers (raymine.export)."""
+
+    formats: tuple[ExportFormat, ...] = _f(
+        ("st_ntuple", "st_triplet", "st_labeled_pair", "st_labeled_list", "flagembedding", "nemo"),
+        "layouts written under exports/<format>/: sentence-transformers n-tuple, triplet, labelled pairs, "
+        "labelled lists (Parquet); FlagEmbedding fine-tune and NeMo retriever customisation lines (jsonl)",
+    )
+    num_negatives: int = _f(
+        0, "negatives a mined row needs to be exported (any format) and the n-tuple's width; "
+        "0 = train.num_hard_negatives. Rows with fewer are left out and counted (too_few_negatives)"
+    )
+    score_teacher: str = _f(
+        "", "teacher whose scores are exported ('' = the first of teachers); only rows mined wholly from it "
+        "carry scores, so positive and negative scores share one scale (ensembled rows mix teachers)"
+    )
+    unscored: Literal["null", "drop"] = _f(
+        "null", "FlagEmbedding rows without score_teacher's scores: 'null' writes pos_scores/neg_scores as null "
+        "(fine without --knowledge_distillation); 'drop' leaves them out and counts them (no_teacher_scores)"
+    )
+    st_scores: bool = _f(
+        False, "sentence-transformers layouts carry score_teacher's scores (n-tuple/triplet 'scores' list, "
+        "labelled 'score'/'scores' instead of binary labels); rows without them are left out and counted"
+    )
+    prompt: str = _f(
+        "", "FlagEmbedding 'prompt' of every line (it replaces --query_instruction_for_retrieval); "
+        "'' = train.query_prompt (empty: the query as raymine trains on it)"
+    )
+    data_type: str = _f("normal", "FlagEmbedding 'type' of every line (normal, symmetric_class, ... for bge-en-icl)")
+    rows_per_part: int = _f(10_000, "mined rows per worker batch; each batch writes one part file per format")
+    join_partitions: int = _f(4, "hash partitions of the id -> text join and of the regrouping by query")
+
+
+# ------------------------------------------------------------------------------------------------
 def _default_teachers() -> dict[str, TeacherConfig]:
     return {"minilm": TeacherConfig(), "bm25": TeacherConfig(kind="bm25")}
 
@@ -242,6 +283,7 @@ class Config:
     mine: MineConfig = _ff(MineConfig, "mine stage")
     train: TrainConfig = _ff(TrainConfig, "train stage")
     evaluate: EvaluateConfig = _ff(EvaluateConfig, "evaluate stage")
+    export: ExportConfig = _ff(ExportConfig, "export stage (trainer formats)")
 
     def __post_init__(self) -> None:
         missing = [t for t in self.teachers if t not in self.teacher_defs]
@@ -300,7 +342,7 @@ COUNT, NON_NEGATIVE, POSITIVE = at_least(1), at_least(0), above(0)
 DEVICE = Domain(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
 
 DOMAINS: dict[str, dict[str, Domain]] = {
-    "IngestConfig": {"max_queries": NON_NEGATIVE},
+    "IngestConfig": {"max_queries": NON_NEGATIVE, "partitions": NON_NEGATIVE, "rows_per_block": COUNT},
     "TeacherConfig": {
         "query_max_length": COUNT, "passage_max_length": COUNT, "batch_size": COUNT, "device": DEVICE,
         "bm25_k1": NON_NEGATIVE, "bm25_b": between(0, 1),
@@ -330,6 +372,7 @@ DOMAINS: dict[str, dict[str, Domain]] = {
         "num_workers": COUNT, "cpus_per_worker": NON_NEGATIVE, "checkpoint_every": COUNT, "log_every": COUNT,
         "seed": NON_NEGATIVE,
     },
+    "ExportConfig": {"num_negatives": NON_NEGATIVE, "rows_per_part": COUNT, "join_partitions": COUNT},
     "EvaluateConfig": {
         "tasks": NON_EMPTY, "batch_size": COUNT, "max_queries": NON_NEGATIVE, "seed": NON_NEGATIVE,
         "query_max_length": NON_NEGATIVE, "passage_max_length": NON_NEGATIVE, "metrics": NON_EMPTY,
@@ -343,6 +386,11 @@ def _cross_checks(cfg: Config) -> None:
     if m.sampling != "top" and m.sample_top_k < m.num_negatives:
         raise ConfigError(f"mine.sample_top_k: {m.sample_top_k} must be >= mine.num_negatives ({m.num_negatives}) "
                           f"with mine.sampling={m.sampling!r}")
+    e = cfg.export
+    if e.score_teacher and e.score_teacher not in cfg.teachers:
+        raise ConfigError(f"export.score_teacher: {e.score_teacher!r} is not one of teachers {list(cfg.teachers)}")
+    if e.num_negatives > m.num_negatives:
+        raise ConfigError(f"export.num_negatives: {e.num_negatives} must be <= mine.num_negatives ({m.num_negatives})")
     if cfg.train.num_hard_negatives > m.num_negatives:
         raise ConfigError(f"train.num_hard_negatives: {cfg.train.num_hard_negatives} must be <= mine.num_negatives "
                           f"({m.num_negatives}): training reads that many mined negatives per query")
