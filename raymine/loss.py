@@ -95,6 +95,27 @@ def text_keys(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)  # [N]
 
 
+def id_keys(ids: Sequence[str]) -> torch.Tensor:
+    """Stable int64 key per id string (exact, no normalisation) — equal keys mean the same document."""
+    out = [int.from_bytes(hashlib.blake2b(str(i).encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+           for i in ids]
+    return torch.tensor(out, dtype=torch.long)  # [N]
+
+
+def positive_aware_ceiling(pos_scores: torch.Tensor, rule: tuple[str, float]) -> torch.Tensor:
+    """Per-row ceiling [B] above which an in-batch candidate is masked as a likely false negative.
+
+    ``("perc", p)``: sign-safe ``pos - |pos| * (1 - p)`` (mining's TopK-PercPos); ``("margin", m)``:
+    ``pos + m`` (Qwen3-Embedding's rule with m = 0.1; m < 0 is mining's TopK-MarginPos ``pos - |m|``).
+    """
+    kind, value = rule
+    if kind == "perc":
+        return pos_scores - pos_scores.abs() * (1.0 - value)
+    if kind == "margin":
+        return pos_scores + value
+    raise ValueError(f"positive-aware rule must be ('perc', p) or ('margin', m), got {rule!r}")
+
+
 def info_nce(
     q: torch.Tensor,
     pos: torch.Tensor,
@@ -105,6 +126,12 @@ def info_nce(
     neg_keys: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     reduction: str = "mean",
+    *,
+    pos_ids: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
+    query_pos_ids: torch.Tensor | None = None,
+    positive_aware: tuple[str, float] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """InfoNCE of local queries against their positive, hard negatives and (optionally) in-batch passages.
 
@@ -118,6 +145,20 @@ def info_nce(
     ``pos_keys`` [B] / ``neg_keys`` [B, H] (int64 text keys, see :func:`text_keys`): an in-batch
     candidate whose key equals query i's own positive key (other than that positive itself) is
     masked, so a duplicate of the positive is not a negative.
+
+    Masking by query (in-batch only): ``pos_ids`` [B] / ``neg_ids`` [B, H] are the int64 id keys
+    (:func:`id_keys`) of each row's positive and hard negatives, ``query_pos_ids`` [B, P] the keys of
+    *every* known positive of the row's query (pad by repeating one). A candidate anywhere in the
+    global batch whose id is a known positive of row i's query is masked for row i — except row i's
+    own positive (the target) and row i's own hard negatives, which are never masked.
+
+    ``positive_aware`` (in-batch only): ``("perc", p)`` or ``("margin", m)`` — a candidate other than
+    the own positive and own hard negatives whose (detached) score for row i's query exceeds
+    :func:`positive_aware_ceiling` of row i's positive score is masked as a likely unlabelled positive.
+
+    ``stats``: a dict to which the numbers of masked (row, candidate) pairs are added:
+    ``masked_same_query``, ``masked_positive_aware``, ``masked_duplicate_text`` (each pair counted once,
+    in that order of precedence), and ``candidates`` (row x candidate pairs before masking).
 
     Returns the mean (or ``reduction="sum"``/``"none"``) over the local queries. Summed over ranks,
     the local means have the gradients of one process computing the sum of the per-rank means; with
@@ -142,9 +183,36 @@ def info_nce(
     all_pos = gather_with_grad(pos, group)  # [N, d], N = global batch
     all_neg = gather_with_grad(negs.reshape(b * h, d), group)  # [N*H, d]
     offset = rank_offset(b, group, q.device)
+    n = all_pos.shape[0]
     cand = torch.cat([all_pos, all_neg], dim=0)  # [N + N*H, d]
-    logits = (q @ cand.T) / temperature  # [B, N + N*H]
-    target = torch.arange(b, device=q.device) + offset  # [B] own positive's column
+    scores = q @ cand.T  # [B, N + N*H]
+    logits = scores / temperature
+    rows = torch.arange(b, device=q.device)
+    target = rows + offset  # [B] own positive's column
+    # columns never masked for row i: its own positive and its own H hard negatives
+    keep_own = torch.zeros_like(logits, dtype=torch.bool)  # [B, N + N*H]
+    keep_own[rows, target] = True
+    if h:
+        own_neg_cols = n + (target[:, None] * h + torch.arange(h, device=q.device)[None, :])  # [B, H]
+        keep_own[rows[:, None], own_neg_cols] = True
+    masked = torch.zeros_like(keep_own)
+    counts = {"masked_same_query": 0, "masked_positive_aware": 0, "masked_duplicate_text": 0}
+    if query_pos_ids is not None:
+        if pos_ids is None or (h and neg_ids is None):
+            raise ValueError("query_pos_ids needs pos_ids [B] and neg_ids [B, H]")
+        ids = torch.cat([pos_ids.reshape(b), (neg_ids if h else pos_ids.new_zeros((b, 0))).reshape(b * h)])
+        ids = ids.to(q.device)  # [B + B*H]
+        cand_ids = torch.cat([gather_no_grad(ids[:b], group), gather_no_grad(ids[b:], group)])  # [N + N*H]
+        qp = query_pos_ids.to(q.device)  # [B, P]
+        same = (cand_ids[None, :, None] == qp[:, None, :]).any(dim=-1) & ~keep_own  # [B, N + N*H]
+        counts["masked_same_query"] = int(same.sum())
+        masked |= same
+    if positive_aware is not None:
+        s = scores.detach()
+        ceiling = positive_aware_ceiling(s[rows, target], positive_aware)  # [B]
+        above = (s > ceiling[:, None]) & ~keep_own & ~masked  # [B, N + N*H]
+        counts["masked_positive_aware"] = int(above.sum())
+        masked |= above
     if pos_keys is not None:
         if neg_keys is None:
             neg_keys = torch.zeros((b, h), dtype=torch.long)
@@ -154,6 +222,13 @@ def info_nce(
         all_nk = gather_no_grad(keys[b:], group)  # [N*H]
         cand_keys = torch.cat([all_pk, all_nk])  # [N + N*H]
         dup = cand_keys[None, :] == pos_keys.to(q.device)[:, None]  # [B, N + N*H]
-        dup[torch.arange(b, device=q.device), target] = False  # the own positive stays
-        logits = logits.masked_fill(dup, float("-inf"))
+        dup[rows, target] = False  # the own positive stays
+        counts["masked_duplicate_text"] = int((dup & ~masked).sum())
+        masked |= dup
+    if stats is not None:
+        stats["candidates"] = stats.get("candidates", 0) + b * cand.shape[0]
+        for k, v in counts.items():
+            stats[k] = stats.get(k, 0) + v
+    if masked.any():
+        logits = logits.masked_fill(masked, float("-inf"))
     return F.cross_entropy(_upcast(logits), target, reduction=reduction)
