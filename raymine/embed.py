@@ -1,37 +1,40 @@
-"""Embed stage: a Ray Data actor pool of dense teachers → Parquet embedding files + manifest.
+"""Embed stage: one Ray Data actor pool per dense teacher embeds its passages AND its queries in one pass.
 
-Each actor holds one :class:`raymine.encoders.Encoder` (loaded once) and embeds blocks of texts;
-the driver consumes the output in input order and writes ``part-00000.parquet``, ``part-00001…``
-(id column + ``EMBEDDING`` as ``fixed_size_list<float32|float16>[dim]``), so reading the files in
-name order gives the input order. Peak memory per actor is one block, whatever the corpus size.
-A finished stage with the same teacher, embed config and input is skipped on re-run.
+Each actor loads the teacher once (:class:`raymine.encoders.Encoder`) and takes *pieces* of the input
+tables (``raymine.parts``: row-group slices planned from Parquet footers); for each piece it reads the rows
+itself, encodes them (length-sorted inside the piece, so padding stays small), and writes output part ``i``
+for input piece ``i`` (id column + ``EMBEDDING`` as ``fixed_size_list<float32|float16>[dim]``). Nothing
+per-row passes through the driver: it plans pieces and sums the small per-piece stats the actors return.
+
+Resumable per part: a new invocation after a crash (driver, node, whole cluster) keeps every part whose
+footer has the piece's row count and embeds only the missing pieces; Ray's own in-run retries stay as
+they are (an actor that dies is restarted and its in-flight pieces retried). Reading the parts in name
+order gives the input order. The pool is sized so every actor stays busy: one piece per task
+(``max_tasks_in_flight_per_actor=1``), pieces queued longest table first, torch threads per actor =
+the node's cores divided among the pool's actors on CPU; the manifest reports actors used and their busy
+fraction.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import math
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymine import storage
+from raymine import columns as C
+from raymine import parts, storage
 from raymine.columns import EMBEDDING
 from raymine.config import EmbedConfig, TeacherConfig, to_dict
 
 log = logging.getLogger(__name__)
 
 STAGE = "embed"
-PART = "part-{:05d}.parquet"
-_TRUNCATED = "__truncated"  # per-row flag carried from the actors to the driver, not written
-_ACTOR = "__actor"  # per-row pid of the actor that embedded it: shows whether the pool was used
-
-
 # ------------------------------------------------------------------------------------------------
 # Arrow helpers (pure)
 # ------------------------------------------------------------------------------------------------
@@ -59,201 +62,194 @@ def embedding_schema(id_column: str, dim: int, storage_dtype: str) -> pa.Schema:
 
 
 # ------------------------------------------------------------------------------------------------
-# The Ray step: one encoder per actor
+# The Ray step: one encoder per actor, pieces in, parts written by the actor
 # ------------------------------------------------------------------------------------------------
-class EmbedBatch:
-    """Callable class for ``map_batches``: loads the teacher once, embeds each batch of texts."""
+@dataclass(frozen=True)
+class EmbedInput:
+    """One table to embed: ``side`` texts of ``table_uri`` (column ``text_column``, ids ``id_column``) →
+    the folder ``out_uri``. A corpus without a ``PASSAGE`` column gets ``passage_text(title, text)``."""
 
-    def __init__(self, teacher: TeacherConfig, side: str, id_column: str, text_column: str) -> None:
+    side: str  # "query" | "passage"
+    table_uri: str
+    id_column: str
+    text_column: str
+    out_uri: str
+
+
+def _texts(table: pa.Table, text_column: str) -> list[str]:
+    if text_column in table.column_names:
+        return table.column(text_column).to_pylist()
+    if text_column == C.PASSAGE:  # a corpus table written before PASSAGE existed
+        from raymine.ingest import passage_text
+
+        titles = table.column(C.TITLE).to_pylist() if C.TITLE in table.column_names else [None] * table.num_rows
+        return [passage_text(t, x) for t, x in zip(titles, table.column(C.TEXT).to_pylist(), strict=True)]
+    raise ValueError(f"column {text_column!r} missing (has {table.column_names})")
+
+
+class EmbedPieces:
+    """Callable class for ``map_batches`` over piece descriptors: loads the teacher once, then for each
+    piece reads its rows, encodes them and writes the output part; returns per-piece stats only."""
+
+    def __init__(self, teacher: TeacherConfig, inputs: Sequence[EmbedInput], threads: int) -> None:
+        import torch
+
         from raymine.encoders import Encoder
 
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.encoder = Encoder(teacher)
-        self.side = side
-        self.id_column = id_column
-        self.text_column = text_column
+        self.inputs = list(inputs)
         self.out_dtype = np.float16 if teacher.storage_dtype == "float16" else np.float32
+        self.storage_dtype = teacher.storage_dtype
+
+    def embed_piece(self, which: int, piece: dict) -> tuple[int, int]:
+        """Embed one piece of input ``which`` → its part; (rows, truncated)."""
+        spec = self.inputs[which]
+        cols = [spec.id_column] + ([spec.text_column] if spec.text_column != C.PASSAGE else [])
+        table = parts.read_piece(spec.table_uri, piece)
+        table = table.select([c for c in table.column_names if c in cols or c in (C.PASSAGE, C.TITLE, C.TEXT)])
+        emb = self.encoder.encode(_texts(table, spec.text_column), spec.side)  # [b, dim] float32
+        out = pa.table(
+            {spec.id_column: pc_string(table.column(spec.id_column)),
+             EMBEDDING: embeddings_to_arrow(emb.astype(self.out_dtype, copy=False))},
+            schema=embedding_schema(spec.id_column, emb.shape[1] if emb.size else self.encoder.dim, self.storage_dtype),
+        )
+        parts.write_part(out, spec.out_uri, int(piece["part"]))
+        return table.num_rows, int(np.asarray(self.encoder.last_truncated).sum())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        emb = self.encoder.encode(batch[self.text_column], self.side)  # [b, dim] float32
-        return {
-            self.id_column: batch[self.id_column].astype(str).astype(object),
-            EMBEDDING: emb.astype(self.out_dtype, copy=False),
-            _TRUNCATED: self.encoder.last_truncated,
-            _ACTOR: np.full(len(emb), os.getpid(), dtype=np.int64),
-        }
+        n = len(batch["part"])
+        rows = np.zeros(n, np.int64)
+        cut = np.zeros(n, np.int64)
+        busy = np.zeros(n, np.float64)
+        for j in range(n):
+            t0 = time.perf_counter()
+            piece = {k: batch[k][j] for k in ("path", "row_group", "lo", "hi", "part")}
+            rows[j], cut[j] = self.embed_piece(int(batch["input"][j]), piece)
+            busy[j] = time.perf_counter() - t0
+        return {"input": batch["input"], "part": batch["part"], "rows": rows, "truncated": cut, "busy_s": busy,
+                "actor": np.full(n, os.getpid(), np.int64), "node": np.array([_node()] * n, dtype=object)}
 
 
-# ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _preserve_order(ds: Any) -> Iterator[None]:
-    """Run ``ds`` with ordered output (the context is shared with the caller: restore it after)."""
-    opts = ds.context.execution_options
-    before = opts.preserve_order
-    opts.preserve_order = True
-    try:
-        yield
-    finally:
-        opts.preserve_order = before
+def pc_string(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """An id column as plain Arrow strings."""
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col if col.type == pa.string() else pc.cast(col, pa.string())
 
 
-def dataset_fingerprint(ds: Any, id_column: str, text_column: str) -> tuple[str, int]:
-    """(sha256 of ids and texts in order, row count): one streamed read pass on the driver.
+def _node() -> str:
+    import socket
 
-    At web scale pass ``input_key`` (the ingest stage's manifest key) to ``embed_stage`` instead.
-    """
-    h = hashlib.sha256()
-    n = 0
-    with _preserve_order(ds):
-        for batch in ds.select_columns([id_column, text_column]).iter_batches(
-            batch_size=8192, batch_format="pyarrow"
-        ):
-            for name in (id_column, text_column):
-                values = batch.column(name).to_pylist()  # strings only, never embeddings
-                h.update("\x1f".join("\x00" if v is None else str(v) for v in values).encode("utf-8"))
-                h.update(b"\x1e")
-            n += batch.num_rows
-    return h.hexdigest()[:16], n
+    return socket.gethostname()
 
 
-class _PartWriter:
-    """Writes ordered batches into part files of at most ``rows_per_file`` rows."""
-
-    def __init__(self, out_uri: str, schema: pa.Schema, rows_per_file: int) -> None:
-        self.fs, self.root = storage.resolve(out_uri)
-        self.fs.create_dir(self.root, recursive=True)
-        self.out_uri = out_uri
-        self.schema = schema
-        self.rows_per_file = max(1, rows_per_file)
-        self.files: list[str] = []
-        self._writer: pq.ParquetWriter | None = None
-        self._rows_in_file = 0
-
-    def _open(self) -> None:
-        name = PART.format(len(self.files))
-        self.files.append(name)
-        self._writer = pq.ParquetWriter(f"{self.root}/{name}", self.schema, filesystem=self.fs)
-        self._rows_in_file = 0
-
-    def write(self, table: pa.Table) -> None:
-        start = 0
-        while start < table.num_rows:
-            if self._writer is None or self._rows_in_file >= self.rows_per_file:
-                self.close()
-                self._open()
-            take = min(table.num_rows - start, self.rows_per_file - self._rows_in_file)
-            self._writer.write_table(table.slice(start, take))
-            self._rows_in_file += take
-            start += take
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+def _threads_per_actor(cfg: EmbedConfig) -> int:
+    """torch threads per CPU actor: the node's cores shared by the pool (at least 1); 0 = torch's default."""
+    if cfg.num_gpus_per_actor > 0:
+        return 0
+    return max(1, (os.cpu_count() or 1) // max(1, cfg.num_actors))
 
 
-def embed_stage(
-    ds: Any,
-    id_column: str,
-    text_column: str,
-    teacher: TeacherConfig,
-    embed_cfg: EmbedConfig,
-    side: str,
-    out_uri: str,
-    input_key: str | None = None,
-) -> dict[str, Any]:
-    """Embed ``ds[text_column]`` with ``teacher`` as ``side`` texts; write Parquet + manifest under ``out_uri``.
+def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[EmbedInput], stage_dir: str,
+                 input_key: Any) -> dict[str, Any]:
+    """Embed every input table with one actor pool (one model load per actor); manifest under ``stage_dir``.
 
-    Returns the manifest (counts: rows, truncated; dim; model; prompts; pooling; files; wall time).
-    ``input_key`` identifies the input for the skip check (e.g. the ingest stage's key); without it the
-    ids and texts are hashed in one streamed pass. Output rows are in input order (file name order).
+    ``input_key`` identifies the inputs (the ingest stage's key). Skipped when done with the same teacher,
+    config and input; resumed per part when an unfinished run of the same key left parts behind.
+    Counts per side: rows, truncated; stage: actors used, busy fraction, texts/s.
     """
     import ray
 
-    if side not in ("query", "passage"):
-        raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
     if teacher.kind != "dense":
-        raise ValueError(f"embed_stage needs a dense teacher, got kind={teacher.kind!r}; BM25 is raymine.bm25")
-    missing = [c for c in (id_column, text_column) if c not in ds.columns()]
-    if missing:
-        raise ValueError(f"embed_stage: input lacks column(s) {missing}; has {ds.columns()}")
-
-    n_rows: int | None = None
-    if input_key is None:
-        input_key, n_rows = dataset_fingerprint(ds, id_column, text_column)
-    key = storage.stage_key(STAGE, to_dict(teacher), to_dict(embed_cfg), side, id_column, text_column, input_key)
-    done = storage.completed(out_uri, key)
-    if done is not None:
-        log.info("embed %s: %s already complete (%s rows), skipping", side, out_uri, done["counts"].get("rows"))
+        raise ValueError(f"embed needs a dense teacher, got kind={teacher.kind!r}; BM25 is raymine.bm25")
+    for spec in inputs:
+        if spec.side not in ("query", "passage"):
+            raise ValueError(f"side must be 'query' or 'passage', got {spec.side!r}")
+    key = storage.stage_key(STAGE, to_dict(teacher), to_dict(cfg), [to_dict_input(s) for s in inputs], input_key)
+    done, run = storage.begin(stage_dir, f"{STAGE}:{teacher.model}", key,
+                              config={"teacher": to_dict(teacher), "embed": to_dict(cfg)}, resume=True)
+    if run is None:
         return done
-    storage.delete_dir(out_uri)  # a stale or partial run under this folder
 
-    config = {"teacher": to_dict(teacher), "embed": to_dict(embed_cfg), "side": side, "input_key": input_key}
-    run = storage.StageRun(out_uri, f"{STAGE}/{side}", key, config=config)
-    ds = ds.select_columns([id_column, text_column])
-    if n_rows is None:
-        n_rows = ds.count()
-    num_blocks = embed_cfg.num_blocks
-    if num_blocks < 0:
-        num_blocks = max(embed_cfg.num_actors, math.ceil(n_rows / max(1, embed_cfg.rows_per_block)))
-    if num_blocks > 0:
-        ds = ds.repartition(num_blocks)  # no shuffle: order kept; a few small files would be one block
+    todo: list[dict[str, Any]] = []
+    expected: dict[str, int] = {}
+    kept = 0
+    for which, spec in enumerate(inputs):
+        pieces = parts.plan_pieces(spec.table_uri, cfg.rows_per_block)
+        missing = [c for c in (spec.id_column,) if c not in pq.read_schema(pieces[0].path, filesystem=storage.resolve(
+            spec.table_uri)[0]).names] if pieces else []
+        if missing:
+            raise ValueError(f"{spec.table_uri}: column(s) {missing} missing")
+        expected[spec.side] = sum(p.rows for p in pieces)
+        for i, p in enumerate(pieces):
+            if storage.valid_part(storage.join(spec.out_uri, parts.part_name(i)), p.rows):
+                kept += 1
+                continue
+            todo.append({**p.to_row(), "part": i, "input": which})
+    if kept:
+        log.info("embed %s: resuming, %d part(s) already written, %d piece(s) to embed", teacher.model, kept, len(todo))
 
-    out = ds.map_batches(
-        EmbedBatch,
-        fn_constructor_kwargs={"teacher": teacher, "side": side, "id_column": id_column, "text_column": text_column},
-        batch_size=embed_cfg.rows_per_block,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=embed_cfg.num_actors),
-        num_cpus=embed_cfg.num_cpus_per_actor,
-        num_gpus=embed_cfg.num_gpus_per_actor or None,
-        # fault tolerance: Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1
-        # (ray 2.60 actor_pool_map_operator), so an actor that dies (node lost, OOM kill, preemption) is
-        # restarted and its in-flight blocks retried; blocks are pure functions of their rows, so the output
-        # is unchanged (tests/test_faults.py kills one mid-stage). Passing them here would go through the
-        # deprecated **ray_remote_args.
-    )
+    stats = {"rows": 0, "truncated": 0}
+    per_side = {s.side: {"rows": 0, "truncated": 0} for s in inputs}
+    actors: dict[int, float] = {}
+    nodes: set[str] = set()
+    t_map = time.time()
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        out = ds.map_batches(
+            EmbedPieces,
+            fn_constructor_kwargs={"teacher": teacher, "inputs": list(inputs), "threads": _threads_per_actor(cfg)},
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo)), max_tasks_in_flight_per_actor=1),
+            num_cpus=cfg.num_cpus_per_actor,
+            num_gpus=cfg.num_gpus_per_actor or None,
+            # fault tolerance: Ray Data's actor pools restart dead actors and retry their in-flight pieces
+            # (max_restarts=-1, max_task_retries=-1 in ray 2.60); a piece's part is rewritten whole.
+        )
+        for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+            for j in range(len(b["part"])):
+                side = inputs[int(b["input"][j])].side
+                per_side[side]["rows"] += int(b["rows"][j])
+                per_side[side]["truncated"] += int(b["truncated"][j])
+                actors[int(b["actor"][j])] = actors.get(int(b["actor"][j]), 0.0) + float(b["busy_s"][j])
+                nodes.add(str(b["node"][j]))
+    wall = max(time.time() - t_map, 1e-9)
+    for spec in inputs:
+        n_written = sum(storage.parquet_rows(storage.join(spec.out_uri, parts.part_name(i))) or 0
+                        for i in range(len(parts.plan_pieces(spec.table_uri, cfg.rows_per_block))))
+        if n_written != expected[spec.side]:
+            raise RuntimeError(f"embed {spec.side}: {n_written} rows written, the input has {expected[spec.side]}")
+        if per_side[spec.side]["truncated"]:
+            max_len = teacher.query_max_length if spec.side == "query" else teacher.passage_max_length
+            log.warning("embed %s: %d of %d %s texts truncated at %d tokens (raise the teacher's %s_max_length "
+                        "to keep them whole)", teacher.model, per_side[spec.side]["truncated"],
+                        per_side[spec.side]["rows"], spec.side, max_len, spec.side)
+    stats["rows"] = sum(v["rows"] for v in per_side.values())
+    stats["truncated"] = sum(v["truncated"] for v in per_side.values())
+    busy = sum(actors.values())
+    run.counts.update({
+        **{f"{side}_{k}": v for side, d in per_side.items() for k, v in d.items()},
+        "rows": stats["rows"], "truncated": stats["truncated"], "pieces": len(todo), "parts_kept": kept,
+        "actors_used": len(actors), "actors_requested": min(cfg.num_actors, len(todo)) if todo else 0,
+        "busy_fraction": round(busy / (wall * max(1, len(actors))), 3) if actors else None,
+        "texts_per_s": round(stats["rows"] / wall, 1) if todo else None, "nodes": len(nodes),
+    })
+    dim = pq.read_schema(parts.list_parquet(inputs[0].out_uri)[0], filesystem=storage.resolve(inputs[0].out_uri)[0]
+                         ).field(EMBEDDING).type.list_size if expected.get(inputs[0].side) else 0
+    log.info("embed %s: %d texts in %.1f s by %d actor(s), busy %.0f%%", teacher.model, stats["rows"], wall,
+             len(actors), 100 * (run.counts["busy_fraction"] or 0))
+    return run.finish(model=teacher.model, query_prompt=teacher.query_prompt, passage_prompt=teacher.passage_prompt,
+                      pooling=teacher.pooling, normalize=teacher.normalize, dim=dim,
+                      storage_dtype=teacher.storage_dtype, busy_s_per_actor=sorted(round(v, 2) for v in actors.values()))
 
-    writer: _PartWriter | None = None
-    written = truncated = 0
-    actors: set[int] = set()
-    dim = 0
-    with _preserve_order(out):
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            emb = batch[EMBEDDING]  # [b, dim]
-            if writer is None:
-                dim = int(emb.shape[1])
-                writer = _PartWriter(out_uri, embedding_schema(id_column, dim, teacher.storage_dtype),
-                                     embed_cfg.rows_per_file)
-            table = pa.table(
-                {id_column: pa.array(batch[id_column], type=pa.string()), EMBEDDING: embeddings_to_arrow(emb)},
-                schema=writer.schema,
-            )
-            writer.write(table)
-            written += len(emb)
-            truncated += int(np.asarray(batch[_TRUNCATED]).sum())
-            actors.update(np.unique(batch[_ACTOR]).tolist())
-    if writer is not None:
-        writer.close()
-    if written != n_rows:
-        raise RuntimeError(f"embed {side}: wrote {written} rows but the input has {n_rows}")
 
-    run.counts.update({"rows": written, "truncated": truncated, "input_blocks": num_blocks or None, "actors_used": len(actors)})
-    if truncated:
-        max_len = teacher.query_max_length if side == "query" else teacher.passage_max_length
-        log.warning("embed %s: %d of %d texts truncated at %d tokens", side, truncated, written, max_len)
-    return run.finish(
-        model=teacher.model,
-        side=side,
-        prompt=teacher.query_prompt if side == "query" else teacher.passage_prompt,
-        query_prompt=teacher.query_prompt,
-        passage_prompt=teacher.passage_prompt,
-        pooling=teacher.pooling,
-        normalize=teacher.normalize,
-        dim=dim,
-        storage_dtype=teacher.storage_dtype,
-        id_column=id_column,
-        files=writer.files if writer else [],
-    )
+def to_dict_input(spec: EmbedInput) -> dict[str, str]:
+    """What decides a table's embeddings (not where they are written: a moved output folder still resumes)."""
+    return {"side": spec.side, "table": spec.table_uri, "id": spec.id_column, "text": spec.text_column}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -84,9 +84,52 @@ def delete_dir(uri: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Stage manifests: the one skip / clear / resume rule
+# ------------------------------------------------------------------------------------------------
+STARTED = "_started.json"  # written when a stage starts: its key (a re-run with the same key resumes)
+
+
+def list_files(uri: str) -> dict[str, int]:
+    """{path relative to ``uri``: size in bytes} of every file under ``uri`` (one listing, no reads)."""
+    fs, root = resolve(uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return {}
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type == pafs.FileType.File:
+            out[posixpath.relpath(info.path, root) if "://" in uri else __import__("os").path.relpath(info.path, root)] = int(info.size)
+    return out
+
+
+def parquet_rows(uri: str) -> int | None:
+    """Row count from a Parquet file's footer (None when the file is unreadable: truncated, not Parquet)."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except (OSError, pa.ArrowInvalid, pa.ArrowException):
+        return None
+
+
+def _part_records(stage_dir: str) -> dict[str, dict[str, int]]:
+    """{part: {bytes, rows}} of the files a stage wrote (rows for Parquet parts, from their footers)."""
+    parts = {}
+    for name, size in sorted(list_files(stage_dir).items()):
+        if posixpath.basename(name).startswith("_") or name.startswith("."):
+            continue
+        rec = {"bytes": size}
+        if name.endswith(".parquet"):
+            rec["rows"] = parquet_rows(join(stage_dir, name))
+        parts[name] = rec
+    return parts
+
+
 @dataclass
 class StageRun:
-    """Timing and counts of one stage; ``finish`` writes the manifest that marks it complete."""
+    """Timing and counts of one stage; ``finish`` writes the manifest that marks it complete, listing every
+    part it wrote with its size and row count so a re-run can verify them without reading the data."""
 
     stage_dir: str
     stage: str
@@ -104,6 +147,7 @@ class StageRun:
             "wall_s": round(time.time() - self.started, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
+            "parts": _part_records(self.stage_dir),
         }
         write_json(join(self.stage_dir, MANIFEST), manifest)
         log.info("%s: done in %.1f s %s", self.stage, manifest["wall_s"], self.counts)
@@ -115,8 +159,18 @@ def stage_key(*parts: Any) -> str:
     return config_hash(list(parts))
 
 
+def damaged_parts(stage_dir: str, manifest: dict[str, Any]) -> list[str]:
+    """Parts listed in a manifest that are missing or whose size changed (a listing only, no reads)."""
+    listed = manifest.get("parts")
+    if not listed:
+        return []
+    have = list_files(stage_dir)
+    return [name for name, rec in listed.items() if have.get(name) != rec.get("bytes")]
+
+
 def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
-    """The manifest of a finished stage with this key, or None when it must (re-)run."""
+    """The manifest of a finished stage with this key whose parts are all intact, or None when it must
+    (re-)run. A damaged part (missing, truncated, replaced) is named in a warning."""
     uri = join(stage_dir, MANIFEST)
     if not exists(uri):
         return None
@@ -124,16 +178,142 @@ def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
         manifest = read_json(uri)
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("key") == key else None
+    if manifest.get("key") != key:
+        return None
+    bad = damaged_parts(stage_dir, manifest)
+    if bad:
+        log.warning("%s: %d part(s) missing or changed since the stage finished (%s); redoing them",
+                    manifest.get("stage", stage_dir), len(bad), ", ".join(bad[:5]))
+        return None
+    return manifest
 
 
-def begin(stage_dir: str, stage: str, key: str, config: Any = None) -> tuple[dict[str, Any] | None, StageRun | None]:
-    """(manifest, None) when the stage is already done with this key; else clear the folder of any stale
-    or partial run and return (None, a StageRun to ``finish``)."""
+def begin(stage_dir: str, stage: str, key: str, config: Any = None, resume: bool = False
+          ) -> tuple[dict[str, Any] | None, StageRun | None]:
+    """The one skip / clear / resume rule of every stage.
+
+    (manifest, None) when the stage is done with this key and its parts are intact. Otherwise
+    (None, a StageRun to ``finish``): with ``resume`` and an unfinished (or damaged) run of the same key in
+    the folder, its parts are kept (the stage redoes only missing or invalid ones, see ``valid_part``);
+    anything else in the folder (another key, or a stage that cannot resume) is cleared first."""
     done = completed(stage_dir, key)
     if done is not None:
         log.info("%s: up to date (%s), skipped", stage, stage_dir)
         return done, None
-    delete_dir(stage_dir)
+    started = join(stage_dir, STARTED)
+    same = False
+    if resume and exists(started):
+        try:
+            same = read_json(started).get("key") == key
+        except (OSError, ValueError):
+            same = False
+    if same:
+        log.info("%s: resuming an unfinished run in %s", stage, stage_dir)
+        manifest = join(stage_dir, MANIFEST)
+        if exists(manifest):
+            fs, path = resolve(manifest)
+            fs.delete_file(path)
+    else:
+        delete_dir(stage_dir)
+        write_json(started, {"key": key, "stage": stage, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return None, StageRun(stage_dir, stage, key, config=config)
 
+
+def valid_part(uri: str, rows: int) -> bool:
+    """A part left by an earlier run is kept only when its footer says ``rows`` rows; a damaged one is deleted
+    (with a warning naming it) so the caller redoes it."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    got = parquet_rows(uri)
+    if got == rows:
+        return True
+    log.warning("%s: damaged part (%s rows, expected %d); redoing it", uri, "unreadable" if got is None else got, rows)
+    fs.delete_file(path)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# One live run per output folder
+# ------------------------------------------------------------------------------------------------
+LOCK = "_lock.json"
+
+
+class RunLock:
+    """An output folder owned by one live run: ``OUTPUT/_lock.json`` holds the owner (host, pid) and a
+    heartbeat refreshed by a daemon thread. A second run fails while the heartbeat is fresh; a stale lock
+    (owner killed: no heartbeat for ``stale_s``, or a dead pid on this host) is taken over with a warning, so
+    kill-and-resume works. Object stores have no atomic create: there the check is best effort (two runs
+    starting within one heartbeat can both pass)."""
+
+    def __init__(self, output: str, heartbeat_s: float = 10.0, stale_s: float = 60.0) -> None:
+        import os
+        import socket
+
+        self.uri = join(output, LOCK)
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = None
+
+    def _alive(self, held: dict[str, Any]) -> bool:
+        import os
+        import socket
+
+        if time.time() - float(held.get("heartbeat", 0)) > self.stale_s:
+            return False
+        if held.get("host") == socket.gethostname():
+            try:
+                os.kill(int(held.get("pid", -1)), 0)
+            except (ProcessLookupError, ValueError):
+                return False
+            except PermissionError:
+                return True
+        return True
+
+    def acquire(self) -> RunLock:
+        import threading
+
+        if exists(self.uri):
+            try:
+                held = read_json(self.uri)
+            except (OSError, ValueError):
+                held = {}
+            if held and (held.get("host"), held.get("pid")) != (self.owner["host"], self.owner["pid"]):
+                if self._alive(held):
+                    raise LockedError(
+                        f"{self.uri}: output folder in use by a live run (host {held.get('host')}, pid "
+                        f"{held.get('pid')}); wait for it, stop it, or choose another --output")
+                log.warning("%s: taking over a stale lock of host %s pid %s (no heartbeat for %.0f s)", self.uri,
+                            held.get("host"), held.get("pid"), time.time() - float(held.get("heartbeat", 0)))
+        self._beat()
+        self._stop = threading.Event()
+
+        def loop(stop=self._stop) -> None:
+            while not stop.wait(self.heartbeat_s):
+                try:
+                    self._beat()
+                except OSError:  # a transient storage error must not kill the run
+                    log.debug("lock heartbeat failed", exc_info=True)
+
+        threading.Thread(target=loop, name="raymine-lock", daemon=True).start()
+        return self
+
+    def _beat(self) -> None:
+        write_json(self.uri, {**self.owner, "heartbeat": time.time()})
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        fs, path = resolve(self.uri)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_file(path)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class LockedError(RuntimeError):
+    """The output folder belongs to another live run."""

@@ -45,82 +45,122 @@ def test_arrow_roundtrip_fixed_size_list():
     np.testing.assert_array_equal(got, emb)
 
 
+def _write(rows: list[dict], path, row_group_size: int) -> str:
+    pq.write_table(pa.Table.from_pylist(rows), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
-def passage_run(ray_local, minilm_path, tmp_path_factory):
-    """One Ray run: 2 actors, blocks of 16 rows, files of 50 rows, some texts truncated."""
-    import ray
+def both_run(ray_local, minilm_path, tmp_path_factory):
+    """One pool embeds 120 passages (two files' worth of row groups) and 30 prompted queries: 2 actors,
+    pieces of 16 rows, some passages truncated."""
+    from raymine.embed import EmbedInput, embed_tables
 
+    tmp = tmp_path_factory.mktemp("emb")
     rows = corpus(120)
-    teacher = TeacherConfig(model=minilm_path, passage_max_length=24, batch_size=8)
-    cfg = EmbedConfig(num_actors=2, rows_per_block=16, rows_per_file=50, num_cpus_per_actor=0.5)
-    out = str(tmp_path_factory.mktemp("emb") / "passages")
-    from raymine.embed import embed_stage
+    qrows = [{QUERY_ID: f"q{i}", TEXT: r[TEXT][:60]} for i, r in enumerate(corpus(30))]
+    (tmp / "corpus").mkdir()
+    _write(rows[:70], tmp / "corpus" / "a.parquet", 40)  # row groups 40 + 30, then 50
+    _write(rows[70:], tmp / "corpus" / "b.parquet", 50)
+    qpath = _write(qrows, tmp / "queries.parquet", 30)
+    teacher = TeacherConfig(model=minilm_path, passage_max_length=24, batch_size=8, query_prompt="query: ")
+    cfg = EmbedConfig(num_actors=2, rows_per_block=16, num_cpus_per_actor=0.5)
+    inputs = [EmbedInput("passage", str(tmp / "corpus"), DOC_ID, TEXT, str(tmp / "out" / "corpus")),
+              EmbedInput("query", qpath, QUERY_ID, TEXT, str(tmp / "out" / "queries"))]
+    manifest = embed_tables(teacher, cfg, inputs, str(tmp / "out"), input_key="k1")
+    return rows, qrows, teacher, cfg, inputs, tmp, manifest
 
-    ds = ray.data.from_items(rows)
-    manifest = embed_stage(ds, DOC_ID, TEXT, teacher, cfg, "passage", out)
-    return rows, teacher, cfg, out, ds, manifest
 
-
-def test_ray_stage_equals_single_process_in_input_order(passage_run):
+def test_one_pool_equals_single_process_in_input_order(both_run):
     from raymine.encoders import Encoder
 
-    rows, teacher, cfg, out, _, manifest = passage_run
-    ids, emb = read_embeddings(out, DOC_ID)
+    rows, qrows, teacher, cfg, inputs, tmp, manifest = both_run
+    ids, emb = read_embeddings(inputs[0].out_uri, DOC_ID)
     assert ids.dtype == object and list(ids) == [r[DOC_ID] for r in rows]
     enc = Encoder(teacher)
     ref = enc.encode([r[TEXT] for r in rows], "passage")
     assert emb.shape == (120, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, ref, atol=1e-5)
+    qids, qemb = read_embeddings(inputs[1].out_uri, QUERY_ID)
+    assert list(qids) == [r[QUERY_ID] for r in qrows]
+    np.testing.assert_allclose(qemb, enc.encode([r[TEXT] for r in qrows], "query"), atol=1e-5)  # prompted
 
     counts = manifest["counts"]
-    assert counts["rows"] == 120
-    assert counts["truncated"] == enc.truncated > 0  # the same texts were cut in the actors
-    assert counts["input_blocks"] == 8  # ceil(120 rows / 16 per block)
-    assert counts["actors_used"] == 2  # both actors got work
+    assert counts["passage_rows"] == 120 and counts["query_rows"] == 30 and counts["rows"] == 150
+    assert counts["passage_truncated"] == enc.truncated_by_side["passage"] > 0  # the same texts were cut
+    # pieces never cross row groups: 40 → 16+16+8, 30 → 16+14, 50 → 16+16+16+2, queries 30 → 16+14
+    assert counts["pieces"] == 3 + 2 + 4 + 2
+    assert counts["actors_used"] == 2 and counts["actors_requested"] == 2  # both actors got work
+    assert 0 < counts["busy_fraction"] <= 1
     assert manifest["dim"] == 384 and manifest["pooling"] == "mean" and manifest["model"] == teacher.model
-    assert manifest["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
 
 
-def test_parquet_layout_and_streaming_reader(passage_run):
-    rows, _, _, out, _, _ = passage_run
-    files = embedding_files(out)
-    assert [os.path.basename(f) for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+def test_parquet_layout_and_streaming_reader(both_run):
+    rows, _, _, _, inputs, _, _ = both_run
+    files = embedding_files(inputs[0].out_uri)
+    assert [os.path.basename(f) for f in files] == [f"part-{i:05d}.parquet" for i in range(9)]
     schema = pq.read_schema(files[0])
     assert schema.field(DOC_ID).type == pa.string()
     assert schema.field(EMBEDDING).type == pa.list_(pa.float32(), 384)
-    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [50, 50, 20]
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [16, 16, 8, 16, 14, 16, 16, 16, 2]
 
-    ids_all, emb_all = read_embeddings(out, DOC_ID)
-    batches = list(iter_embedding_batches(out, DOC_ID, batch_rows=7))
+    ids_all, emb_all = read_embeddings(inputs[0].out_uri, DOC_ID)
+    batches = list(iter_embedding_batches(inputs[0].out_uri, DOC_ID, batch_rows=7))
     assert max(len(i) for i, _ in batches) == 7
     np.testing.assert_array_equal(np.concatenate([i for i, _ in batches]), ids_all)
     np.testing.assert_array_equal(np.concatenate([e for _, e in batches]), emb_all)
 
 
-def test_rerun_with_same_config_does_no_work(passage_run):
-    from raymine.embed import embed_stage
+def test_rerun_with_same_config_does_no_work(both_run):
+    from raymine.embed import embed_tables
 
-    rows, teacher, cfg, out, ds, manifest = passage_run
-    mtimes = {f: os.stat(f).st_mtime_ns for f in embedding_files(out)}
-    again = embed_stage(ds, DOC_ID, TEXT, teacher, cfg, "passage", out)
+    _, _, teacher, cfg, inputs, tmp, manifest = both_run
+    files = embedding_files(inputs[0].out_uri) + embedding_files(inputs[1].out_uri)
+    mtimes = {f: os.stat(f).st_mtime_ns for f in files}
+    again = embed_tables(teacher, cfg, inputs, str(tmp / "out"), input_key="k1")
     assert again == manifest  # the stored manifest, same finish time: nothing ran
-    assert {f: os.stat(f).st_mtime_ns for f in embedding_files(out)} == mtimes
+    assert {f: os.stat(f).st_mtime_ns for f in files} == mtimes
 
 
-def test_query_side_prompt_float16_and_config_change_reruns(ray_local, minilm_path, tmp_path):
-    import ray
+def test_killed_run_resumes_only_missing_parts_identically(both_run, tmp_path):
+    """A run that died mid-stage (no manifest, some parts missing, one truncated) re-embeds exactly the
+    missing and damaged pieces; the result equals the uninterrupted run."""
+    import shutil
 
-    from raymine.embed import embed_stage
+    from raymine.embed import embed_tables
+
+    _, _, teacher, cfg, inputs, tmp, manifest = both_run
+    ref_ids, ref_emb = read_embeddings(inputs[0].out_uri, DOC_ID)
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    moved = [replace(s, out_uri=s.out_uri.replace(str(tmp / "out"), str(tmp_path / "out"))) for s in inputs]
+    os.remove(tmp_path / "out" / "_manifest.json")  # the driver died before finishing
+    os.remove(tmp_path / "out" / "corpus" / "part-00003.parquet")
+    os.remove(tmp_path / "out" / "queries" / "part-00001.parquet")
+    with open(tmp_path / "out" / "corpus" / "part-00007.parquet", "r+b") as f:  # an interrupted copy
+        f.truncate(100)
+    kept = {f: os.stat(f).st_mtime_ns for f in embedding_files(moved[0].out_uri) if "00007" not in f}
+    m = embed_tables(teacher, cfg, moved, str(tmp_path / "out"), input_key="k1")
+    assert m["counts"]["pieces"] == 3 and m["counts"]["parts_kept"] == 11 - 3  # 7 corpus + 1 query part kept
+    for f, t in kept.items():
+        assert os.stat(f).st_mtime_ns == t  # untouched
+    ids, emb = read_embeddings(moved[0].out_uri, DOC_ID)
+    assert list(ids) == list(ref_ids)
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
+    assert m["counts"]["passage_rows"] == 16 + 16 and m["counts"]["query_rows"] == 14
+
+
+def test_float16_storage_and_config_change_reruns(ray_local, minilm_path, tmp_path):
+    from raymine.embed import EmbedInput, embed_tables
     from raymine.encoders import Encoder
 
     rows = [{QUERY_ID: f"q{i}", TEXT: r[TEXT][:60]} for i, r in enumerate(corpus(30))]
-    ds = ray.data.from_items(rows)
-    teacher = TeacherConfig(model=minilm_path, query_prompt="query: ", passage_prompt="passage: ",
-                            storage_dtype="float16")
+    qpath = _write(rows, tmp_path / "q.parquet", 30)
+    teacher = TeacherConfig(model=minilm_path, query_prompt="query: ", storage_dtype="float16")
     cfg = EmbedConfig(num_actors=2, rows_per_block=8)
-    out = str(tmp_path / "queries")
-    m1 = embed_stage(ds, QUERY_ID, TEXT, teacher, cfg, "query", out)
-    assert m1["prompt"] == "query: " and m1["side"] == "query"
+    inputs = [EmbedInput("query", qpath, QUERY_ID, TEXT, str(tmp_path / "out" / "queries"))]
+    m1 = embed_tables(teacher, cfg, inputs, str(tmp_path / "out"), input_key="k")
+    assert m1["query_prompt"] == "query: "
+    out = inputs[0].out_uri
     assert pq.read_schema(embedding_files(out)[0]).field(EMBEDDING).type == pa.list_(pa.float16(), 384)
     ids, emb = read_embeddings(out, QUERY_ID)
     assert list(ids) == [r[QUERY_ID] for r in rows] and emb.dtype == np.float32
@@ -128,20 +168,21 @@ def test_query_side_prompt_float16_and_config_change_reruns(ray_local, minilm_pa
     np.testing.assert_allclose(emb, ref, atol=2e-3)  # float16 storage
 
     changed = replace(teacher, query_max_length=16)
-    m2 = embed_stage(ds, QUERY_ID, TEXT, changed, cfg, "query", out)
+    m2 = embed_tables(changed, cfg, inputs, str(tmp_path / "out"), input_key="k")
     assert m2["key"] != m1["key"] and m2["config"]["teacher"]["query_max_length"] == 16
     assert m2["counts"]["truncated"] > 0 and m1["counts"]["truncated"] == 0
 
 
 def test_bad_arguments_fail_before_any_work(ray_local, minilm_path, tmp_path):
-    import ray
+    from raymine.embed import EmbedInput, embed_tables
 
-    from raymine.embed import embed_stage
-
-    ds = ray.data.from_items([{DOC_ID: "a", TEXT: "x"}])
+    path = _write([{DOC_ID: "a", TEXT: "x"}], tmp_path / "c.parquet", 1)
     with pytest.raises(ValueError, match="side"):
-        embed_stage(ds, DOC_ID, TEXT, TeacherConfig(model=minilm_path), EmbedConfig(), "doc", str(tmp_path))
+        embed_tables(TeacherConfig(model=minilm_path), EmbedConfig(),
+                     [EmbedInput("doc", path, DOC_ID, TEXT, str(tmp_path / "o"))], str(tmp_path / "o"), "k")
     with pytest.raises(ValueError, match="dense"):
-        embed_stage(ds, DOC_ID, TEXT, TeacherConfig(kind="bm25"), EmbedConfig(), "passage", str(tmp_path))
-    with pytest.raises(ValueError, match="lacks column"):
-        embed_stage(ds, "pid", TEXT, TeacherConfig(model=minilm_path), EmbedConfig(), "passage", str(tmp_path))
+        embed_tables(TeacherConfig(kind="bm25"), EmbedConfig(),
+                     [EmbedInput("passage", path, DOC_ID, TEXT, str(tmp_path / "o"))], str(tmp_path / "o"), "k")
+    with pytest.raises(ValueError, match="missing"):
+        embed_tables(TeacherConfig(model=minilm_path), EmbedConfig(),
+                     [EmbedInput("passage", path, "pid", TEXT, str(tmp_path / "o"))], str(tmp_path / "o"), "k")

@@ -1,0 +1,104 @@
+"""Parquet tables as folders of parts, and the pieces workers read: the I/O every distributed stage shares.
+
+A *piece* is a slice of one row group of one Parquet file, planned from footers only (the driver never
+reads rows). Stages that resume per part map piece ``i`` of their input to output part ``i``
+(``part_name(i)``), so a re-run after a crash redoes only the pieces whose part is missing or damaged,
+and reading the output parts in name order gives the input order.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymine import storage
+
+PART = "part-{:05d}.parquet"
+
+
+def part_name(i: int) -> str:
+    return PART.format(i)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[lo, hi)`` of row group ``row_group`` of one Parquet file (path inside the URI's filesystem)."""
+
+    path: str
+    row_group: int
+    lo: int
+    hi: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+def list_parquet(uri: str) -> list[str]:
+    """Parquet files under ``uri`` (a file or a folder), in name order; ``_``/``.`` files skipped."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    if info.type == pafs.FileType.File:
+        return [path]
+    files = [
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if f.type == pafs.FileType.File
+        and f.path.endswith(".parquet")
+        and not any(p.startswith(("_", ".")) for p in os.path.relpath(f.path, path).split(os.sep))
+    ]
+    if not files:
+        raise FileNotFoundError(f"{uri}: no .parquet files")
+    return sorted(files)
+
+
+def row_groups(uri: str) -> list[tuple[str, int, int]]:
+    """[(path, row group, rows)] of a table in file-name order, from footers only."""
+    fs, _ = storage.resolve(uri)
+    out = []
+    for path in list_parquet(uri):
+        with fs.open_input_file(path) as f:
+            md = pq.ParquetFile(f).metadata
+            out.extend((path, g, md.row_group(g).num_rows) for g in range(md.num_row_groups))
+    return out
+
+
+def plan_pieces(uri: str, rows_per_piece: int) -> list[Piece]:
+    """Pieces of at most ``rows_per_piece`` rows covering the table in order (empty row groups skipped)."""
+    if rows_per_piece < 1:
+        raise ValueError(f"rows_per_piece must be >= 1, got {rows_per_piece}")
+    pieces = []
+    for path, g, n in row_groups(uri):
+        pieces.extend(Piece(path, g, lo, min(n, lo + rows_per_piece)) for lo in range(0, n, rows_per_piece))
+    return pieces
+
+
+def read_piece(uri: str, piece: Piece | dict, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of one piece (``uri`` names the table, for its filesystem)."""
+    p = piece if isinstance(piece, Piece) else Piece(**{k: piece[k] for k in ("path", "row_group", "lo", "hi")})
+    fs, _ = storage.resolve(uri)
+    with fs.open_input_file(p.path) as f:
+        table = pq.ParquetFile(f).read_row_group(p.row_group, columns=list(columns) if columns else None)
+    return table.slice(p.lo, p.rows)
+
+
+def write_part(table: pa.Table, folder_uri: str, i: int) -> str:
+    """Write ``table`` as part ``i`` of a folder table; returns its URI. Written under a temporary name and
+    moved into place, so a part that exists is complete."""
+    uri = storage.join(folder_uri, part_name(i))
+    fs, path = storage.resolve(uri)
+    fs.create_dir(os.path.dirname(path) if "://" not in uri else path.rsplit("/", 1)[0], recursive=True)
+    tmp = path + ".tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, path)
+    return uri
