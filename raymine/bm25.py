@@ -1,20 +1,43 @@
-"""BM25 as a sparse teacher, built on bm25s (no hand-written scoring).
+"""BM25 as a sparse teacher: one bm25s index in one process (:class:`BM25Teacher`), or sharded over Ray
+actors with corpus-wide statistics (:class:`ShardedBM25`), both giving what the dense teachers give the
+mining stage: per-query candidates (doc ids, scores, best first) optionally below a per-query score
+ceiling, and the score of any listed doc (positives).
 
-Gives what the dense teachers give the mining stage: per-query candidates (doc ids, scores,
-best first) optionally below a per-query score ceiling, and the score of any listed doc (positives).
 The ceiling search is exact: it masks the full score vector of each query before the top-k.
 Only documents that share at least one term with the query (score > 0) are candidates: lucene
 BM25 scores are never negative, a zero means no term overlap, and bm25s orders those arbitrarily.
-Ties are broken by corpus row (lower first), so results are deterministic.
+Ties are broken by doc id (smaller id string first), so no result depends on row order or sharding.
+
+Sharded BM25 (scores equal to one bm25s index over the whole corpus, bit for bit):
+1. one distributed pass: every shard's rows are tokenised with bm25s's tokenizer and counted
+   (:func:`count_terms`: document frequency per term, total length, number of docs);
+2. the driver sums those vocabulary-sized counts (:func:`sum_counts` → :class:`CorpusStats`);
+3. every shard actor builds its term-doc score matrix from the GLOBAL statistics
+   (:func:`build_shard_matrix`, the same float32/float64 arithmetic as bm25s), and scores a query
+   by adding the columns of its tokens in query order (:func:`query_scores`, as bm25s does);
+4. the ceiling is applied inside each shard; the per-shard lists merge exactly
+   (:func:`raymine.topk.merge_topk_by_id`).
+bm25s has no public way to take external statistics, hence steps 1–3 here (tested against bm25s).
+The maths (steps 1–3) is pure functions; only :class:`BM25Shard`'s driver handle imports Ray.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from raymine.config import TeacherConfig
+from raymine import storage
+from raymine.columns import DOC_ID, PASSAGE, TEXT, TITLE
+from raymine.config import SearchConfig, TeacherConfig, to_dict
+from raymine.topk import merge_topk_by_id
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +80,8 @@ class BM25Teacher:
 
     # -- index ----------------------------------------------------------------------------------
     def index(self, doc_ids: Sequence[str], texts: Sequence[str]) -> None:
-        """Build the index. Ids must be unique strings; texts non-empty (ingest drops empty ones)."""
+        """Build the index. Ids must be unique strings; texts non-empty (ingest drops empty ones).
+        Rows are kept in doc-id order, so ties (lower row first) break by id, not by input order."""
         import bm25s
 
         if len(doc_ids) != len(texts):
@@ -65,6 +89,9 @@ class BM25Teacher:
         if len(doc_ids) == 0:
             raise ValueError("cannot index an empty corpus")
         ids = np.asarray([str(d) for d in doc_ids], dtype=object)
+        order = np.argsort(ids.astype(str), kind="stable")  # rows in doc-id order: ties break by id
+        ids = ids[order]
+        texts = [texts[i] for i in order]
         row = {d: i for i, d in enumerate(ids)}
         if len(row) != len(ids):
             seen: set[str] = set()
@@ -72,7 +99,7 @@ class BM25Teacher:
             raise ValueError(f"duplicate doc id {dup!r} in the BM25 corpus")
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"document {ids[i]!r} (row {i}) has an empty text; ingest should have dropped it")
+                raise ValueError(f"document {ids[i]!r} has an empty text; ingest should have dropped it")
         tokens = self.tokenize(texts)
         retriever = bm25s.BM25(k1=self.cfg.bm25_k1, b=self.cfg.bm25_b, method=self.cfg.bm25_method)
         retriever.index(tokens, show_progress=False)
@@ -141,3 +168,428 @@ class BM25Teacher:
                 raise KeyError(f"query {i}: doc id {e.args[0]!r} is not in the BM25 index") from None
             out.append(self.full_scores(toks)[rows] if rows.size else np.zeros(0, dtype=np.float32))
         return out
+
+
+# ================================================================================================
+# Sharded BM25 with corpus-wide statistics — the maths (pure functions, no Ray)
+# ================================================================================================
+BM25S_DELTA = 0.5  # bm25s's default delta (BM25L / BM25+), what BM25Teacher's bm25s.BM25() uses
+METHODS = ("robertson", "lucene", "atire", "bm25l", "bm25+")
+_NONOCCURRENCE = ("bm25l", "bm25+")  # variants where a doc without the term still scores
+
+
+def tokenize(texts: Sequence[str], stopwords: str = "en") -> list[list[str]]:
+    """bm25s's tokenizer (lowercase, ``\\w\\w+`` tokens, stopword list name or '' for none)."""
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords=stopwords or None, return_ids=False, show_progress=False)
+
+
+@dataclass(frozen=True)
+class TermCounts:
+    """Term statistics of one set of rows (one shard): what the driver sums. Vocabulary-sized."""
+
+    terms: tuple[str, ...]  # [v] the terms occurring in these rows
+    df: np.ndarray  # int64 [v] rows containing each term
+    num_docs: int
+    total_len: int  # sum of the rows' lengths in tokens
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    """Corpus-wide BM25 statistics: number of docs, total length, document frequency per term."""
+
+    num_docs: int
+    total_len: int
+    df: dict[str, int]
+
+    @property
+    def avgdl(self) -> float:
+        # = np.mean(lengths) exactly as bm25s computes it (an integer sum < 2**53 is exact in float64)
+        return float(np.float64(self.total_len) / np.float64(self.num_docs)) if self.num_docs else 0.0
+
+
+def count_terms(token_lists: Sequence[Sequence[str]]) -> TermCounts:
+    """Document frequencies and lengths of tokenised rows."""
+    df: dict[str, int] = {}
+    total = 0
+    for toks in token_lists:
+        total += len(toks)
+        for t in set(toks):
+            df[t] = df.get(t, 0) + 1
+    return TermCounts(tuple(df), np.fromiter(df.values(), np.int64, len(df)), len(token_lists), total)
+
+
+def sum_counts(parts: Iterable[TermCounts]) -> CorpusStats:
+    """Driver side: the corpus statistics as the sum of the shards' counts."""
+    df: dict[str, int] = {}
+    n = total = 0
+    for p in parts:
+        n += p.num_docs
+        total += p.total_len
+        for t, c in zip(p.terms, p.df.tolist(), strict=True):
+            df[t] = df.get(t, 0) + c
+    return CorpusStats(n, total, df)
+
+
+def idf(df: int, n: int, method: str) -> float:
+    """Inverse document frequency of bm25s's variants (Kamphuis et al., ECIR 2020), in float64."""
+    if method == "robertson":
+        return math.log(max((n - df + 0.5) / (df + 0.5), 1.0))  # bm25s clamps the inner ratio at 1
+    if method == "lucene":
+        return math.log(1 + (n - df + 0.5) / (df + 0.5))
+    if method == "atire":
+        return math.log(n / df)
+    if method == "bm25l":
+        return math.log((n + 1) / (df + 0.5))
+    if method == "bm25+":
+        return math.log((n + 1) / df)
+    raise ValueError(f"bm25_method must be one of {METHODS}, got {method!r}")
+
+
+def tf_component(tf: Any, l_d: Any, l_avg: float, k1: float, b: float, method: str, delta: float = BM25S_DELTA):
+    """Term-frequency component of bm25s's variants, with bm25s's operation order and dtypes (tf float32,
+    lengths int, ``l_avg`` numpy float64: mostly float64, ``tf * (k1 + 1)`` float32)."""
+    if method in ("robertson", "lucene"):
+        return tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf)
+    if method == "atire":
+        return (tf * (k1 + 1)) / (tf + k1 * (1 - b + b * l_d / l_avg))
+    if method == "bm25l":
+        c = tf / (1 - b + b * l_d / l_avg)
+        return ((k1 + 1) * (c + delta)) / (k1 + c + delta)
+    if method == "bm25+":
+        return ((k1 + 1) * tf) / (k1 * (1 - b + b * l_d / l_avg) + tf) + delta
+    raise ValueError(f"bm25_method must be one of {METHODS}, got {method!r}")
+
+
+def nonoccurrence(df: int, stats: CorpusStats, k1: float, b: float, method: str,
+                  delta: float = BM25S_DELTA) -> np.float32:
+    """BM25L/BM25+: the score a doc gets for a query term it lacks (bm25s's non-occurrence array)."""
+    l_avg = np.float64(stats.avgdl)
+    return np.float32(idf(df, stats.num_docs, method) * tf_component(0, l_avg, l_avg, k1, b, method, delta))
+
+
+@dataclass
+class ShardMatrix:
+    """One shard's precomputed BM25 scores as a term-major sparse matrix (CSC over docs × terms):
+    column ``vocab[t]`` holds the (row, score) pairs of the rows containing term t, rows ascending."""
+
+    vocab: dict[str, int]  # term -> column
+    indptr: np.ndarray  # int64 [v + 1]
+    rows: np.ndarray  # int32 [nnz]
+    data: np.ndarray  # float32 [nnz]
+    num_docs: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.rows.nbytes + self.data.nbytes
+
+
+def build_shard_matrix(token_lists: Sequence[Sequence[str]], stats: CorpusStats, k1: float, b: float,
+                       method: str, delta: float = BM25S_DELTA) -> ShardMatrix:
+    """Per (row, term) score ``idf(global df, global N) · tfc(tf, row length, global avgdl)``.
+
+    The arithmetic copies bm25s's (float32 idf and tf, float64 tfc, float32 result; BM25L/BM25+
+    subtract the non-occurrence score), so a shard's scores equal the single-index ones bit for bit."""
+    if method not in METHODS:
+        raise ValueError(f"bm25_method must be one of {METHODS}, got {method!r}")
+    n = len(token_lists)
+    vocab: dict[str, int] = {}
+    cols: list[int] = []
+    lens = np.fromiter((len(t) for t in token_lists), np.int64, n)  # [n]
+    for toks in token_lists:
+        for t in toks:
+            c = vocab.get(t)
+            if c is None:
+                if t not in stats.df:
+                    raise ValueError(f"term {t!r} is missing from the corpus statistics (stats of another corpus?)")
+                c = vocab[t] = len(vocab)
+            cols.append(c)
+    v = len(vocab)
+    doc = np.repeat(np.arange(n, dtype=np.int64), lens)  # [total tokens]
+    key = doc * max(v, 1) + np.asarray(cols, np.int64)
+    uniq, tf = np.unique(key, return_counts=True)  # sorted by (row, term): one entry per pair
+    row = uniq // max(v, 1)
+    col = uniq % max(v, 1)
+    terms = list(vocab)
+    idf32 = np.array([idf(stats.df[t], stats.num_docs, method) for t in terms], np.float32)  # [v]
+    l_avg = np.float64(stats.avgdl)
+    # tf stays float32 as in bm25s: numpy's promotion then decides, as there, which steps run in float32
+    tfc = tf_component(tf.astype(np.float32), lens[row], l_avg, k1, b, method, delta)
+    score = idf32[col].astype(np.float64) * tfc  # float64, as bm25s
+    if method in _NONOCCURRENCE:
+        nonocc = np.array([nonoccurrence(stats.df[t], stats, k1, b, method, delta) for t in terms], np.float32)
+        score = score - nonocc[col].astype(np.float64)
+    order = np.argsort(col, kind="stable")  # term-major, rows ascending within a term
+    indptr = np.zeros(v + 1, np.int64)
+    np.cumsum(np.bincount(col, minlength=v), out=indptr[1:])
+    return ShardMatrix(vocab, indptr, row[order].astype(np.int32), score[order].astype(np.float32), n)
+
+
+def query_scores(m: ShardMatrix, tokens: Sequence[str], nonocc: dict[str, np.float32] | None = None) -> np.ndarray:
+    """BM25 score of every shard row for one tokenised query → float32 [num_docs].
+
+    Columns are added in query-token order (repeated tokens count again), as bm25s does; ``nonocc``
+    (BM25L/BM25+: term → non-occurrence score over the GLOBAL vocabulary) adds its sum to every row."""
+    s = np.zeros(m.num_docs, np.float32)
+    for t in tokens:
+        c = m.vocab.get(t)
+        if c is not None:
+            lo, hi = m.indptr[c], m.indptr[c + 1]
+            s[m.rows[lo:hi]] += m.data[lo:hi]  # rows unique within a column: = np.add.at
+    if nonocc is not None:
+        extra = np.array([nonocc[t] for t in tokens if t in nonocc], np.float32)
+        s += extra.sum()  # the same float32 sum bm25s takes over the query's ids
+    return s
+
+
+def search_rows(scores: np.ndarray, k: int, ceiling: float) -> tuple[np.ndarray, int]:
+    """(rows of the top-k with 0 < score < ceiling, ties by lower row; docs scoring ``>= ceiling``)."""
+    rows = top_k_rows(scores, k, ceiling)
+    above = 0 if np.isposinf(ceiling) else int((scores >= ceiling).sum())
+    return rows, above
+
+
+# ================================================================================================
+# Parquet corpus and the shard actor body
+# ================================================================================================
+def corpus_layout(uri: str) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """(columns to read, [(path, row_group, num_rows)...]) of a corpus table, from metadata only.
+
+    Reads ``DOC_ID`` + ``PASSAGE`` when every file has it, else ``DOC_ID`` + ``TEXT`` (+ ``TITLE``)."""
+    from raymine.index import list_parquet
+
+    fs, _ = storage.resolve(uri)
+    schemas, groups = [], []
+    for path in list_parquet(uri):
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            schemas.append((path, set(pf.schema_arrow.names)))
+            for g in range(pf.metadata.num_row_groups):
+                groups.append((path, g, pf.metadata.row_group(g).num_rows))
+    if all(PASSAGE in names for _, names in schemas):
+        cols = [DOC_ID, PASSAGE]
+    else:
+        cols = [DOC_ID, TEXT] + ([TITLE] if all(TITLE in names for _, names in schemas) else [])
+    for path, names in schemas:
+        if missing := [c for c in cols if c not in names]:
+            raise ValueError(f"{path}: corpus column(s) {missing} missing (has {sorted(names)})")
+    return cols, groups
+
+
+def read_passages(uri: str, pieces: Sequence[Any], cols: Sequence[str]) -> tuple[pa.Array, list[str]]:
+    """(doc ids string array, passage texts) of the rows in ``pieces`` (``raymine.index.Piece``)."""
+    from raymine.ingest import passage_text
+
+    fs, _ = storage.resolve(uri)
+    ids: list[pa.Array] = []
+    texts: list[str] = []
+    for p in pieces:
+        with fs.open_input_file(p.path) as f:
+            t = pq.ParquetFile(f).read_row_group(p.row_group, columns=list(cols)).slice(p.lo, p.hi - p.lo)
+        if t.column(DOC_ID).null_count:
+            raise ValueError(f"{p.path} row group {p.row_group}: null {DOC_ID}")
+        ids.append(t.column(DOC_ID).combine_chunks().cast(pa.string()))
+        if PASSAGE in cols:
+            part = t.column(PASSAGE).to_pylist()
+        else:
+            titles = t.column(TITLE).to_pylist() if TITLE in cols else [None] * t.num_rows
+            part = [passage_text(ti, tx) if tx is not None else None
+                    for ti, tx in zip(titles, t.column(TEXT).to_pylist(), strict=True)]
+        bad = [j for j, x in enumerate(part) if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ValueError(f"{p.path} row group {p.row_group}: {len(bad)} empty/null texts (first doc "
+                             f"{ids[-1][bad[0]].as_py()!r}); ingest drops them")
+        texts.extend(part)
+    return (pa.concat_arrays(ids) if ids else pa.array([], pa.string())), texts
+
+
+def count_shard(uri: str, pieces: Sequence[Any], cols: Sequence[str], stopwords: str) -> TermCounts:
+    """Step 1 for one shard (a Ray task body): read, tokenise, count."""
+    _, texts = read_passages(uri, pieces, cols)
+    return count_terms(tokenize(texts, stopwords))
+
+
+class BM25Shard:
+    """One shard: its rows (kept in doc-id order) scored with the corpus-wide statistics."""
+
+    def __init__(self, uri: str, pieces: list[Any], cols: list[str], teacher_cfg: dict[str, Any],
+                 stats: CorpusStats) -> None:
+        import pyarrow.compute as pc
+
+        t0 = time.time()
+        cfg = TeacherConfig(**teacher_cfg)
+        ids, texts = read_passages(uri, pieces, cols)
+        order = pc.sort_indices(ids).to_numpy()  # UTF-8 byte order = code-point order
+        self.doc_ids = ids.take(pa.array(order))  # [n] sorted
+        names = self.doc_ids.to_numpy(zero_copy_only=False).astype(str)
+        if names.size > 1 and (dup := names[1:] == names[:-1]).any():
+            raise ValueError(f"duplicate doc id {str(names[1:][dup][0])!r} in the BM25 corpus ({uri})")
+        self._sorted = names  # [n] fixed-width unicode, for searchsorted lookups
+        tokens = tokenize([texts[i] for i in order], cfg.bm25_stopwords)
+        del texts
+        self.matrix = build_shard_matrix(tokens, stats, cfg.bm25_k1, cfg.bm25_b, cfg.bm25_method)
+        del tokens
+        self.nonocc = ({t: nonoccurrence(d, stats, cfg.bm25_k1, cfg.bm25_b, cfg.bm25_method) for t, d in stats.df.items()}
+                       if cfg.bm25_method in _NONOCCURRENCE else None)  # vocabulary-sized, BM25L/BM25+ only
+        self.num_docs = len(names)
+        self.build_s = time.time() - t0
+
+    def info(self) -> dict[str, Any]:
+        import resource
+
+        return {"num_docs": self.num_docs, "terms": len(self.matrix.vocab), "matrix_mb": round(self.matrix.nbytes / 2**20, 2),
+                "build_s": round(self.build_s, 3), "pid": os.getpid(),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+
+    def search(self, token_lists: list[list[str]], k: int, ceilings: np.ndarray | None):
+        """Shard top-k: ``(scores f32 [nq,k'], doc ids object [nq,k'], above int64 [nq])``, k' = min(k, n)."""
+        nq = len(token_lists)
+        kk = max(0, min(k, self.num_docs))
+        out_s = np.full((nq, kk), -np.inf, np.float32)
+        out_i = np.full((nq, kk), "", object)
+        above = np.zeros(nq, np.int64)
+        if self.num_docs == 0:
+            return out_s, out_i, above
+        for q, toks in enumerate(token_lists):
+            s = query_scores(self.matrix, toks, self.nonocc)  # [n]
+            rows, above[q] = search_rows(s, kk, np.inf if ceilings is None else float(ceilings[q]))
+            out_s[q, : rows.size] = s[rows]
+            out_i[q, : rows.size] = self._sorted[rows]
+        return out_s, out_i, above
+
+    def lookup(self, token_lists: list[list[str]], qidx: np.ndarray, doc_ids: list[str]) -> np.ndarray:
+        """Score of doc ``doc_ids[j]`` for query ``qidx[j]``; NaN for ids not in this shard. [m]"""
+        out = np.full(len(doc_ids), np.nan, np.float32)
+        if self.num_docs == 0 or not doc_ids:
+            return out
+        want = np.asarray(doc_ids, dtype=str)
+        rows = np.minimum(np.searchsorted(self._sorted, want), self.num_docs - 1)  # [m]
+        hit = self._sorted[rows] == want
+        for q in np.unique(qidx[hit]):
+            sel = hit & (qidx == q)
+            out[sel] = query_scores(self.matrix, token_lists[q], self.nonocc)[rows[sel]]
+        return out
+
+
+# ================================================================================================
+# Driver-side handle (picklable: actor handles + metadata; every call is stateless)
+# ================================================================================================
+class ShardedBM25:
+    """S BM25 shard actors over one corpus, scores equal to one bm25s index over the whole corpus.
+
+    Same client interface as :class:`raymine.index.ShardedIndex` (``search_batch``, ``lookup_scores``,
+    ``num_docs``, ``exact``, ``close``, context manager); the payload is query texts. Use
+    :meth:`from_parquet`. The driver holds the vocabulary-sized statistics only while building."""
+
+    exact = True
+
+    def __init__(self, actors: list, sizes: list[int], teacher_cfg: TeacherConfig, cfg: SearchConfig, uri: str,
+                 infos: list[dict[str, Any]], stats_ref: Any = None) -> None:
+        self.actors = actors
+        self.sizes = sizes
+        self.teacher_cfg = teacher_cfg
+        self.cfg = cfg
+        self.uri = uri
+        self.infos = infos
+        self._stats_ref = stats_ref  # keeps the actors' constructor argument alive (restarts rebuild from it)
+
+    @classmethod
+    def from_parquet(cls, corpus_uri: str, teacher_cfg: TeacherConfig, cfg: SearchConfig,
+                     shard_rows: Sequence[int] | None = None) -> ShardedBM25:
+        """Count (one Ray task per shard), sum the counts, start ``cfg.num_shards`` shard actors.
+
+        ``corpus_uri``: a Parquet file or folder with ``DOC_ID`` and ``PASSAGE`` (else TITLE/TEXT).
+        ``shard_rows`` overrides the balanced split (rows per shard, consecutive in file-name order)."""
+        import ray
+
+        from raymine.index import balanced_sizes, plan_shards
+
+        if teacher_cfg.kind != "bm25":
+            raise ValueError(f"ShardedBM25 needs a teacher of kind 'bm25', got {teacher_cfg.kind!r}")
+        if teacher_cfg.bm25_method not in METHODS:
+            raise ValueError(f"bm25_method must be one of {METHODS}, got {teacher_cfg.bm25_method!r}")
+        t0 = time.time()
+        cols, groups = corpus_layout(corpus_uri)
+        total = sum(n for *_, n in groups)
+        if total == 0:
+            raise ValueError(f"{corpus_uri}: cannot index an empty corpus")
+        sizes = list(shard_rows) if shard_rows is not None else balanced_sizes(total, cfg.num_shards)
+        plans = plan_shards(groups, sizes)
+        count = ray.remote(count_shard).options(num_cpus=cfg.num_cpus_per_shard, max_retries=3)
+        stats = sum_counts(ray.get([count.remote(corpus_uri, p, cols, teacher_cfg.bm25_stopwords) for p in plans]))
+        t1 = time.time()
+        stats_ref = ray.put(stats)
+        del stats
+        # a shard that dies restarts and rebuilds the same rows from Parquet and the same statistics
+        remote = ray.remote(BM25Shard).options(num_cpus=cfg.num_cpus_per_shard, max_restarts=-1, max_task_retries=-1)
+        tcfg = to_dict(teacher_cfg)
+        actors = [remote.remote(corpus_uri, p, cols, tcfg, stats_ref) for p in plans]
+        infos = ray.get([a.info.remote() for a in actors])
+        log.info("bm25: %d shards %s of %d docs, %d terms; counted in %.1f s, built in %.1f s", len(actors), sizes,
+                 total, sum(i["terms"] for i in infos), t1 - t0, time.time() - t1)
+        return cls(actors, sizes, teacher_cfg, cfg, corpus_uri, infos, stats_ref)
+
+    @property
+    def num_docs(self) -> int:
+        return int(sum(self.sizes))
+
+    def __enter__(self) -> ShardedBM25:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
+        return tokenize(texts, self.teacher_cfg.bm25_stopwords)
+
+    def search_batch(self, texts: Sequence[str], k: int, ceilings: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Global top-``k`` of each query text below its ceiling (+inf = none): ``(scores f32 [nq,k],
+        doc ids object [nq,k] ("" / -inf missing), above int64 [nq], short)``. ``above``: corpus docs
+        scoring ``>= ceiling`` (exact); ``short`` is always 0 (the search is exact)."""
+        import ray
+
+        nq = len(texts)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        c = None
+        if ceilings is not None:
+            c = np.asarray(ceilings, np.float32).reshape(-1)
+            if c.shape[0] != nq:
+                raise ValueError(f"{c.shape[0]} ceilings for {nq} queries")
+            if np.isnan(c).any():
+                raise ValueError("ceilings contain NaN; use +inf for 'no ceiling'")
+        toks = ray.put(self.tokenize(texts))
+        parts = ray.get([a.search.remote(toks, k, c) for a in self.actors])
+        s, ids = merge_topk_by_id([p[0] for p in parts], [p[1] for p in parts], k)
+        above = np.sum([p[2] for p in parts], axis=0).astype(np.int64)
+        return s, ids, above, 0
+
+    def lookup_scores(self, texts: Sequence[str], doc_ids: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """BM25 score of query i with each doc in ``doc_ids[i]`` → one float32 array per query; NaN for an
+        id held by no shard (the caller counts it)."""
+        import ray
+
+        if len(doc_ids) != len(texts):
+            raise ValueError(f"{len(doc_ids)} doc-id lists for {len(texts)} queries")
+        lens = np.fromiter((len(d) for d in doc_ids), np.int64, len(doc_ids))
+        flat = [str(d) for ds in doc_ids for d in ds]
+        qidx = np.repeat(np.arange(len(texts)), lens)  # [m]
+        toks = ray.put(self.tokenize(texts))
+        parts = ray.get([a.lookup.remote(toks, qidx, flat) for a in self.actors])
+        found = np.sum([~np.isnan(p) for p in parts], axis=0)
+        if (found > 1).any():
+            dup = sorted({flat[j] for j in np.flatnonzero(found > 1)})[:5]
+            raise ValueError(f"doc ids held by several shards (duplicate ids in the corpus): {dup}")
+        merged = np.full(len(flat), np.nan, np.float32)
+        for p in parts:
+            merged = np.where(np.isnan(p), merged, p)
+        return np.split(merged, np.cumsum(lens)[:-1]) if len(lens) else []

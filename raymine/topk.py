@@ -95,6 +95,44 @@ def merge_topk(
     return s, i
 
 
+def merge_topk_by_id(
+    scores_list: Sequence[np.ndarray], ids_list: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top lists keyed by the user's string ids: ties by the smaller id string.
+
+    scores_list[i] float32 ``[nq, k_i]``, ids_list[i] object ``[nq, k_i]`` ("" = missing). Returns
+    ``(scores [nq,k] float32, ids object [nq,k])`` sorted descending, ties by id (code-point order, what
+    ``sorted`` gives), missing as ``(-inf, "")``. Equal to a top-k over the whole corpus with the same tie
+    rule when every shard returned its own top-k under that rule; independent of row order and of how
+    the corpus was split into shards."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if len(scores_list) != len(ids_list) or not scores_list:
+        raise ValueError("scores_list and ids_list must be non-empty and of equal length")
+    nq = np.asarray(scores_list[0]).shape[0]
+    for s, i in zip(scores_list, ids_list, strict=True):
+        if np.ndim(s) != 2 or np.shape(s) != np.shape(i) or np.shape(s)[0] != nq:
+            raise ValueError(f"each scores/ids pair must be [nq={nq}, k_i]; got {np.shape(s)} and {np.shape(i)}")
+    scores = np.concatenate([np.asarray(s, np.float32) for s in scores_list], axis=1)  # [nq, sum k_i]
+    ids = np.concatenate([np.asarray(i, object) for i in ids_list], axis=1)  # [nq, sum k_i]
+    missing = ids == ""
+    if np.isnan(scores[~missing]).any():
+        raise ValueError("scores contain NaN")
+    key_s = np.where(missing, np.inf, -scores)  # ascending sort of -score = descending score
+    key_i = ids.astype(str) if ids.size else np.empty(ids.shape, str)  # fixed-width unicode: sortable
+    order = np.lexsort((key_i, key_s), axis=1)[:, :k]  # [nq, min(k, sum k_i)]
+    out_s = np.take_along_axis(scores, order, axis=1)
+    out_i = np.take_along_axis(ids, order, axis=1)
+    miss = np.take_along_axis(missing, order, axis=1)
+    out_s[miss] = -np.inf
+    out_i[miss] = ""
+    pad = k - order.shape[1]
+    if pad > 0:
+        out_s = np.concatenate([out_s, np.full((nq, pad), -np.inf, np.float32)], axis=1)  # [nq, k]
+        out_i = np.concatenate([out_i, np.full((nq, pad), "", object)], axis=1)  # [nq, k]
+    return out_s.astype(np.float32, copy=False), out_i.astype(object, copy=False)
+
+
 # ------------------------------------------------------------------------------------------------
 def masked_topk(
     scores: np.ndarray, k: int, ceilings: np.ndarray | None = None, return_above: bool = False

@@ -1,4 +1,5 @@
-"""BM25 teacher: hand-computed lucene scores, agreement with bm25s's own retrieve, exact ceiling search."""
+"""BM25 teacher: hand-computed lucene scores, agreement with bm25s's own retrieve, exact ceiling search;
+sharded BM25 (corpus-wide statistics) against one bm25s index over the whole corpus."""
 from __future__ import annotations
 
 import gzip
@@ -8,10 +9,24 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from raymine.bm25 import BM25Teacher, top_k_rows
-from raymine.config import TeacherConfig
+from raymine.bm25 import (
+    METHODS,
+    BM25Teacher,
+    ShardedBM25,
+    build_shard_matrix,
+    count_terms,
+    nonoccurrence,
+    query_scores,
+    sum_counts,
+    tokenize,
+    top_k_rows,
+)
+from raymine.columns import DOC_ID, PASSAGE, TEXT, TITLE
+from raymine.config import SearchConfig, TeacherConfig
 
 SCIFACT = Path(__file__).resolve().parents[1] / "data" / "scifact"
 TINY = ["apple banana apple", "banana cherry", "cherry cherry cherry date", "egg", "banana cherry"]
@@ -47,10 +62,10 @@ def test_scores_match_the_lucene_definition(k1, b):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_search_orders_ties_by_row_and_pads_missing():
+def test_search_orders_ties_by_id_and_pads_missing():
     t = tiny_teacher()
     ids, scores = t.search(["banana cherry", "zebra", "egg"], k=4)
-    # d1 and d4 have identical text: tie, lower row first
+    # d1 and d4 have identical text: tie, smaller id first
     assert ids[0].tolist()[:2] == ["d1", "d4"] and scores[0, 0] == scores[0, 1]
     assert np.all(np.diff(scores[0][np.isfinite(scores[0])]) <= 0)
     # zero-overlap docs are not candidates: "" and -inf fill the rest
@@ -138,16 +153,16 @@ def test_ceiling_search_equals_brute_force_mask(scifact):
         masked = np.where((s > 0) & (s < ceilings[q]), s, -np.inf)
         order = np.lexsort((np.arange(len(s)), -masked))[:k]
         order = order[np.isfinite(masked[order])]
-        want_ids = [ids[i] for i in order] + [""] * (k - len(order))
+        want_ids = [teacher.doc_ids[i] for i in order] + [""] * (k - len(order))  # rows in doc-id order
         assert got_ids[q].tolist() == want_ids
         np.testing.assert_array_equal(got_scores[q][: len(order)], s[order])
         assert np.all(got_scores[q] < ceilings[q])
 
 
 def test_score_lists_and_errors(scifact):
-    teacher, ids, _, queries = scifact
+    teacher, ids, texts, queries = scifact
     got = teacher.score(queries[:2], [[ids[5], ids[0], ids[5]], []])
-    full = teacher.full_scores(teacher.tokenize(queries[:1])[0])
+    full = bm25s_reference(texts, "lucene")(tokenize(queries[:1], "en")[0])  # independent: bm25s, input rows
     np.testing.assert_array_equal(got[0], full[[5, 0, 5]])
     assert got[1].shape == (0,) and got[0].dtype == np.float32
     with pytest.raises(KeyError, match="not in the BM25 index"):
@@ -166,3 +181,140 @@ def test_index_rejects_bad_corpus():
         t.index(["a", "b"], ["x y", "  "])
     with pytest.raises(ValueError, match="kind 'bm25'"):
         BM25Teacher(TeacherConfig())
+
+
+def test_ties_break_by_id_whatever_the_input_order():
+    t = BM25Teacher(TeacherConfig(kind="bm25", bm25_stopwords=""))
+    t.index(["z9", "a1", "m5"], ["banana cherry", "banana cherry", "banana"])  # z9, a1 tie
+    ids, _ = t.search(["banana cherry"], k=3)
+    assert ids[0].tolist() == ["a1", "z9", "m5"]
+    assert t.score(["banana cherry"], [["z9", "a1"]])[0][0] == t.score(["banana cherry"], [["a1"]])[0][0]
+
+
+# --- sharded BM25: corpus-wide statistics, scores equal to one bm25s index ----------------------
+def bm25s_reference(texts: list[str], method: str, k1: float = 1.5, b: float = 0.75, stopwords="en"):
+    """One bm25s index over the whole corpus; returns a function tokens -> scores [n] (row order)."""
+    import bm25s
+
+    ref = bm25s.BM25(k1=k1, b=b, method=method)
+    ref.index(bm25s.tokenize(texts, stopwords=stopwords or None, show_progress=False), show_progress=False)
+    return lambda toks: np.asarray(ref.get_scores_from_ids(ref.get_tokens_ids(toks)), np.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shard_scores_from_global_stats_equal_bm25s(scifact, method):
+    """Pure maths, no Ray: every split (uneven, an empty shard, a 1-doc shard) scores bit for bit as bm25s."""
+    _, _, texts, queries = scifact
+    score = bm25s_reference(texts, method, k1=1.2, b=0.6)
+    toks = tokenize(texts, "en")
+    qtoks = tokenize(queries, "en")
+    want = np.stack([score(q) for q in qtoks])  # [nq, n]
+    for sizes in [(1500,), (700, 0, 800), (1, 1499), (300, 301, 299, 600)]:
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        parts = [toks[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        stats = sum_counts(count_terms(p) for p in parts)
+        assert stats.num_docs == 1500 and stats.total_len == sum(map(len, toks))
+        mats = [build_shard_matrix(p, stats, 1.2, 0.6, method) for p in parts]
+        nonocc = ({t: nonoccurrence(d, stats, 1.2, 0.6, method) for t, d in stats.df.items()}
+                  if method in ("bm25l", "bm25+") else None)
+        got = np.stack([np.concatenate([query_scores(m, q, nonocc) for m in mats]) for q in qtoks])
+        np.testing.assert_array_equal(got, want)
+    assert (want > 0).sum() > 1000
+
+
+def test_sum_counts_and_bad_stats():
+    a, b = count_terms([["x", "y", "x"], []]), count_terms([["y"]])
+    stats = sum_counts([a, b])
+    assert stats.df == {"x": 1, "y": 2} and stats.num_docs == 3 and stats.total_len == 4
+    with pytest.raises(ValueError, match="missing from the corpus statistics"):
+        build_shard_matrix([["zzz"]], stats, 1.5, 0.75, "lucene")
+    with pytest.raises(ValueError, match="bm25_method"):
+        build_shard_matrix([["x"]], stats, 1.5, 0.75, "bm26")
+
+
+def write_corpus(folder: Path, ids: list[str], texts: list[str], splits=(0.4, 0.45, 1.0), passage=True,
+                 row_group=None) -> str:
+    """A corpus as several Parquet files (the ingest layout: PASSAGE, or TITLE/TEXT without it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = [0] + [int(len(ids) * s) for s in splits]
+    for f, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        cols = {DOC_ID: ids[lo:hi]}
+        if passage:
+            cols |= {PASSAGE: texts[lo:hi], TEXT: ["unused"] * (hi - lo)}
+        else:  # title + " " + text = the passage (passage_text)
+            cols |= {TITLE: [t.split(" ", 1)[0] for t in texts[lo:hi]],
+                     TEXT: [t.split(" ", 1)[1] if " " in t else "" for t in texts[lo:hi]]}
+        pq.write_table(pa.table(cols), folder / f"part-{f:05d}.parquet", row_group_size=row_group)
+    return str(folder)
+
+
+def reference_topk(full: np.ndarray, ids: np.ndarray, k: int, ceiling: float) -> tuple[list[str], np.ndarray]:
+    """Independent top-k: candidates 0 < score < ceiling, score descending, ties by id string."""
+    keep = np.flatnonzero((full > 0) & (full < ceiling))
+    order = sorted(keep.tolist(), key=lambda r: (-full[r], ids[r]))[:k]
+    return [ids[r] for r in order], full[order]
+
+
+@pytest.fixture(scope="module")
+def shuffled_corpus(scifact, tmp_path_factory):
+    """SciFact's first 1500 docs in a shuffled row order, with duplicated texts (ties) under other ids."""
+    _, ids, texts, queries = scifact
+    rng = np.random.default_rng(0)
+    ids = list(ids) + [f"dup-{i}" for i in range(40)]
+    texts = list(texts) + [texts[i] for i in range(0, 400, 10)]  # twins: tied scores, broken by id
+    perm = rng.permutation(len(ids))
+    ids = [ids[i] for i in perm]
+    texts = [texts[i] for i in perm]
+    return ids, texts, queries, tmp_path_factory.mktemp("bm25corpus")
+
+
+@pytest.mark.parametrize("shards,passage", [(1, True), (3, True), (4, False)])
+def test_sharded_bm25_equals_single_index(ray_local, shuffled_corpus, shards, passage):
+    ids, texts, queries, tmp = shuffled_corpus
+    n = len(ids)
+    uri = write_corpus(tmp / f"c{shards}{passage}", ids, texts, passage=passage, row_group=200)
+    shard_rows = {1: [n], 3: [0, 17, n - 17], 4: [600, 1, 0, n - 601]}[shards]  # uneven, an empty shard
+    score = bm25s_reference(texts, "lucene")
+    full = np.stack([score(q) for q in tokenize(queries, "en")])  # [nq, n], rows = input order
+    id_arr = np.array(ids, object)
+    rng = np.random.default_rng(shards)
+    ceil = np.array([np.sort(f[f > 0])[::-1][min(int(rng.integers(0, 15)), int((f > 0).sum()) - 1)]
+                     if (f > 0).any() else 1.0 for f in full], np.float32)
+    ceil[::4] = np.inf
+    cfg = SearchConfig(num_shards=shards)
+    with ShardedBM25.from_parquet(uri, TeacherConfig(kind="bm25"), cfg, shard_rows=shard_rows) as index:
+        assert index.num_docs == n and index.exact and [i["num_docs"] for i in index.infos] == shard_rows
+        for k, c in [(10, None), (30, ceil), (n + 3, ceil)]:
+            s, got, above, short = index.search_batch(queries, k, c)
+            assert s.shape == got.shape == (len(queries), k) and s.dtype == np.float32 and short == 0
+            for q in range(len(queries)):
+                cq = np.inf if c is None else float(c[q])
+                want_ids, want_s = reference_topk(full[q], id_arr, k, cq)
+                assert got[q].tolist() == want_ids + [""] * (k - len(want_ids))
+                np.testing.assert_array_equal(s[q, : len(want_ids)], want_s)
+                assert np.isneginf(s[q, len(want_ids):]).all()
+                assert above[q] == (0 if np.isposinf(cq) else int((full[q] >= cq).sum()))
+        # ties really occur here (twin texts), so the id rule is exercised
+        assert any(len(set(s[q][np.isfinite(s[q])])) < np.isfinite(s[q]).sum() for q in range(len(queries)))
+        # positive scores: exact, NaN for an unknown id
+        lists = [[ids[3], "nope", ids[n - 1]], []] + [[ids[q]] for q in range(2, len(queries))]
+        got = index.lookup_scores(queries, lists)
+        np.testing.assert_array_equal(got[0], [full[0, 3], np.nan, full[0, n - 1]])
+        assert got[1].shape == (0,) and all(g[0] == full[q, q] for q, g in enumerate(got) if q >= 2)
+        with pytest.raises(ValueError, match="ceilings"):
+            index.search_batch(queries[:2], 3, np.array([1.0]))
+
+
+def test_sharded_bm25_bad_input(ray_local, tmp_path):
+    cfg = SearchConfig(num_shards=2)
+    uri = write_corpus(tmp_path / "dup", ["a", "b", "a"], ["x y", "y z", "z w"], splits=(1.0,))
+    with pytest.raises(Exception, match="duplicate doc id 'a'"):
+        ShardedBM25.from_parquet(uri, TeacherConfig(kind="bm25"), SearchConfig(num_shards=1))
+    uri = write_corpus(tmp_path / "empty", ["a", "b"], ["x y", "  "], splits=(1.0,))
+    with pytest.raises(Exception, match="empty/null texts"):
+        ShardedBM25.from_parquet(uri, TeacherConfig(kind="bm25"), cfg)
+    pq.write_table(pa.table({DOC_ID: ["a"], "body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="missing"):
+        ShardedBM25.from_parquet(str(tmp_path / "bad.parquet"), TeacherConfig(kind="bm25"), cfg)
+    with pytest.raises(ValueError, match="kind 'bm25'"):
+        ShardedBM25.from_parquet(uri, TeacherConfig(), cfg)
