@@ -64,193 +64,417 @@ def _tcol(col: str, teacher: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Arrow <-> padded numpy
+# Arrow helpers
 # ------------------------------------------------------------------------------------------------
 def _lengths(col: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _pad(flat: np.ndarray, lengths: np.ndarray, fill: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Flat values + lengths -> (padded ``[nq, K]``, valid ``[nq, K]``)."""
-    nq = len(lengths)
-    k = max(1, int(lengths.max(initial=0)))  # at least one (invalid) column keeps indexing simple
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if nq else np.zeros(0, np.int64)
-    valid = np.arange(k)[None, :] < lengths[:, None]  # [nq, K]
-    pos = np.where(valid, starts[:, None] + np.arange(k)[None, :], 0)
-    out = np.full((nq, k), fill, dtype=flat.dtype if flat.size else np.asarray(fill).dtype)
-    if flat.size:
-        out[valid] = flat[pos[valid]]
-    return out, valid
 
 
 def _combine(col: pa.Array | pa.ChunkedArray) -> pa.Array:
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
+def _flat_strings(col: pa.Array) -> pa.Array:
+    """The list column's values (null lists skipped) as a plain ``string`` array."""
+    flat = col.flatten()
+    return flat if flat.type == pa.string() else flat.cast(pa.string())
+
+
+def _flat_floats(col: pa.Array) -> np.ndarray:
+    """The list column's values as float32 (null values -> NaN)."""
+    flat = col.flatten()
+    if flat.null_count:
+        flat = pc.fill_null(flat.cast(pa.float32()), np.nan)
+    return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+
+
+def _fingerprint(arr: pa.Array) -> np.ndarray:
+    """6-bit fingerprint ``[n]`` of each string from its length and last two bytes (equal strings, equal
+    fingerprints); a cheap pre-filter so that only a few candidates are looked up by exact value."""
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint32)
+    off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + n + 1].astype(np.int64)
+    buf = arr.buffers()[2]
+    data = np.frombuffer(buf, dtype=np.uint8) if buf is not None and buf.size else np.zeros(1, np.uint8)
+    ln = (off[1:] - off[:-1]).astype(np.uint32)
+    end = off[1:]
+    last = np.where(ln >= 1, data[np.clip(end - 1, 0, len(data) - 1)], 0).astype(np.uint32)
+    last2 = np.where(ln >= 2, data[np.clip(end - 2, 0, len(data) - 1)], 0).astype(np.uint32)
+    h = (ln * np.uint32(0x9E3779B1)) ^ (last * np.uint32(0x85EBCA77)) ^ (last2 * np.uint32(0xC2B2AE3D))
+    h = h * np.uint32(0x27D4EB2F)
+    return h >> np.uint32(26)
+
+
+def _row_bits(fp: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """OR of ``1 << fp`` over each row's values (flat, row-major), uint64 ``[nq]``."""
+    out = np.zeros(len(lens), np.uint64)
+    nz = lens > 0
+    if fp.size:
+        bits = np.left_shift(np.uint64(1), fp.astype(np.uint64))
+        starts = np.cumsum(lens) - lens
+        out[nz] = np.bitwise_or.reduceat(bits, starts[nz])
+    return out
+
+
+def _padded_codes(codes: np.ndarray, lens: np.ndarray, fill: int) -> np.ndarray:
+    """Flat codes + lengths -> ``[nq, max(lens)]`` padded with ``fill``."""
+    nq = len(lens)
+    width = max(1, int(lens.max(initial=0)))
+    out = np.full((nq, width), fill, np.int64)
+    if codes.size:
+        row = np.repeat(np.arange(nq), lens)
+        out[row, np.arange(len(codes)) - (np.cumsum(lens) - lens)[row]] = codes
+    return out
+
+
+def _listed_hits(cand: pa.Array, cand_row: np.ndarray, listed: list[tuple[pa.Array, np.ndarray]],
+                 nq: int) -> list[np.ndarray]:
+    """For each listed-id column (flat strings + lengths per query): which candidates ``[n cand]`` equal an
+    id listed for *their own* query. Exact: fingerprints pre-filter, values decide."""
+    hits = [np.zeros(len(cand), bool) for _ in listed]
+    live = [(i, flat, lens) for i, (flat, lens) in enumerate(listed) if len(flat)]
+    if not live or not len(cand):
+        return hits
+    bits = np.zeros(nq, np.uint64)
+    for _, flat, lens in live:
+        bits |= _row_bits(_fingerprint(flat), lens)
+    fp = _fingerprint(cand).astype(np.uint64)
+    maybe = np.nonzero((bits[cand_row] >> fp) & np.uint64(1))[0]  # [n maybe]
+    if not maybe.size:
+        return hits
+    values = pc.unique(pa.concat_arrays([flat for _, flat, _ in live]))
+    code = pc.fill_null(pc.index_in(cand.take(pa.array(maybe)), value_set=values), -1).to_numpy(
+        zero_copy_only=False).astype(np.int64)  # [n maybe]
+    rows = cand_row[maybe]
+    for i, flat, lens in live:
+        lc = pc.index_in(flat, value_set=values).to_numpy(zero_copy_only=False).astype(np.int64)
+        table = _padded_codes(lc, lens, -2)  # [nq, P]
+        hits[i][maybe] = (table[rows] == code[:, None]).any(axis=1) & (code >= 0)
+    return hits
+
+
+def _count_listed(neg_rows: np.ndarray, neg_vals: pa.Array, fp_rows: np.ndarray, fp_vals: pa.Array) -> np.ndarray:
+    """Per value of ``neg_vals``: whether its row's list (``fp_rows``/``fp_vals``) holds it; bool ``[n]``."""
+    if not len(neg_vals) or not len(fp_vals):
+        return np.zeros(len(neg_vals), bool)
+    enc = pc.dictionary_encode(pa.concat_arrays([neg_vals, fp_vals])).indices.to_numpy(
+        zero_copy_only=False).astype(np.int64)
+    span = int(enc.max()) + 1
+    a = neg_rows.astype(np.int64) * span + enc[: len(neg_vals)]
+    b = fp_rows.astype(np.int64) * span + enc[len(neg_vals):]
+    return np.isin(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 # One teacher on one batch
 # ------------------------------------------------------------------------------------------------
-def _mine_teacher(cfg: MineConfig, batch: pa.Table, teacher: str, qids: pa.Array,
-                  full_pos: list[set[str]] | None) -> dict[str, Any]:
-    """Filters + sampling for one teacher; per-query ordered negatives (chosen first, then other kept)."""
-    cols = {c: _combine(batch.column(_tcol(c, teacher))) for c in _IN_COLS}
-    nq = batch.num_rows
-    present = pc.is_valid(cols[C.CANDIDATE_IDS]).to_numpy(zero_copy_only=False)
-    lens = {c: _lengths(cols[c]) for c in _IN_COLS}
-    # anchors from the query's own positive scores
-    pos_flat = cols[C.POSITIVE_SCORES].flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    pos_flat = np.where(np.isfinite(pos_flat) | np.isnan(pos_flat), pos_flat, np.nan) if pos_flat.size else pos_flat
-    anchor = F.reduce_positive_flat(pos_flat, lens[C.POSITIVE_SCORES], cfg.pos_reduce)
-    no_pos = present & np.isnan(anchor)
-    # one id dictionary for candidates, positives and excluded ids of this batch
-    flats = [cols[c].flatten() for c in (C.CANDIDATE_IDS, C.POSITIVE_IDS, C.EXCLUDED_IDS)]
-    enc = pc.dictionary_encode(pa.concat_arrays([f.cast(pa.string()) for f in flats]))
-    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    dictionary = enc.dictionary.to_numpy(zero_copy_only=False)  # [n distinct ids] object
-    n_c, n_p = len(flats[0]), len(flats[1])
-    cand, valid = _pad(codes[:n_c], lens[C.CANDIDATE_IDS], -1)
-    pid, pval = _pad(codes[n_c: n_c + n_p], lens[C.POSITIVE_IDS], -1)
-    eid, evalid = _pad(codes[n_c + n_p:], lens[C.EXCLUDED_IDS], -1)
-    scores, _ = _pad(cols[C.CANDIDATE_SCORES].flatten().to_numpy(zero_copy_only=False).astype(np.float32),
-                     lens[C.CANDIDATE_SCORES], np.float32(-np.inf))
-    if scores.shape != cand.shape:
-        raise ValueError(f"teacher {teacher}: candidate ids and scores differ in length for some query")
-    valid = valid & (present & ~no_pos)[:, None]
+class _Mined:
+    """One teacher's filters + sampling on one batch, as padded arrays (no per-query Python)."""
 
-    k0, _ = F.drop_positives(cand, valid, pid, pval)
-    k1, _ = F.drop_excluded(cand, k0, eid, evalid) if cfg.exclude_identical_text else (k0, 0)
-    k2, _ = F.method_filter(cfg, scores, k1, anchor)
-    chosen = S.sample(cfg, scores, k2, qids)
-    idx, count = S.gather(chosen, cfg.num_negatives)  # [nq, n]
-    # replacements for dedup ensembling: the other kept candidates, rank order
-    rest_idx, rest_count = S.gather(k2 & ~chosen, k2.shape[1])
-    per_row = lambda a, b: (a & ~b).sum(axis=1)  # noqa: E731
-    dropped_scores = np.where(k1 & ~k2, scores, np.nan)
-    out: dict[str, Any] = {
-        "present": present.astype(np.int64), "no_positive_score": no_pos.astype(np.int64),
-        "seen": np.where(present & ~no_pos, lens[C.CANDIDATE_IDS], 0), "drop_positive": per_row(valid, k0),
-        "drop_excluded": per_row(k0, k1), "drop_method": per_row(k1, k2), "kept": k2.sum(axis=1),
-        "requested": np.where(present & ~no_pos, cfg.num_negatives, 0), "delivered": count,
-        "anchor": anchor, "no_pos": no_pos, "present_mask": present,
-    }
-    # corpus docs the search's ceiling removed (positives included); -1 = not reported
-    ac = _tcol(C.ABOVE_CEILING, teacher)
-    if ac in batch.column_names:
-        col = _combine(batch.column(ac))
-        out["above_ceiling"] = np.where(present & pc.is_valid(col).to_numpy(zero_copy_only=False),
-                                        pc.fill_null(col, -1).to_numpy(zero_copy_only=False), -1).astype(np.int64)
-    else:
-        out["above_ceiling"] = np.full(nq, -1, np.int64)
-    rows = np.arange(nq)[:, None]
-    neg_codes = np.where(idx >= 0, cand[rows, np.maximum(idx, 0)], -1)  # [nq, n]
-    neg_scores = np.where(idx >= 0, scores[rows, np.maximum(idx, 0)], np.nan)
-    rest_codes = np.where(rest_idx >= 0, cand[rows, np.maximum(rest_idx, 0)], -1)
-    rest_scores = np.where(rest_idx >= 0, scores[rows, np.maximum(rest_idx, 0)], np.nan)
-    out["neg_ids"] = [dictionary[neg_codes[i, : count[i]]] for i in range(nq)]
-    out["neg_scores"] = [neg_scores[i, : count[i]] for i in range(nq)]
-    out["rest_ids"] = [dictionary[rest_codes[i, : rest_count[i]]] for i in range(nq)]
-    out["rest_scores"] = [rest_scores[i, : rest_count[i]] for i in range(nq)]
-    out["known_fn"] = np.array(
-        [sum(d in full_pos[i] for d in out["neg_ids"][i]) for i in range(nq)] if full_pos else np.zeros(nq),
-        dtype=np.int64)
-    out["hist_dropped"] = [d[~np.isnan(d)][:_DROPPED_SAMPLE_PER_QUERY] for d in dropped_scores]
-    out["hist_positive"] = np.split(pos_flat, np.cumsum(lens[C.POSITIVE_SCORES])[:-1]) if nq else []
-    out["positive_ids"] = cols[C.POSITIVE_IDS]
-    out["positive_scores"] = cols[C.POSITIVE_SCORES]
-    return out
+    def __init__(self, cfg: MineConfig, batch: pa.Table, teacher: str, qseeds: np.ndarray, width: int):
+        cols = {c: _combine(batch.column(_tcol(c, teacher))) for c in _IN_COLS}
+        nq = batch.num_rows
+        self.nq = nq
+        self.present = pc.is_valid(cols[C.CANDIDATE_IDS]).to_numpy(zero_copy_only=False)  # [nq]
+        cl = _lengths(cols[C.CANDIDATE_IDS])
+        if (cl != _lengths(cols[C.CANDIDATE_SCORES])).any():
+            raise ValueError(f"teacher {teacher}: candidate ids and scores differ in length for some query")
+        # anchors from the query's own positive scores (±inf counts as missing)
+        psl = _lengths(cols[C.POSITIVE_SCORES])
+        pos_flat = _flat_floats(cols[C.POSITIVE_SCORES])
+        pos_flat = np.where(np.isinf(pos_flat), np.float32(np.nan), pos_flat)
+        self.anchor = F.reduce_positive_flat(pos_flat, psl, cfg.pos_reduce)  # [nq]
+        self.no_pos = self.present & np.isnan(self.anchor)
+        usable = self.present & ~self.no_pos
+        self.usable = usable
+        # padded candidates [nq, K]
+        k = max(1, int(cl.max(initial=0)))
+        self.k = k
+        self.starts = np.cumsum(cl) - cl  # [nq] first flat index of each row
+        self.cand = _flat_strings(cols[C.CANDIDATE_IDS])  # [n cand]
+        sc_flat = _flat_floats(cols[C.CANDIDATE_SCORES])
+        colr = np.arange(k)[None, :]
+        in_row = colr < cl[:, None]  # [nq, K]
+        if nq and (cl == k).all():
+            scores = sc_flat.reshape(nq, k)
+        else:
+            scores = np.where(in_row, sc_flat[np.where(in_row, self.starts[:, None] + colr, 0)] if sc_flat.size
+                              else np.float32(-np.inf), np.float32(-np.inf))
+        self.scores = scores.astype(np.float32, copy=False)
+        valid = in_row & usable[:, None]
+        # positives and excluded ids, by exact value within the query
+        cand_row = np.repeat(np.arange(nq), cl)  # [n cand]
+        listed = [(_flat_strings(cols[C.POSITIVE_IDS]), _lengths(cols[C.POSITIVE_IDS]))]
+        if cfg.exclude_identical_text:
+            listed.append((_flat_strings(cols[C.EXCLUDED_IDS]), _lengths(cols[C.EXCLUDED_IDS])))
+        hits = _listed_hits(self.cand, cand_row, listed, nq)
+        k0 = valid.copy()
+        hp = np.nonzero(hits[0])[0]
+        r, c = cand_row[hp], hp - self.starts[cand_row[hp]]
+        ok = valid[r, c]
+        k0[r[ok], c[ok]] = False
+        drop_pos = np.bincount(r[ok], minlength=nq)
+        k1 = k0
+        drop_exc = np.zeros(nq, np.int64)
+        if len(hits) > 1:
+            he = np.nonzero(hits[1])[0]
+            r, c = cand_row[he], he - self.starts[cand_row[he]]
+            ok = k0[r, c]
+            k1 = k0.copy()
+            k1[r[ok], c[ok]] = False
+            drop_exc = np.bincount(r[ok], minlength=nq)
+        k2, _ = F.method_filter(cfg, self.scores, k1, self.anchor)
+        n1 = np.count_nonzero(k1, axis=1)
+        self.kept = np.count_nonzero(k2, axis=1)  # [nq] length of the ordered list
+        # the first `width` kept (rank order) and the sample among them
+        idx, _ = S.gather(k2, width)  # [nq, W] columns, -1 padded
+        okw = idx >= 0
+        rows = np.arange(nq)[:, None]
+        win_scores = np.where(okw, self.scores[rows, np.maximum(idx, 0)], np.float32(-np.inf))
+        seeds = S.teacher_seeds(qseeds, teacher) if cfg.sampling != "top" else qseeds
+        chosen = S.sample_window(cfg, win_scores, okw, seeds)  # [nq, W]
+        self.delivered = np.count_nonzero(chosen, axis=1)
+        # ordered list: chosen first, then the other kept, both in rank order
+        order = np.argsort(np.where(chosen, 0, np.where(okw, 1, 2)).astype(np.int8), axis=1, kind="stable")
+        self.ord_col = np.take_along_axis(idx, order, axis=1)  # [nq, W] column of list entry j (-1 past end)
+        self.k2, self.win_idx, self.chosen = k2, idx, chosen
+        # report statistics
+        dm = n1 - self.kept
+        self.stats: dict[str, np.ndarray] = {
+            "present": self.present.astype(np.int64), "no_positive_score": self.no_pos.astype(np.int64),
+            "seen": np.where(usable, cl, 0), "drop_positive": drop_pos, "drop_excluded": drop_exc,
+            "drop_method": dm, "kept": self.kept, "requested": np.where(usable, cfg.num_negatives, 0),
+            "delivered": self.delivered, "known_fn": np.zeros(nq, np.int64),
+        }
+        ac = _tcol(C.ABOVE_CEILING, teacher)
+        if ac in batch.column_names:
+            col = _combine(batch.column(ac))
+            self.above = np.where(self.present & pc.is_valid(col).to_numpy(zero_copy_only=False),
+                                  pc.fill_null(col, -1).to_numpy(zero_copy_only=False), -1).astype(np.int64)
+        else:
+            self.above = np.full(nq, -1, np.int64)
+        # histogram samples per query: flat values + lengths
+        fin = np.isfinite(pos_flat)
+        prow = np.repeat(np.arange(nq), psl)
+        self.hist = {"positive": (pos_flat[fin], np.bincount(prow[fin], minlength=nq))}
+        cr, cc = np.nonzero(chosen)
+        ks = self.scores[cr, idx[cr, cc]]
+        kf = np.isfinite(ks)
+        self.hist["kept"] = (ks[kf], np.bincount(cr[kf], minlength=nq))
+        dvals, dlens = np.zeros(0, np.float32), np.zeros(nq, np.int64)
+        drows = np.nonzero(dm > 0)[0]
+        if drows.size:
+            md = k1[drows] & ~k2[drows]
+            md &= ~np.isnan(self.scores[drows])
+            di, _ = S.gather(md, _DROPPED_SAMPLE_PER_QUERY)  # [nd, 16]
+            dr, dc = np.nonzero(di >= 0)
+            v = self.scores[drows[dr], di[dr, dc]]
+            f = np.isfinite(v)
+            dvals = v[f]
+            dlens[drows] = np.bincount(dr[f], minlength=len(drows))
+        self.hist["dropped"] = (dvals, dlens)
+        self.positive_ids = cols[C.POSITIVE_IDS]
+        self.positive_scores = cols[C.POSITIVE_SCORES]
+
+    def full_order(self, rows: np.ndarray) -> np.ndarray:
+        """The whole ordered list (chosen, then the other kept) of some rows: columns ``[len(rows), K]``."""
+        ch = np.zeros((len(rows), self.k), bool)
+        r, c = np.nonzero(self.chosen[rows])
+        ch[r, self.win_idx[rows][r, c]] = True
+        keep = self.k2[rows]
+        order = np.argsort(np.where(ch, 0, np.where(keep, 1, 2)).astype(np.int8), axis=1, kind="stable")
+        return np.where(np.take_along_axis(keep, order, axis=1), order, -1)
+
+
+def _list_array(offsets_from: np.ndarray, values: pa.Array, null: np.ndarray | None = None) -> pa.Array:
+    """ListArray from per-row lengths ``[n]`` and flat values; rows in ``null`` are null."""
+    off = np.zeros(len(offsets_from) + 1, np.int32)
+    np.cumsum(offsets_from, out=off[1:])
+    mask = None if null is None or not null.any() else pa.array(null)
+    return pa.ListArray.from_arrays(pa.array(off, pa.int32()), values, mask=mask)
 
 
 def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: bool) -> pa.Table:
     """Mine one joined batch (pure, no Ray). One row per query (``ensemble``) or per (query, teacher).
 
     Rows with a non-null ``_reason`` are dropped queries; ``_stat@teacher`` / ``_hist@teacher``
-    columns carry the report's per-row counts and score samples.
+    columns carry the report's per-row counts and score samples. Vectorised over the batch: the
+    result equals the per-query definitions in ``filters``, ``sampling`` and ``ensemble`` (tested
+    against a per-query reference) and does not depend on batch boundaries.
     """
-    nq = batch.num_rows
+    nq, nt, n = batch.num_rows, len(teachers), cfg.num_negatives
     qids = _combine(batch.column(C.QUERY_ID)).cast(pa.string())
     qtext = _combine(batch.column(C.QUERY)) if C.QUERY in batch.column_names else pa.nulls(nq, pa.string())
-    full_pos = None
-    if _FULL_POS in batch.column_names:
-        full_pos = [set(x or ()) for x in _combine(batch.column(_FULL_POS)).to_pylist()]
-    res = {t: _mine_teacher(cfg, batch, t, qids, full_pos) for t in teachers}
+    unknown = pc.is_null(qtext).to_numpy(zero_copy_only=False) if nq else np.zeros(0, bool)
+    qseeds = S.query_seeds(cfg.seed, qids)
+    width = max(S.window_size(cfg), 2 * n if ensemble else n, 1)
+    res = [_Mined(cfg, batch, t, qseeds, width) for t in teachers]
     label = f"{F.method_label(cfg)}/{S.sampling_label(cfg)}"
-    u = S.uniforms(S.query_seeds(cfg.seed, qids), 1, S.STREAM_TEACHER)[:, 0]
-    unknown = pc.is_null(qtext).to_numpy(zero_copy_only=False)
+    present = np.stack([r.present for r in res], axis=1) if nq else np.zeros((0, nt), bool)  # [nq, T]
+    usable = np.stack([r.usable for r in res], axis=1) if nq else np.zeros((0, nt), bool)
 
-    out_rows: list[dict[str, Any]] = []  # per output row: fields + index of the source query + teacher mask
-    for i in range(nq):
-        usable = [t for t in teachers if res[t]["present_mask"][i] and not res[t]["no_pos"][i]]
-        groups = [usable] if ensemble else [[t] for t in teachers if res[t]["present_mask"][i]]
-        for grp in groups:
-            row: dict[str, Any] = {"i": i, "reason": None,
-                                   "teachers": [t for t in teachers if res[t]["present_mask"][i]] if ensemble else grp}
-            if unknown[i]:
-                row["reason"] = "unknown_query"
-            elif not [t for t in grp if t in usable]:
-                row["reason"] = "no_positive_score"
-            else:
-                lists = [list(res[t]["neg_ids"][i]) + (list(res[t]["rest_ids"][i]) if ensemble else [])
-                         for t in grp]
-                picks = E.ensemble(cfg.ensemble, lists, cfg.num_negatives, float(u[i]))
-                if not picks:
-                    row["reason"] = "no_negatives"
-                else:
-                    def score(t: str, j: int, i: int = i) -> float:
-                        r = res[t]
-                        nn = len(r["neg_ids"][i])
-                        return float(r["neg_scores"][i][j] if j < nn else r["rest_scores"][i][j - nn])
-                    row["neg_ids"] = [lists[ti][j] for ti, j in picks]
-                    row["neg_scores"] = [score(grp[ti], j) for ti, j in picks]
-                    used = [grp[ti] for ti in sorted({ti for ti, _ in picks})]
-                    row["teacher"] = "+".join(used)
-                    row["first"] = used[0]
-                    row["known_fn"] = sum(d in full_pos[i] for d in row["neg_ids"]) if full_pos else 0
-            out_rows.append(row)
-    n = len(out_rows)
-    src = np.array([r["i"] for r in out_rows], dtype=np.int64)
-    mined = [r["reason"] is None for r in out_rows]
+    # output rows: src query, teacher group; picks (teacher, column) [rows, n]
+    if ensemble:
+        src = np.arange(nq)
+        row_t = np.full(nq, -1)
+        lens = np.where(usable, np.stack([r.kept for r in res], axis=1) if nq else 0, 0)  # [nq, T]
+        u = S.uniforms(qseeds, 1, S.STREAM_TEACHER)[:, 0]
+        codes = None
+        if cfg.ensemble != "intra_sample_no_dedup" and nt > 1:
+            codes = _window_codes(res, width)
+        pt, pp, cnt, redo = E.ensemble_arrays(cfg.ensemble, lens, n, u, codes, present=usable)
+        pc_ = np.full(pt.shape, -1, np.int64)  # column in the teacher's padded row
+        for ti, r in enumerate(res):
+            m = pt == ti
+            qi = np.nonzero(m)[0]
+            pc_[m] = r.ord_col[qi, pp[m]]
+        ri = np.nonzero(redo)[0]
+        if ri.size:  # a list with repeated ids needs entries past the window: whole lists for these rows
+            fulls = [r.full_order(ri) for r in res]  # [nr, K_t]
+            kmax = max(f.shape[1] for f in fulls)
+            fcodes = _window_codes(res, kmax, rows=ri, cols=fulls)
+            pt2, pp2, cnt2, _ = E.ensemble_arrays(cfg.ensemble, lens[ri], n, u[ri], fcodes, present=usable[ri])
+            pt[ri], pp[ri], cnt[ri] = pt2, pp2, cnt2
+            pc_[ri] = -1
+            for ti in range(nt):
+                m = pt2 == ti
+                qi = np.nonzero(m)[0]
+                pc_[ri[qi], np.nonzero(m)[1]] = fulls[ti][qi, pp2[m]]
+        grp_present = present
+        any_usable = usable.any(axis=1)
+    else:
+        src, row_t = np.nonzero(present)  # q-major, teacher order within a query
+        pt = np.full((len(src), n), -1, np.int64)
+        pc_ = np.full((len(src), n), -1, np.int64)
+        cnt = np.zeros(len(src), np.int64)
+        for ti, r in enumerate(res):
+            m = row_t == ti
+            q = src[m]
+            cols = r.ord_col[q, :n]  # chosen come first
+            got = np.arange(n)[None, :] < r.delivered[q][:, None]
+            pt[m] = np.where(got, ti, -1)
+            pc_[m] = np.where(got, cols, -1)
+            cnt[m] = r.delivered[q]
+        grp_present = np.zeros((len(src), nt), bool)
+        grp_present[np.arange(len(src)), row_t] = True
+        any_usable = usable[src, row_t]
+    nrow = len(src)
+    reason = np.full(nrow, None, dtype=object)
+    reason[cnt == 0] = "no_negatives"
+    reason[~any_usable] = "no_positive_score"
+    reason[unknown[src]] = "unknown_query"
+    mined = np.array([x is None for x in reason], dtype=bool) if nrow else np.zeros(0, bool)
+    cnt = np.where(mined, cnt, 0)
 
-    def pos_col(key: str, typ: pa.DataType) -> pa.Array:
-        vals = [res[r["first"]][key][r["i"]].as_py() if r["reason"] is None else None for r in out_rows]
-        return pa.array(vals, typ)
+    # negatives: flat indices into the teachers' concatenated candidate ids
+    base = np.cumsum([0] + [len(r.cand) for r in res])[:-1]
+    take = (np.arange(n)[None, :] < cnt[:, None]) & (pt >= 0)  # [rows, n]
+    rr, jj = np.nonzero(take)
+    tt = pt[rr, jj]
+    cc = pc_[rr, jj]
+    flat_ix = np.zeros(len(rr), np.int64)
+    neg_sc = np.zeros(len(rr), np.float32)
+    for ti, r in enumerate(res):
+        m = tt == ti
+        q = src[rr[m]]
+        flat_ix[m] = base[ti] + r.starts[q] + cc[m]
+        neg_sc[m] = r.scores[q, cc[m]]
+    all_cand = pa.concat_arrays([r.cand for r in res]) if res else pa.array([], pa.string())
+    neg_vals = all_cand.take(pa.array(flat_ix, pa.int64()))
+    used = np.zeros((nrow, nt), bool)
+    used[rr, tt] = True
+    first = np.where(used.any(axis=1), np.argmax(used, axis=1), -1)
+    teacher_bits = np.where(mined[:, None], used, grp_present)
+    tlabel = _labels(teacher_bits, teachers)
 
+    known = np.zeros(nrow, np.int64)
+    full_pos = _combine(batch.column(_FULL_POS)) if _FULL_POS in batch.column_names else None
+    if full_pos is not None:
+        fl = _lengths(full_pos)
+        frows = np.repeat(np.arange(nq), fl)
+        fvals = _flat_strings(full_pos)
+        hit = _count_listed(src[rr], neg_vals, frows, fvals)
+        known = np.bincount(rr[hit], minlength=nrow).astype(np.int64)
+        for r in res:  # each teacher's own sample, for its report line
+            cr, cc2 = np.nonzero(r.chosen)
+            vals = r.cand.take(pa.array(r.starts[cr] + r.win_idx[cr, cc2], pa.int64()))
+            h = _count_listed(cr, vals, frows, fvals)
+            r.stats["known_fn"] = np.bincount(cr[h], minlength=nq).astype(np.int64)
+
+    # positives of the first contributing teacher (mined rows only)
+    pos_take = np.where(mined & (first >= 0), np.maximum(first, 0) * nq + src, -1)
+    pos_idx = pa.array(pos_take, pa.int64(), mask=pos_take < 0)
+
+    def from_teachers(attr: str, typ: pa.DataType) -> pa.Array:
+        parts = [getattr(r, attr).cast(typ) for r in res]
+        return pa.concat_arrays(parts).take(pos_idx) if parts else pa.nulls(nrow, typ)
+
+    src_ix = pa.array(src, pa.int64())
     arrays: dict[str, pa.Array] = {
-        C.QUERY_ID: qids.take(pa.array(src, pa.int64())) if n else pa.array([], pa.string()),
-        C.QUERY: qtext.take(pa.array(src, pa.int64())).cast(pa.string()) if n else pa.array([], pa.string()),
-        C.POSITIVE_IDS: pos_col("positive_ids", pa.list_(pa.string())),
-        C.POSITIVE_SCORES: pos_col("positive_scores", pa.list_(pa.float32())),
-        C.NEGATIVE_IDS: pa.array([r.get("neg_ids") for r in out_rows], pa.list_(pa.string())),
-        C.NEGATIVE_SCORES: pa.array([r.get("neg_scores") for r in out_rows], pa.list_(pa.float32())),
-        C.TEACHER: pa.array([r.get("teacher") if m else "+".join(r["teachers"]) for r, m in zip(out_rows, mined, strict=False)],
-                            pa.string()),
-        C.METHOD: pa.array([label] * n, pa.string()),
-        C.NUM_SHORT: pa.array([cfg.num_negatives - len(r["neg_ids"]) if m else None
-                               for r, m in zip(out_rows, mined, strict=False)], pa.int32()),
-        _REASON: pa.array([r["reason"] for r in out_rows], pa.string()),
-        "_known_fn": pa.array([r.get("known_fn", 0) for r in out_rows], pa.int64()),
-        "_delivered": pa.array([len(r.get("neg_ids") or ()) for r in out_rows], pa.int64()),
+        C.QUERY_ID: qids.take(src_ix),
+        C.QUERY: qtext.take(src_ix).cast(pa.string()),
+        C.POSITIVE_IDS: from_teachers("positive_ids", pa.list_(pa.string())),
+        C.POSITIVE_SCORES: from_teachers("positive_scores", pa.list_(pa.float32())),
+        C.NEGATIVE_IDS: _list_array(cnt, neg_vals, ~mined),
+        C.NEGATIVE_SCORES: _list_array(cnt, pa.array(neg_sc, pa.float32()), ~mined),
+        C.TEACHER: tlabel,
+        C.METHOD: pa.repeat(pa.scalar(label, pa.string()), nrow),
+        C.NUM_SHORT: pa.array(n - cnt, pa.int32(), mask=~mined),
+        _REASON: pa.array(reason, pa.string()),
+        "_known_fn": pa.array(known, pa.int64()),
+        "_delivered": pa.array(cnt, pa.int64()),
     }
-    # report columns: a teacher's per-query stats go on the first row of that query it belongs to
-    for t in teachers:
-        owner = np.full(nq, -1, dtype=np.int64)
-        for j, r in enumerate(out_rows):
-            if t in r["teachers"] and owner[r["i"]] < 0:
-                owner[r["i"]] = j
-        has = owner >= 0
+    # report columns: a teacher's per-query stats go on the row of that query it belongs to
+    for ti, (t, r) in enumerate(zip(teachers, res, strict=True)):
+        own = grp_present[:, ti]  # [rows] rows owning teacher t's stats
+        q = src[own]
         for s in _STATS:
-            col = np.zeros(n, dtype=np.int64)
-            col[owner[has]] = np.asarray(res[t][s])[has]
+            col = np.zeros(nrow, np.int64)
+            col[own] = r.stats[s][q]
             arrays[_tcol("_" + s, t)] = pa.array(col, pa.int64())
-        above = np.full(n, -1, dtype=np.int64)
-        above[owner[has]] = res[t]["above_ceiling"][has]
+        above = np.full(nrow, -1, np.int64)
+        above[own] = r.above[q]
         arrays[_tcol("_above_ceiling", t)] = pa.array(above, pa.int64(), mask=above < 0)  # null: not reported
-        for h, key in (("positive", "hist_positive"), ("kept", "neg_scores"), ("dropped", "hist_dropped")):
-            vals: list[Any] = [[] for _ in range(n)]
-            for q in np.nonzero(has)[0]:
-                v = np.asarray(res[t][key][q], dtype=np.float32)
-                vals[owner[q]] = v[np.isfinite(v)]
-            arrays[_tcol("_hist_" + h, t)] = pa.array([np.asarray(v, np.float32) for v in vals], pa.list_(pa.float32()))
+        for h in _HISTS:
+            vals, lens_q = r.hist[h]
+            lens_r = np.zeros(nrow, np.int64)
+            lens_r[own] = lens_q[q]
+            # rows own each query at most once per teacher and keep query order: the flat values stand
+            arrays[_tcol("_hist_" + h, t)] = _list_array(lens_r, pa.array(vals, pa.float32()))
     return pa.table(arrays)
+
+
+def _window_codes(res: list[_Mined], width: int, rows: np.ndarray | None = None,
+                  cols: list[np.ndarray] | None = None) -> np.ndarray:
+    """Integer codes ``[nq, T, width]`` of each teacher's ordered-list ids (equal id = equal code, -1 pad)."""
+    rows = np.arange(res[0].nq) if rows is None else rows
+    nr, nt = len(rows), len(res)
+    out = np.full((nr, nt, width), -1, np.int64)
+    parts, where = [], []
+    for ti, r in enumerate(res):
+        c = (r.ord_col[rows] if cols is None else cols[ti])[:, :width]  # [nr, <=width]
+        i, j = np.nonzero(c >= 0)
+        parts.append(r.cand.take(pa.array(r.starts[rows[i]] + c[i, j], pa.int64())))
+        where.append((ti, i, j))
+    enc = pc.dictionary_encode(pa.concat_arrays(parts)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    at = 0
+    for ti, i, j in where:
+        out[i, ti, j] = enc[at: at + len(i)]
+        at += len(i)
+    return out
+
+
+def _labels(bits: np.ndarray, teachers: list[str]) -> pa.Array:
+    """``"+".join`` of the teachers set in each row of ``bits [rows, T]`` (teacher order)."""
+    nrow, nt = bits.shape
+    if nt <= 16:
+        code = (bits.astype(np.int64) << np.arange(nt)[None, :]).sum(axis=1) if nrow else np.zeros(0, np.int64)
+        uniq, inv = np.unique(code, return_inverse=True)
+        names = pa.array(["+".join(t for ti, t in enumerate(teachers) if (c >> ti) & 1) for c in uniq.tolist()],
+                         pa.string())
+        return names.take(pa.array(inv.astype(np.int64)))
+    return pa.array(["+".join(t for t, b in zip(teachers, row, strict=True) if b) for row in bits], pa.string())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,24 +1,34 @@
-"""Choosing n negatives from each query's kept candidates, pure numpy, reproducible per query.
+"""Choosing n negatives from each query's kept candidates, pure numpy, reproducible per query and teacher.
 
 Modes (NV-Retriever, arXiv 2407.15831):
 
 - ``top``: the first n kept candidates.
-- ``sampled``: n drawn without replacement from the first k kept, p = softmax(score / temperature).
+- ``sampled``: n drawn without replacement from the first k kept ("randomly sample n of the top-k").
 - ``top1_sampled``: the best kept candidate always, plus n-1 drawn the same way from kept ranks 2..k.
 
-Sampling without replacement uses the Gumbel-top-n trick: key = score / T + Gumbel noise, take the
-n largest keys. This is exactly successive draws with p ∝ softmax(score / T), renormalised after
-each draw (Plackett-Luce), and it is fully vectorised.
+Weighting of the draws (``MineConfig.sample_weighting``):
 
-Randomness is a pure function of ``(seed, query_id, position)``: each query's 64-bit seed is
-splitmix64(FNV-1a-64(UTF-8 query id) XOR splitmix64(seed)), and the uniform for candidate j is
-splitmix64(query seed + (j + 1) * golden) — a counter-based generator. Python's ``hash()`` (salted
-per process) is never used, so results do not depend on batch boundaries, worker count or process.
-Chosen negatives are returned in rank order (best first), whatever order they were drawn in.
+- ``uniform`` (default): every candidate of the window equally likely — independent of the teacher's
+  score scale (cosine, BM25, logits all behave the same).
+- ``softmax``: p ∝ exp(z / T) with z the scores **min-max normalised within the query's sampling window**
+  (z = (s - min) / (max - min) in [0, 1]; all equal -> uniform), so T means the same for every
+  teacher: T = 1 makes the best candidate at most e times likelier than the worst of its window.
+
+Sampling without replacement uses the Gumbel-top-n trick: key = z / T + Gumbel noise (uniform weighting:
+key = the uniform itself, the T -> ∞ limit), take the n largest keys. This is exactly successive draws
+with p ∝ exp(z / T), renormalised after each draw (Plackett-Luce), and it is fully vectorised.
+
+Randomness is a pure function of ``(seed, teacher, query_id, kept rank)``: a query's 64-bit seed is
+splitmix64(FNV-1a-64(UTF-8 query id) XOR splitmix64(seed)); a teacher's stream for it is
+splitmix64(query seed XOR splitmix64(FNV-1a-64(teacher name))), so teachers draw independently; the
+uniform for kept rank j is splitmix64(stream seed + (j + 1) * golden) — a counter-based generator.
+Python's ``hash()`` (salted per process) is never used, so results do not depend on batch boundaries,
+padding width, worker count or process. Chosen negatives are returned in rank order (best first).
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -92,80 +102,16 @@ def uniforms(seeds: np.ndarray, n: int, stream: int = STREAM_SAMPLING) -> np.nda
     return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
 
 
+def teacher_seeds(query_seeds_: np.ndarray, teacher: str) -> np.ndarray:
+    """One teacher's stream seeds ``[nq]`` from the per-query seeds: teachers draw independently."""
+    t = splitmix64(fnv1a64([teacher]))[0]
+    return splitmix64(np.asarray(query_seeds_, dtype=np.uint64) ^ t)
+
+
 # ------------------------------------------------------------------------------------------------
 def kept_rank(keep: np.ndarray) -> np.ndarray:
     """Rank of each kept candidate among its query's kept ones (0 = best), ``[nq, K]`` (junk where not kept)."""
     return np.cumsum(keep, axis=1, dtype=np.int32) - 1
-
-
-def top(keep: np.ndarray, n: int) -> np.ndarray:
-    """The first n kept candidates; chosen-mask ``[nq, K]``."""
-    return keep & (kept_rank(keep) < n)
-
-
-def _gumbel_pick(scores: np.ndarray, keep: np.ndarray, n: int, lo: int, hi: int, temperature: float,
-                 seeds: np.ndarray) -> np.ndarray:
-    """n of the kept candidates of kept-rank lo..hi-1 per row, without replacement, p ∝ softmax(score / T).
-
-    Works on the compact window ``[nq, hi - lo]``; the uniform of a candidate depends on its kept rank,
-    so a row's draw depends only on that row. Returns the chosen-mask ``[nq, K]``.
-    """
-    if temperature <= 0:
-        raise ValueError(f"sample_temperature must be > 0, got {temperature}")
-    nq, k = scores.shape
-    chosen = np.zeros((nq, k), dtype=bool)
-    w = hi - lo
-    if n <= 0 or k == 0 or w <= 0:
-        return chosen
-    idx, _ = gather(keep, hi)  # [nq, hi] columns of the first hi kept, -1 padded
-    idx = idx[:, lo:]  # [nq, w]
-    ok = idx >= 0
-    rows = np.arange(nq)[:, None]
-    if n >= w:
-        pick = idx
-    else:
-        g = -np.log(-np.log(uniforms(seeds, w, STREAM_SAMPLING + lo)))  # [nq, w] Gumbel(0, 1)
-        key = np.where(ok, scores[rows, np.maximum(idx, 0)].astype(np.float64) / temperature + g, -np.inf)
-        part = np.argpartition(-key, n - 1, axis=1)[:, :n]  # [nq, n] the n largest keys
-        pick = idx[rows, part]
-    r, c = np.nonzero(pick >= 0)
-    chosen[r, pick[r, c]] = True
-    return chosen
-
-
-def sampled(scores: np.ndarray, keep: np.ndarray, n: int, k: int, temperature: float,
-            seeds: np.ndarray) -> np.ndarray:
-    """n drawn without replacement from the first k kept, p = softmax(score / T); mask ``[nq, K]``."""
-    return _gumbel_pick(scores, keep, n, 0, k, temperature, seeds)
-
-
-def top1_sampled(scores: np.ndarray, keep: np.ndarray, n: int, k: int, temperature: float,
-                 seeds: np.ndarray) -> np.ndarray:
-    """The best kept always, plus n-1 drawn from kept ranks 2..k; mask ``[nq, K]``."""
-    first = keep & (kept_rank(keep) == 0)
-    if n <= 1:
-        return first if n == 1 else np.zeros_like(keep)
-    return first | _gumbel_pick(scores, keep, n - 1, 1, k, temperature, seeds)
-
-
-def sample(cfg: MineConfig, scores: np.ndarray, keep: np.ndarray, query_ids) -> np.ndarray:
-    """The configured sampling mode; ``query_ids`` seed each row. Chosen-mask ``[nq, K]``."""
-    n = cfg.num_negatives
-    if cfg.sampling == "top":
-        return top(keep, n)
-    seeds = query_seeds(cfg.seed, query_ids)
-    if cfg.sampling == "sampled":
-        return sampled(scores, keep, n, cfg.sample_top_k, cfg.sample_temperature, seeds)
-    if cfg.sampling == "top1_sampled":
-        return top1_sampled(scores, keep, n, cfg.sample_top_k, cfg.sample_temperature, seeds)
-    raise ValueError(f"mine.sampling: unknown mode {cfg.sampling!r}")
-
-
-def sampling_label(cfg: MineConfig) -> str:
-    """e.g. ``top`` or ``top1_sampled(k=10,T=1)``."""
-    if cfg.sampling == "top":
-        return "top"
-    return f"{cfg.sampling}(k={cfg.sample_top_k},T={cfg.sample_temperature:g})"
 
 
 def gather(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,4 +122,101 @@ def gather(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     take = mask & (rank < width)
     r, c = np.nonzero(take)
     idx[r, rank[r, c]] = c
-    return idx, take.sum(axis=1)
+    return idx, np.count_nonzero(take, axis=1)
+
+
+def window_size(cfg: MineConfig) -> int:
+    """Kept ranks a mode looks at: ``num_negatives`` for top, ``max(num_negatives, sample_top_k)`` otherwise."""
+    return cfg.num_negatives if cfg.sampling == "top" else max(cfg.num_negatives, cfg.sample_top_k)
+
+
+def _pick(win_scores: np.ndarray, win_ok: np.ndarray, n: int, lo: int, hi: int, weighting: str,
+          temperature: float, seeds: np.ndarray) -> np.ndarray:
+    """n of the window positions lo..hi-1 per row, without replacement; chosen-mask ``[nq, W]``.
+
+    ``win_scores``/``win_ok`` ``[nq, W]``: the first W kept candidates in rank order (ok False past a
+    row's kept count). The uniform of position j is the j-th of the row's stream, so a row's draw
+    depends only on that row.
+    """
+    nq, w_all = win_ok.shape
+    chosen = np.zeros((nq, w_all), dtype=bool)
+    hi = min(hi, w_all)
+    w = hi - lo
+    if n <= 0 or w <= 0:
+        return chosen
+    ok = win_ok[:, lo:hi]  # [nq, w]
+    if n >= w:
+        chosen[:, lo:hi] = ok
+        return chosen
+    u = uniforms(seeds, w, STREAM_SAMPLING + lo)  # [nq, w]
+    if weighting == "uniform":
+        key = np.where(ok, u, -np.inf)
+    elif weighting == "softmax":
+        if temperature <= 0:
+            raise ValueError(f"sample_temperature must be > 0, got {temperature}")
+        s = win_scores[:, lo:hi].astype(np.float64)  # [nq, w]
+        s_ok = np.where(ok & np.isfinite(s), s, np.nan)
+        with warnings.catch_warnings():  # rows with no valid entry: all-NaN slices, never chosen
+            warnings.simplefilter("ignore", RuntimeWarning)
+            smin = np.nanmin(s_ok, axis=1, keepdims=True)  # [nq, 1]
+            smax = np.nanmax(s_ok, axis=1, keepdims=True)
+        span = smax - smin
+        z = np.where(span > 0, (s - smin) / np.where(span > 0, span, 1.0), 0.0)  # [nq, w] in [0, 1]
+        z = np.where(np.isfinite(z), z, 0.0)  # a ±inf/NaN score: weight of the window's worst
+        key = np.where(ok, z / temperature - np.log(-np.log(u)), -np.inf)
+    else:
+        raise ValueError(f"mine.sample_weighting: unknown weighting {weighting!r}")
+    part = np.argpartition(-key, n - 1, axis=1)[:, :n]  # [nq, n] the n largest keys
+    rows = np.arange(nq)[:, None]
+    chosen[rows, part + lo] = ok[rows, part]  # rows with < n ok keep only their ok positions
+    return chosen
+
+
+def sample_window(cfg: MineConfig, win_scores: np.ndarray, win_ok: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The configured mode on a window of the first W kept (rank order); chosen-mask ``[nq, W]``.
+
+    ``seeds`` ``[nq]``: the teacher's stream seeds (:func:`teacher_seeds`); unused for ``top``.
+    """
+    n, k = cfg.num_negatives, cfg.sample_top_k
+    nq, w = win_ok.shape
+    if cfg.sampling == "top":
+        chosen = win_ok.copy()
+        chosen[:, n:] = False
+        return chosen
+    if cfg.sampling == "sampled":
+        return _pick(win_scores, win_ok, n, 0, k, cfg.sample_weighting, cfg.sample_temperature, seeds)
+    if cfg.sampling == "top1_sampled":
+        if n <= 0:
+            return np.zeros((nq, w), dtype=bool)
+        chosen = _pick(win_scores, win_ok, n - 1, 1, k, cfg.sample_weighting, cfg.sample_temperature, seeds)
+        chosen[:, 0] = win_ok[:, 0]
+        return chosen
+    raise ValueError(f"mine.sampling: unknown mode {cfg.sampling!r}")
+
+
+def sample(cfg: MineConfig, scores: np.ndarray, keep: np.ndarray, query_ids, teacher: str = "") -> np.ndarray:
+    """The configured mode on padded ``[nq, K]`` arrays; rows seeded by (cfg.seed, teacher, query id).
+
+    Returns the chosen-mask ``[nq, K]``.
+    """
+    w = window_size(cfg)
+    idx, _ = gather(keep, w)  # [nq, w] columns of the first w kept, -1 padded
+    ok = idx >= 0
+    rows = np.arange(len(keep))[:, None]
+    win_scores = np.where(ok, scores[rows, np.maximum(idx, 0)], -np.inf) if scores.size else np.zeros(idx.shape)
+    seeds = (teacher_seeds(query_seeds(cfg.seed, query_ids), teacher) if cfg.sampling != "top"
+             else np.zeros(len(keep), np.uint64))
+    ch = sample_window(cfg, win_scores, ok, seeds)  # [nq, w]
+    out = np.zeros(keep.shape, dtype=bool)
+    r, c = np.nonzero(ch)
+    out[r, idx[r, c]] = True
+    return out
+
+
+def sampling_label(cfg: MineConfig) -> str:
+    """e.g. ``top``, ``top1_sampled(k=10)`` (uniform) or ``sampled(k=10,softmax T=0.5)``."""
+    if cfg.sampling == "top":
+        return "top"
+    if cfg.sample_weighting == "uniform":
+        return f"{cfg.sampling}(k={cfg.sample_top_k})"
+    return f"{cfg.sampling}(k={cfg.sample_top_k},softmax T={cfg.sample_temperature:g})"
