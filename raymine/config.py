@@ -154,7 +154,11 @@ class MineConfig:
     num_negatives: int = _f(4, "negatives per query")
     sampling: Literal["top", "sampled", "top1_sampled"] = _f("top", "how negatives are chosen from kept ones")
     sample_top_k: int = _f(10, "'sampled'/'top1_sampled': draw from the first k kept candidates")
-    sample_temperature: float = _f(1.0, "softmax temperature of sampling probabilities")
+    sample_weighting: Literal["uniform", "softmax"] = _f(
+        "uniform", "'uniform': n of the top-k at random (the paper); 'softmax': p ~ exp(z / T), z = the teacher's "
+        "scores min-max normalised within the query's sampling window (scale-free across teachers)"
+    )
+    sample_temperature: float = _f(1.0, "'softmax' weighting: temperature over the normalised scores (in [0, 1])")
     ensemble: Literal["cross_sample", "intra_sample_dedup", "intra_sample_no_dedup"] = _f(
         "intra_sample_no_dedup", "how several teachers' negatives are combined"
     )
