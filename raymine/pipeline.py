@@ -1,21 +1,13 @@
 """The end-to-end run: ingest → embed → search → mine → export → train → evaluate.
 
-Every stage writes under ``cfg.output`` with a manifest; a re-run with the same config skips finished
-stages, a killed training resumes from its last checkpoint, and changing one stage's config re-runs
-that stage and everything after it (each stage's key chains the keys of the stages it reads; when a
-stage's chained key changes its folder is cleared before it runs).
+The orchestrator wires stages; it does not compute. Every stage reads its inputs from the run's
+:class:`~raymine.layout.Layout`, writes under it, and returns its manifest; its key chains its own config
+with the keys of the stages it reads, and ``storage.begin`` applies the one skip / clear / resume rule
+(same key and intact parts → skipped; same key, unfinished → resumed per part where the stage can;
+another key → cleared and re-run). The driver holds counts and manifests only, never a per-passage or
+per-query object. One live run owns the output folder (``storage.RunLock``).
 
-Layout of ``OUTPUT``::
-
-    ingest/            corpus.parquet, train_queries.parquet, train_dropped.parquet
-    embed/<teacher>/   corpus/, queries/ (dense teachers only)
-    search/<teacher>/  candidates Parquet (one row per query)
-    mine/              mining manifest, report.json, scores.png, dropped.parquet
-    mined/             mined negatives (Parquet)
-    exports/           sentence_transformers.parquet, flagembedding.jsonl
-    model/             the trained student (transformers + sentence-transformers folder)
-    evaluate/          evaluation.json / .md / .png
-    report.json, report.md
+Layout of ``OUTPUT``: see :mod:`raymine.layout`.
 """
 from __future__ import annotations
 
@@ -27,42 +19,27 @@ from typing import Any
 from raymine import columns as C
 from raymine import storage
 from raymine.config import Config, TeacherConfig, config_hash, to_dict
+from raymine.errors import UserError
+from raymine.layout import Layout
 
 log = logging.getLogger(__name__)
 
 STAGES = ("embed", "search", "mine", "train", "evaluate")
-PIPELINE_STATE = "_pipeline.json"
 
 
-class PipelineError(RuntimeError):
-    """A stage cannot run (e.g. its input from an earlier stage is missing)."""
-
-
-class _Chain:
-    """Chained stage keys, remembered in OUTPUT/_pipeline.json: a stage whose key changed is cleared."""
-
-    def __init__(self, output: str):
-        self.uri = storage.join(output, PIPELINE_STATE)
-        self.state: dict[str, str] = storage.read_json(self.uri) if storage.exists(self.uri) else {}
-
-    def enter(self, stage: str, stage_dir: str, *parts: Any) -> str:
-        key = storage.stage_key(stage, *parts)
-        if self.state.get(stage) not in (None, key):
-            log.info("%s: config or input changed, re-running (clearing %s)", stage, stage_dir)
-            storage.delete_dir(stage_dir)
-        self.state[stage] = key
-        storage.write_json(self.uri, self.state)
-        return key
+class PipelineError(UserError):
+    """A stage cannot run (e.g. its input from an earlier stage is missing or empty)."""
 
 
 def student_encoder(cfg: Config, model: str | None = None) -> TeacherConfig:
-    """The student as an encoder config (for evaluation): pooling and prompts as in training; lengths from
-    ``evaluate.*_max_length`` (0 = the training lengths)."""
+    """The student as an encoder config (for evaluation): pooling, prompts and attention as in training;
+    lengths from ``evaluate.*_max_length`` (0 = the training lengths)."""
     t, e = cfg.train, cfg.evaluate
     return TeacherConfig(
         model=model or t.model, pooling=t.pooling, normalize=t.normalize, query_prompt=t.query_prompt,
         passage_prompt=t.passage_prompt, query_max_length=e.query_max_length or t.query_max_length,
         passage_max_length=e.passage_max_length or t.passage_max_length, batch_size=e.batch_size,
+        **({"bidirectional": t.bidirectional} if "bidirectional" in TeacherConfig.__dataclass_fields__ else {}),
     )
 
 
@@ -77,194 +54,153 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     upto = max(STAGES.index(s) for s in stages)
     t0 = time.time()
     storage.makedirs(cfg.output)
-    run = _Run(cfg, _Chain(cfg.output))
-    steps = (run.embed, run.search, run.mine, run.train, run.evaluate)
-    run.ingest()
-    for step in steps[: upto + 1]:
-        step()
-    return _finish(run.report, cfg.output, t0)
+    with storage.RunLock(cfg.output):
+        run = _Run(cfg, Layout(cfg.output))
+        steps = (run.embed, run.search, run.mine, run.train, run.evaluate)
+        run.ingest()
+        for step in steps[: upto + 1]:
+            step()
+        return _finish(run.report, cfg.output, t0)
 
 
 class _Run:
-    """One pipeline run: the stage steps in order, sharing paths and chained keys."""
+    """One pipeline run: the stage steps in order, sharing the layout and the chained keys."""
 
-    def __init__(self, cfg: Config, chain: _Chain):
-        self.cfg, self.chain, self.out = cfg, chain, cfg.output
+    def __init__(self, cfg: Config, layout: Layout):
+        self.cfg, self.layout = cfg, layout
         self.report: dict[str, Any] = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stages": {}}
         self.keys: dict[str, str] = {}
-        d = lambda *p: storage.join(self.out, *p)  # noqa: E731
-        self.ingest_dir, self.mine_dir, self.mined_uri = d("ingest"), d("mine"), d("mined")
-        self.export_dir, self.model_dir, self.eval_dir = d("exports"), d("model"), d("evaluate")
-        self.corpus_uri = d("ingest", "corpus.parquet")
-        self.queries_uri = d("ingest", "train_queries.parquet")
-        self.st_uri = d("exports", "sentence_transformers.parquet")
 
-    def _emb(self, teacher: str, side: str) -> str:
-        return storage.join(self.out, "embed", teacher, side)
+    def _done(self, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.keys[name] = manifest["key"]
+        self.report["stages"][name] = manifest
+        return manifest
 
     # ---- ingest -------------------------------------------------------------------------------
     def ingest(self) -> None:
         from raymine.ingest import ingest_stage
 
-        self.keys["ingest"] = self.chain.enter("ingest", self.ingest_dir, self.cfg.ingest)
-        self.report["stages"]["ingest"] = ingest_stage(self.cfg.ingest, self.ingest_dir)
+        self._done("ingest", ingest_stage(self.cfg.ingest, self.layout))
 
-    # ---- embed: dense teachers, corpus and queries --------------------------------------------
+    # ---- embed: one actor pool per dense teacher, passages and queries in one pass ----------------
     def embed(self) -> None:
-        import ray.data
+        from raymine.embed import EmbedInput, embed_tables
 
-        from raymine.embed import embed_stage
-
+        L = self.layout
         for name in self.cfg.teachers:
             t = self.cfg.teacher(name)
             if t.kind != "dense":
                 continue
-            key = self.chain.enter(f"embed:{name}", storage.join(self.out, "embed", name), t, self.cfg.embed,
-                                   self.keys["ingest"])
-            self.keys[f"embed:{name}"] = key
-            corpus = ray.data.read_parquet(self.corpus_uri).map_batches(_passage_batch, batch_format="pyarrow")
-            queries = ray.data.read_parquet(self.queries_uri).select_columns([C.QUERY_ID, C.TEXT])
-            self.report["stages"][f"embed:{name}"] = {
-                "corpus": embed_stage(corpus, C.DOC_ID, C.TEXT, t, self.cfg.embed, "passage",
-                                      self._emb(name, "corpus"), input_key=key),
-                "queries": embed_stage(queries, C.QUERY_ID, C.TEXT, t, self.cfg.embed, "query",
-                                       self._emb(name, "queries"), input_key=key),
-            }
+            inputs = [EmbedInput("passage", L.corpus, C.DOC_ID, C.PASSAGE, L.embed(name, "corpus")),
+                      EmbedInput("query", L.train_queries, C.QUERY_ID, C.TEXT, L.embed(name, "queries"))]
+            self._done(f"embed:{name}", embed_tables(t, self.cfg.embed, inputs, L.embed(name), self.keys["ingest"]))
 
     # ---- search: every teacher, with the mining method's per-query ceiling --------------------
     def search(self) -> None:
-        from raymine.filters import required_depth, score_ceiling
-        from raymine.index import ShardedIndex
-        from raymine.search import bm25_search_stage, search_stage
+        from raymine.search import SearchSpec, open_index, search_teacher, stage_key
 
-        cfg = self.cfg
-
-        def depth_fn(num_excluded: int) -> int:
-            return cfg.search.depth or required_depth(cfg.mine, num_excluded) + cfg.search.depth_slack
-
-        def ceiling_fn(pos_scores):
-            return score_ceiling(cfg.mine, pos_scores)
-
-        ceiling = ceiling_fn if cfg.search.use_ceiling else None
-        positives = self._positives_for_search()
+        cfg, L = self.cfg, self.layout
         for name in cfg.teachers:
             t = cfg.teacher(name)
-            sdir = storage.join(self.out, "search", name)
-            key = self.chain.enter(f"search:{name}", sdir, cfg.search, cfg.mine, t,
-                                   self.keys.get(f"embed:{name}", self.keys["ingest"]))
-            self.keys[f"search:{name}"] = key
-            if t.kind == "dense":
-                with ShardedIndex.from_parquet(self._emb(name, "corpus"), cfg.search) as index:
-                    m = search_stage(self._emb(name, "queries"), positives, index, depth_fn, ceiling, cfg.search,
-                                     sdir, name, key_extra=key)
-            else:
-                corpus = _with_passage_text(_read_table(self.corpus_uri))
-                m = bm25_search_stage(positives.select([C.QUERY_ID, C.TEXT]), corpus, positives, t, depth_fn,
-                                      ceiling, cfg.search, sdir, name, key_extra=key)
-            self.report["stages"][f"search:{name}"] = m
-
-    def _positives_for_search(self):
-        """The training queries' positives; in analysis mode with a share of them hidden from the teachers."""
-        table = _read_table(self.queries_uri)
-        frac = self.cfg.mine.hide_positive_fraction
-        if frac > 0:
-            table, n_hidden = _hide_positives(table, frac, self.cfg.mine.seed)
-            self.report["analysis"] = {"hidden_positives": n_hidden, "hide_positive_fraction": frac}
-        return table
+            dense = t.kind == "dense"
+            spec = SearchSpec(teacher=name, queries_uri=L.train_queries,
+                              query_emb_uri=L.embed(name, "queries") if dense else None, out_uri=L.search(name),
+                              mine=cfg.mine, search=cfg.search, rows_per_piece=cfg.embed.rows_per_block)
+            upstream = [to_dict(t), self.keys.get(f"embed:{name}", self.keys["ingest"])]
+            done = storage.completed(L.search(name), stage_key(spec, upstream))
+            if done is None:  # only a stage with work to do starts the shard actors
+                with open_index(t, cfg.search, L.corpus, L.embed(name, "corpus") if dense else None) as index:
+                    done = search_teacher(index, spec, upstream, dense)
+            self._done(f"search:{name}", done)
+        if cfg.mine.hide_positive_fraction > 0:
+            first = self.report["stages"][f"search:{cfg.teachers[0]}"]["counts"]
+            self.report["analysis"] = {"hidden_positives": first.get("hidden_positives", 0),
+                                       "hide_positive_fraction": cfg.mine.hide_positive_fraction}
 
     # ---- mine + exports -------------------------------------------------------------------------
     def mine(self) -> None:
-        from raymine.mine import export_flagembedding, export_sentence_transformers, mine_stage
+        from raymine.export import export_stage
+        from raymine.mine import mine_stage
 
-        cfg = self.cfg
-        self.chain.enter("mine", self.mine_dir, cfg.mine, cfg.teachers, [self.keys[f"search:{n}"] for n in cfg.teachers])
-        full = _positive_lists(_read_table(self.queries_uri)) if cfg.mine.hide_positive_fraction > 0 else None
-        candidates = {n: storage.join(self.out, "search", n) for n in cfg.teachers}
-        mined = mine_stage(candidates, self.queries_uri, cfg.mine, self.mine_dir, mined_uri=self.mined_uri,
-                           full_positives=full)
-        self.report["stages"]["mine"] = mined
-        # exports follow the mining run they were made from
-        self.keys["export"] = key = storage.stage_key("export", mined["key"], mined["finished_at"])
-        done = storage.completed(self.export_dir, key)
-        if done is None:
-            storage.delete_dir(self.export_dir)
-            run = storage.StageRun(self.export_dir, "export", key)
-            run.counts = {
-                "sentence_transformers": export_sentence_transformers(self.mined_uri, self.corpus_uri, self.st_uri,
-                                                                      cfg.mine.num_negatives),
-                "flagembedding": export_flagembedding(self.mined_uri, self.corpus_uri,
-                                                      storage.join(self.export_dir, "flagembedding.jsonl")),
-            }
-            done = run.finish()
-        self.report["stages"]["export"] = done
+        cfg, L = self.cfg, self.layout
+        candidates = {n: L.search(n) for n in cfg.teachers}
+        full = L.train_queries if cfg.mine.hide_positive_fraction > 0 else None
+        upstream = [self.keys[f"search:{n}"] for n in cfg.teachers]
+        mined = mine_stage(candidates, L.train_queries, cfg.mine, L.mine, mined_uri=L.mined, full_positives=full,
+                           upstream=upstream)
+        self._done("mine", mined)
+        self._done("export", export_stage(cfg, L, upstream=mined["key"]))
 
     # ---- train ----------------------------------------------------------------------------------
     def train(self) -> None:
         from raymine.train import train_stage
 
-        cfg = self.cfg
-        self.keys["train"] = key = self.chain.enter("train", self.model_dir, cfg.train, self.keys["export"])
-        done = storage.completed(self.model_dir, key)
-        if done is None:
-            run = storage.StageRun(self.model_dir, "train", key, config=to_dict(cfg.train))
-            # the run name carries the key: a re-run of the same config resumes from its checkpoint
-            result = train_stage(self.st_uri, cfg.train, self.model_dir, run_name=f"train-{key}",
-                                 storage_path=_abs(storage.join(self.out, "train_checkpoints")))
-            run.counts = {k: v for k, v in result.items() if k != "losses"}
-            done = run.finish(losses=result.get("losses"))
-        self.report["stages"]["train"] = done
+        cfg, L = self.cfg, self.layout
+        key = storage.stage_key("train", to_dict(cfg.train), self.keys["mine"])
+        done, run = storage.begin(L.model, "train", key, config=to_dict(cfg.train), resume=True)
+        if run is None:
+            self._done("train", done)
+            return
+        # the run name carries the key: a re-run of the same config resumes from its checkpoint
+        result = train_stage(L.mined, L.corpus, cfg.train, L.model, run_name=f"train-{key}",
+                             storage_path=_abs(L.train_checkpoints), mine_cfg=cfg.mine)
+        run.counts = {k: v for k, v in result.items() if k not in ("losses", "lrs")}
+        self._done("train", run.finish(losses=result.get("losses"), lrs=result.get("lrs")))
 
     # ---- evaluate -------------------------------------------------------------------------------
     def evaluate(self) -> None:
         from raymine.evaluate import evaluate_models
 
-        cfg = self.cfg
-        key = self.chain.enter("evaluate", self.eval_dir, cfg.evaluate, cfg.ingest.data, self.keys["train"])
-        done = storage.completed(self.eval_dir, key)
-        if done is None:
-            run = storage.StageRun(self.eval_dir, "evaluate", key, config=to_dict(cfg.evaluate))
-            models = {"before": student_encoder(cfg), "after": student_encoder(cfg, model=_abs(self.model_dir))}
-            cache = self._teacher_passages(models["before"])
-            results = evaluate_models(models, cfg.evaluate, cfg.ingest.data, self.eval_dir,
-                                      passage_cache={"before": cache} if cache else None)
-            done = run.finish(results=results)
-        self.report["stages"]["evaluate"] = done
-        self.report["evaluate"] = _flatten_eval(done["results"])
+        cfg, L = self.cfg, self.layout
+        models = {"before": student_encoder(cfg), "after": student_encoder(cfg, model=_abs(L.model))}
+        key = storage.stage_key("evaluate", to_dict(cfg.evaluate), [to_dict(m) for m in models.values()],
+                                cfg.ingest.data, self.keys["train"])
+        done, run = storage.begin(L.evaluate, "evaluate", key, config=to_dict(cfg.evaluate))
+        if run is None:
+            self._done("evaluate", done)
+        else:
+            caches = {label: self._corpus_vectors(label, enc) for label, enc in models.items()}
+            results = evaluate_models(models, cfg.evaluate, cfg.ingest.data, L.evaluate,
+                                      passage_cache={k: v for k, v in caches.items() if v})
+            self._done("evaluate", run.finish(results=results))
+        self.report["evaluate"] = _flatten_eval(self.report["stages"]["evaluate"]["results"])
 
-    def _teacher_passages(self, student: TeacherConfig) -> dict[str, Any] | None:
-        """{passage text: embedding} from a dense teacher whose passage encoding equals the untrained
-        student's (the default run: MiniLM is teacher and student), so "before" needs no corpus pass."""
-        from raymine.embed import read_embeddings
+    def _corpus_vectors(self, label: str, enc: TeacherConfig) -> dict[str, Any] | None:
+        """{passage text: vector} of the evaluation corpus, encoded by the embed stage's actor pool (GPU
+        actors on a cluster), so evaluating a large student is not one process encoding a corpus. A dense
+        teacher with the same passage encoding as the model is reused as is (no pass at all). mteb then
+        holds the task's texts and these vectors in this process, as it holds the task itself."""
+        from raymine.embed import EmbedInput, embed_tables, read_embeddings
         from raymine.encoders import resolve_model_path
 
+        if "local" not in self.cfg.evaluate.tasks:
+            return None
+        L = self.layout
         same = ("pooling", "normalize", "passage_prompt", "passage_max_length", "dtype", "trust_remote_code")
+        folder = None
         for name in self.cfg.teachers:
             t = self.cfg.teacher(name)
-            if (t.kind == "dense" and t.storage_dtype == "float32"
-                    and resolve_model_path(t.model) == resolve_model_path(student.model)
-                    and all(getattr(t, f) == getattr(student, f) for f in same)
-                    and storage.exists(storage.join(self._emb(name, "corpus"), storage.MANIFEST))):
-                ids, emb = read_embeddings(self._emb(name, "corpus"), C.DOC_ID)  # [n], [n, dim]
-                texts = dict(zip(*(_with_passage_text(_read_table(self.corpus_uri)).column(c).to_pylist()
-                                   for c in (C.DOC_ID, C.TEXT)), strict=True))
-                log.info("evaluate: the untrained student's passages come from teacher %r's embeddings", name)
-                return {texts[i]: e for i, e in zip(ids, emb, strict=True)}
-        return None
+            if (t.kind == "dense" and t.storage_dtype == "float32" and f"embed:{name}" in self.keys
+                    and resolve_model_path(t.model) == resolve_model_path(enc.model)
+                    and all(getattr(t, f) == getattr(enc, f) for f in same)):
+                log.info("evaluate: %s passages come from teacher %r's embeddings", label, name)
+                folder = L.embed(name, "corpus")
+                break
+        if folder is None:
+            folder = L.path("evaluate_embed", label, "corpus")
+            embed_tables(enc, self.cfg.embed, [EmbedInput("passage", L.corpus, C.DOC_ID, C.PASSAGE, folder)],
+                         L.path("evaluate_embed", label), [self.keys["ingest"], self.keys.get("train")])
+        ids, emb = read_embeddings(folder, C.DOC_ID)  # [n], [n, dim]
+        text = _passages_by_id(L.corpus)
+        return {text[i]: e for i, e in zip(ids, emb, strict=True) if i in text}
 
 
-def _finish(report: dict[str, Any], out: str, t0: float) -> dict[str, Any]:
-    report["wall_s"] = round(time.time() - t0, 1)
-    storage.write_json(storage.join(out, "report.json"), report)
-    storage.write_bytes(storage.join(out, "report.md"), render_report(report).encode())
-    return report
-
-
-# ------------------------------------------------------------------------------------------------
-def _read_table(uri: str):
+def _passages_by_id(corpus_uri: str) -> dict[str, str]:
     import pyarrow.parquet as pq
 
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs)
+    fs, path = storage.resolve(corpus_uri)
+    t = pq.read_table(path, filesystem=fs, columns=[C.DOC_ID, C.PASSAGE])
+    return dict(zip(t.column(C.DOC_ID).to_pylist(), t.column(C.PASSAGE).to_pylist(), strict=True))
 
 
 def _abs(uri: str) -> str:
@@ -273,39 +209,11 @@ def _abs(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def _passage_batch(batch):
-    """Ray Data step: TEXT := passage text (title + text), the string teachers and students see."""
-    return _with_passage_text(batch).select([C.DOC_ID, C.TEXT])
-
-
-def _with_passage_text(table):
-    import pyarrow as pa
-
-    from raymine.ingest import passage_text
-
-    texts = [passage_text(t, x) for t, x in zip(table.column(C.TITLE).to_pylist(), table.column(C.TEXT).to_pylist(), strict=True)]
-    return table.set_column(table.schema.get_field_index(C.TEXT), C.TEXT, pa.array(texts, pa.string()))
-
-
-def _positive_lists(table) -> dict[str, list[str]]:
-    return dict(zip(table.column(C.QUERY_ID).to_pylist(), table.column(C.POSITIVE_IDS).to_pylist(), strict=True))
-
-
-def _hide_positives(table, fraction: float, seed: int):
-    """The positives table with ``fraction`` of multi-positive queries' positives hidden (mine.hide_positives)."""
-    import pyarrow as pa
-
-    from raymine.mine import hide_positives
-
-    full = _positive_lists(table)
-    flat = pa.table({C.QUERY_ID: [q for q, ps in full.items() for _ in ps],
-                     C.DOC_ID: [d for ps in full.values() for d in ps]})
-    visible, hidden = hide_positives(flat, fraction, seed)
-    keep: dict[str, list[str]] = {}
-    for q, d in zip(visible.column(C.QUERY_ID).to_pylist(), visible.column(C.DOC_ID).to_pylist(), strict=True):
-        keep.setdefault(q, []).append(d)
-    col = pa.array([keep.get(q, []) for q in table.column(C.QUERY_ID).to_pylist()], pa.list_(pa.string()))
-    return table.set_column(table.schema.get_field_index(C.POSITIVE_IDS), C.POSITIVE_IDS, col), hidden.num_rows
+def _finish(report: dict[str, Any], out: str, t0: float) -> dict[str, Any]:
+    report["wall_s"] = round(time.time() - t0, 1)
+    storage.write_json(storage.join(out, "report.json"), report)
+    storage.write_bytes(storage.join(out, "report.md"), render_report(report).encode())
+    return report
 
 
 def _flatten_eval(results: dict[str, Any]) -> dict[str, Any]:

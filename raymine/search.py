@@ -1,18 +1,29 @@
 """Search stage: every training query's candidates from one teacher, with the mining method's per-query
 score ceiling applied inside the search (``raymine.index`` for the sharded FAISS index, ``raymine.bm25``
-for the sparse teacher). Output: one row per query (``SEARCH_SCHEMA``), Parquet parts + manifest.
+for the sharded BM25 index). Output: one row per query (``SEARCH_SCHEMA``), Parquet parts + manifest.
+
+The driver starts the shard actors and plans query *pieces* (``raymine.parts``, from Parquet footers);
+Ray Data tasks take one piece each, read its queries (ids, positives, excluded ids, text or the aligned
+query-embedding part), ask every shard through the index client, merge, and write output part ``i`` for
+piece ``i`` themselves. The driver sums per-piece counts only. A re-run after a crash (driver, node)
+searches only the pieces whose part is missing or damaged.
+
+What is searched for each query is a pure function of the config (:func:`search_plan`): its depth
+(``required_depth`` + slack, or ``search.depth``) and its score ceiling (the mining method's, from the
+query's exact positive scores), so the positive-aware methods get their negatives in one pass.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymine import storage
+from raymine import parts, storage
 from raymine.columns import (
     ABOVE_CEILING,
     CANDIDATE_IDS,
@@ -27,8 +38,8 @@ from raymine.columns import (
     TEACHER,
     TEXT,
 )
-from raymine.config import SearchConfig, TeacherConfig, to_dict
-from raymine.index import ShardedIndex, _embeddings, embedding_layout, list_parquet, recall_at_k
+from raymine.config import MineConfig, SearchConfig, TeacherConfig, to_dict
+from raymine.index import _embeddings, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -51,117 +62,137 @@ SEARCH_SCHEMA = pa.schema(
 
 
 # ------------------------------------------------------------------------------------------------
-# The stage
+# What to search: a pure function of the config (no Ray)
 # ------------------------------------------------------------------------------------------------
-def _iter_query_embeddings(uri: str, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(query ids, embeddings float32 [b, d]) batches streamed from the query embedding Parquet."""
-    fs, _ = storage.resolve(uri)
-    dim, _ = embedding_layout(uri, QUERY_ID)
-    for path in list_parquet(uri):
-        with fs.open_input_file(path) as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=[QUERY_ID, EMBEDDING]):
-                yield rb.column(QUERY_ID).to_pylist(), _embeddings(rb.column(EMBEDDING), dim)
+def search_plan(mine: MineConfig, search: SearchConfig, pos_scores: Sequence[np.ndarray], num_known: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(depth int64 [nq], ceiling float32 [nq]) of each query.
+
+    depth: ``search.depth`` when set, else ``required_depth(mine, positives + excluded) + depth_slack``.
+    ceiling: the mining method's ceiling from the query's positive scores (missing positives, NaN, left
+    out; NaN when none is left: mining drops that query), +inf when ``search.use_ceiling`` is off."""
+    from raymine.filters import required_depth, score_ceiling
+
+    nq = len(pos_scores)
+    n = np.asarray(num_known, np.int64).reshape(-1)
+    if search.depth > 0:
+        depth = np.full(nq, search.depth, np.int64)
+    else:
+        depth = np.fromiter((required_depth(mine, int(x)) + search.depth_slack for x in n), np.int64, nq)
+    if not search.use_ceiling:
+        return depth, np.full(nq, np.inf, np.float32)
+    ceil = np.asarray(score_ceiling(mine, [s[~np.isnan(s)] for s in pos_scores]), np.float32).reshape(-1)
+    return depth, ceil
 
 
-class _Positives:
-    """query id → (positive ids, excluded ids) from the positives table (ids only, no vectors)."""
+def hide_in_piece(qids: list[str], pos: list[list[str]], fraction: float, seed: int) -> tuple[list[list[str]], int]:
+    """Analysis mode: the visible positives of each query (``mine.hide_positives``: seeded by ids only, so a
+    piece gives the same answer as the whole table) and how many were hidden."""
+    from raymine.mine import hide_positives
 
-    def __init__(self, table: pa.Table) -> None:
-        for col in (QUERY_ID, POSITIVE_IDS):
-            if col not in table.column_names:
-                raise ValueError(f"positives table lacks column {col!r} (has {table.column_names})")
-        qids = table.column(QUERY_ID).to_pylist()
-        self.row = {q: i for i, q in enumerate(qids)}
-        if len(self.row) != len(qids):
-            raise ValueError(f"positives table has {len(qids) - len(self.row)} duplicate query ids")
-        self.pos = table.column(POSITIVE_IDS).to_pylist()
-        self.exc = (table.column(EXCLUDED_IDS).to_pylist() if EXCLUDED_IDS in table.column_names
-                    else [[] for _ in qids])
-        self.exc = [e or [] for e in self.exc]
-        self.pos = [p or [] for p in self.pos]
+    flat = pa.table({QUERY_ID: pa.array([q for q, ps in zip(qids, pos, strict=True) for _ in ps], pa.string()),
+                     DOC_ID: pa.array([d for ps in pos for d in ps], pa.string())})
+    visible, hidden = hide_positives(flat, fraction, seed)
+    keep: dict[str, set[str]] = {}
+    for q, d in zip(visible.column(QUERY_ID).to_pylist(), visible.column(DOC_ID).to_pylist(), strict=True):
+        keep.setdefault(q, set()).add(d)
+    return [[d for d in ps if d in keep.get(q, ())] for q, ps in zip(qids, pos, strict=True)], hidden.num_rows
 
 
-def _search_batches(
-    batches: Iterator[tuple[list[str], Any]],
-    positives: _Positives,
-    score_fn: Callable[[Any, list[list[str]]], list[np.ndarray]],
-    search_fn: Callable[[Any, int, np.ndarray | None], tuple[np.ndarray, np.ndarray, np.ndarray]],
-    depth_fn: Callable[[int], int],
-    ceiling_fn: Callable[[list[np.ndarray]], np.ndarray] | None,
-    cfg: SearchConfig,
-    out_uri: str,
-    teacher: str,
-    counts: dict[str, Any],
-) -> list[int]:
-    """Shared per-batch loop of the dense and BM25 stages; writes one part file per batch.
+# ------------------------------------------------------------------------------------------------
+# The search task: one query piece in, one part written
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchSpec:
+    """Everything a search task needs (picklable): where the queries are, where to write, the configs."""
 
-    ``search_fn(payload, k, ceilings)`` → (scores [nq,k], doc ids [nq,k], above [nq]): ``above`` =
-    corpus docs scoring ``>= ceiling`` (positives included), written as ``ABOVE_CEILING``."""
-    depths_all: list[int] = []
-    seen: set[str] = set()
-    part = 0
-    for qids, payload in batches:
-        sel = [j for j, q in enumerate(qids) if q in positives.row and q not in seen]
-        dup = sum(1 for q in qids if q in seen)
-        counts["duplicate_query_embeddings"] += dup
-        counts["queries_without_positives"] += len(qids) - len(sel) - dup
-        if not sel:
-            continue
-        qids = [qids[j] for j in sel]
-        payload = payload[sel] if isinstance(payload, np.ndarray) else [payload[j] for j in sel]
-        seen.update(qids)
-        rows = [positives.row[q] for q in qids]
-        pos = [positives.pos[r] for r in rows]
-        exc = [positives.exc[r] for r in rows]
-        pos_scores = score_fn(payload, pos)
-        missing = np.fromiter((int(np.isnan(s).sum()) for s in pos_scores), np.int64, len(qids))
+    teacher: str
+    queries_uri: str  # QUERY_ID, TEXT, POSITIVE_IDS, EXCLUDED_IDS (the ingest stage's train queries)
+    query_emb_uri: str | None  # dense teachers: query embeddings, part i = piece i of queries_uri
+    out_uri: str
+    mine: MineConfig
+    search: SearchConfig
+    rows_per_piece: int
+
+
+COUNTS = ("queries", "positives_not_found", "queries_with_positive_not_found", "ceiling_nan", "queries_short",
+          "candidates", "short_below_ceiling_at_max_depth", "above_ceiling", "hidden_positives")
+
+
+def _query_payload(spec: SearchSpec, i: int, table: pa.Table, dense: bool):
+    if not dense:
+        return table.column(TEXT).to_pylist()
+    emb = pq.read_table(storage.join(spec.query_emb_uri, parts.part_name(i)),
+                        filesystem=storage.resolve(spec.query_emb_uri)[0])
+    if emb.column(QUERY_ID).to_pylist() != table.column(QUERY_ID).to_pylist():
+        raise ValueError(f"{spec.query_emb_uri}: part {i} does not hold the queries of piece {i} of "
+                         f"{spec.queries_uri}; re-run the embed stage")
+    return _embeddings(emb.column(EMBEDDING), emb.schema.field(EMBEDDING).type.list_size)
+
+
+def search_piece(index: Any, spec: SearchSpec, i: int, piece: dict, dense: bool) -> dict[str, int]:
+    """Search the queries of one piece and write part ``i``; returns its counts."""
+    counts = dict.fromkeys(COUNTS, 0)
+    table = parts.read_piece(spec.queries_uri, piece, [QUERY_ID, TEXT, POSITIVE_IDS, EXCLUDED_IDS])
+    qids = table.column(QUERY_ID).to_pylist()
+    pos = [p or [] for p in table.column(POSITIVE_IDS).to_pylist()]
+    exc = [e or [] for e in table.column(EXCLUDED_IDS).to_pylist()]
+    if spec.mine.hide_positive_fraction > 0:
+        pos, counts["hidden_positives"] = hide_in_piece(qids, pos, spec.mine.hide_positive_fraction, spec.mine.seed)
+    payload_all = _query_payload(spec, i, table, dense)
+    out = []
+    bs = max(1, spec.search.query_batch_size)
+    for lo in range(0, len(qids), bs):
+        sl = slice(lo, lo + bs)
+        payload = payload_all[sl]
+        p, e = pos[sl], exc[sl]
+        nq = len(p)
+        pos_scores = index.lookup_scores(payload, p)
+        missing = np.fromiter((int(np.isnan(s).sum()) for s in pos_scores), np.int64, nq)
         counts["positives_not_found"] += int(missing.sum())
         counts["queries_with_positive_not_found"] += int((missing > 0).sum())
-        if ceiling_fn is not None:
-            ceil = np.asarray(ceiling_fn([s[~np.isnan(s)] for s in pos_scores]), np.float32).reshape(-1)
-            if ceil.shape[0] != len(qids):
-                raise ValueError(f"ceiling_fn returned {ceil.shape[0]} ceilings for {len(qids)} queries")
-        else:
-            ceil = np.full(len(qids), np.inf, np.float32)
+        depth, ceil = search_plan(spec.mine, spec.search, pos_scores,
+                                  np.fromiter((len(a) + len(b) for a, b in zip(p, e, strict=True)), np.int64, nq))
         counts["ceiling_nan"] += int(np.isnan(ceil).sum())
-        depths = [int(depth_fn(len(p) + len(e))) for p, e in zip(pos, exc, strict=True)]
-        if cfg.depth > 0:
-            depths = [cfg.depth] * len(qids)
-        k = max(depths)
-        use = cfg.use_ceiling and ceiling_fn is not None
-        scores, ids, above = search_fn(payload, k, np.where(np.isnan(ceil), np.inf, ceil) if use else None)
-        above = np.zeros(len(qids), np.int64) if not use else np.asarray(above, np.int64).reshape(-1)
+        use = spec.search.use_ceiling
+        scores, ids, above, short = index.search_batch(payload, int(depth.max(initial=0)),
+                                                       np.where(np.isnan(ceil), np.inf, ceil) if use else None)
+        above = np.asarray(above, np.int64).reshape(-1) if use else np.zeros(nq, np.int64)
         counts["above_ceiling"] += int(above.sum())
-        cand_ids, cand_scores = [], []
-        for j, d in enumerate(depths):
-            keep = ids[j, :d] != ""
-            cand_ids.append(ids[j, :d][keep])
-            cand_scores.append(scores[j, :d][keep])
-            counts["queries_short"] += int(keep.sum() < d)
-        counts["candidates"] += int(sum(len(c) for c in cand_ids))
-        table = pa.table(
-            {
-                QUERY_ID: pa.array(qids, pa.string()),
-                POSITIVE_IDS: pa.array(pos, pa.list_(pa.string())),
-                POSITIVE_SCORES: _list_array([np.asarray(s, np.float32) for s in pos_scores], pa.float32()),
-                EXCLUDED_IDS: pa.array(exc, pa.list_(pa.string())),
-                CANDIDATE_IDS: _list_array(cand_ids, pa.string()),
-                CANDIDATE_SCORES: _list_array(cand_scores, pa.float32()),
-                CEILING: pa.array(ceil, pa.float32()),
-                TEACHER: pa.array([teacher] * len(qids), pa.string()),
-                ABOVE_CEILING: pa.array(above, pa.int64()),
-            },
-            schema=SEARCH_SCHEMA,
-        )
-        storage.makedirs(out_uri)
-        fs, path = storage.resolve(storage.join(out_uri, PART.format(part)))
-        pq.write_table(table, path, filesystem=fs)
-        part += 1
-        counts["queries"] += len(qids)
-        depths_all.extend(depths)
-    counts["queries_without_embedding"] = len(positives.row) - len(seen)
-    counts["parts"] = part
-    return depths_all
+        counts["short_below_ceiling_at_max_depth"] += int(short)
+        keep = (ids != "") & (np.arange(ids.shape[1])[None, :] < depth[:, None])  # [nq, k]
+        counts["queries_short"] += int((keep.sum(axis=1) < depth).sum())
+        cand_ids = [ids[j][keep[j]] for j in range(nq)]
+        cand_scores = [scores[j][keep[j]] for j in range(nq)]
+        counts["candidates"] += int(keep.sum())
+        counts["queries"] += nq
+        out.append(pa.table({
+            QUERY_ID: pa.array(qids[sl], pa.string()),
+            POSITIVE_IDS: pa.array(p, pa.list_(pa.string())),
+            POSITIVE_SCORES: _list_array([np.asarray(s, np.float32) for s in pos_scores], pa.float32()),
+            EXCLUDED_IDS: pa.array(e, pa.list_(pa.string())),
+            CANDIDATE_IDS: _list_array(cand_ids, pa.string()),
+            CANDIDATE_SCORES: _list_array(cand_scores, pa.float32()),
+            CEILING: pa.array(ceil, pa.float32()),
+            TEACHER: pa.array([spec.teacher] * nq, pa.string()),
+            ABOVE_CEILING: pa.array(above, pa.int64()),
+        }, schema=SEARCH_SCHEMA))
+    parts.write_part(pa.concat_tables(out) if out else SEARCH_SCHEMA.empty_table(), spec.out_uri, i)
+    return counts
+
+
+class _SearchTask:
+    """``map_batches`` body: the index client arrives once per task; each row is one piece."""
+
+    def __init__(self, index: Any, spec: SearchSpec, dense: bool) -> None:
+        self.index, self.spec, self.dense = index, spec, dense
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for j in range(len(batch["part"])):
+            piece = {k: batch[k][j] for k in ("path", "row_group", "lo", "hi")}
+            rows.append(search_piece(self.index, self.spec, int(batch["part"][j]), piece, self.dense))
+        return {k: np.array([r[k] for r in rows], np.int64) for k in COUNTS}
 
 
 def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
@@ -176,130 +207,86 @@ def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArr
     return pa.ListArray.from_arrays(pa.array(offsets), flat_arr)
 
 
-def _new_counts() -> dict[str, Any]:
-    return {k: 0 for k in ("queries", "queries_without_positives", "positives_not_found",
-                           "queries_with_positive_not_found", "ceiling_nan", "duplicate_query_embeddings", "queries_short", "candidates",
-                           "short_below_ceiling_at_max_depth", "above_ceiling")}
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+def stage_key(spec: SearchSpec, upstream: Any) -> str:
+    """The search stage's key for one teacher: its spec plus the keys of the stages it reads."""
+    return storage.stage_key(STAGE, spec.teacher, to_dict(spec.search), to_dict(spec.mine), spec.queries_uri,
+                             spec.query_emb_uri, spec.rows_per_piece, upstream)
 
 
-def _depth_summary(depths: list[int]) -> dict[str, Any]:
-    if not depths:
-        return {"min": 0, "max": 0, "mean": 0.0}
-    return {"min": int(min(depths)), "max": int(max(depths)), "mean": round(float(np.mean(depths)), 2)}
+def search_teacher(index: Any, spec: SearchSpec, key: Any, dense: bool) -> dict[str, Any]:
+    """Candidates of every training query for one teacher → ``spec.out_uri`` parts + manifest.
 
+    ``index``: a started index client (``ShardedIndex`` / ``ShardedBM25``) over the teacher's corpus;
+    ``key``: what decides the output besides ``spec`` (the upstream stages' keys). Skipped when done;
+    resumed per part. ``ABOVE_CEILING``: corpus docs scoring ``>= ceiling`` (the ceiling's removals,
+    positives included; exact for Flat and BM25, a lower bound for IVF/PQ; 0 without a ceiling)."""
+    import ray
 
-def search_stage(
-    query_emb_uri: str,
-    positives: pa.Table,
-    index: ShardedIndex,
-    depth_fn: Callable[[int], int],
-    ceiling_fn: Callable[[list[np.ndarray]], np.ndarray] | None,
-    cfg: SearchConfig,
-    out_uri: str,
-    teacher: str,
-    key_extra: Any = None,
-) -> dict[str, Any]:
-    """Candidates of every query for one dense teacher → Parquet under ``out_uri`` + manifest.
-
-    Per batch of ``cfg.query_batch_size`` query embeddings: exact positive scores
-    (``index.lookup_scores``), ceilings = ``ceiling_fn(positive scores without the missing ones)``,
-    candidates = ``index.search(k = max depth of the batch, ceilings)``, each row cut to
-    ``depth_fn(#positives + #excluded)``. Positives and excluded ids stay in the candidates (mining
-    removes and counts them). ``ceiling_fn`` gets each query's positive scores with the positives
-    missing from the corpus (NaN, counted) left out; a NaN ceiling is written as NaN (the mine stage
-    drops such queries) and that query is searched without a ceiling. ``ABOVE_CEILING``: corpus docs
-    scoring ``>= ceiling`` (the ceiling's removals, positives included; exact for ``Flat``, a lower
-    bound for IVF/PQ; 0 without a ceiling), summed in ``counts["above_ceiling"]``. ``key_extra``: whatever else decides the output (mining config, upstream
-    stage keys), since the callables cannot be hashed. Skipped when a manifest with the same key exists.
-    """
-    key = storage.stage_key(STAGE, teacher, to_dict(cfg), query_emb_uri, index.uri, index.num_docs,
-                            index.cfg.index_factory, key_extra)
-    done, run = storage.begin(out_uri, f"{STAGE}:{teacher}", key, config=to_dict(cfg))
+    done, run = storage.begin(spec.out_uri, f"{STAGE}:{spec.teacher}", stage_key(spec, key), config=to_dict(spec.search),
+                              resume=True)
     if run is None:
         return done
-    run.counts = _new_counts()
-    shorts = []
-    sample: list[np.ndarray] = []
-
-    def search_fn(q: np.ndarray, k: int, ceil: np.ndarray | None):
-        if not index.exact and len(sample) * cfg.query_batch_size < cfg.recall_sample:
-            sample.append(q[: cfg.recall_sample])
-        s, ids = index.search(q, k, ceil)
-        shorts.append(index.last_stats.get("short", 0))
-        return s, ids, index.last_above_ceiling
-
-    depths = _search_batches(
-        _iter_query_embeddings(query_emb_uri, cfg.query_batch_size), _Positives(positives),
-        index.lookup_scores, search_fn, depth_fn, ceiling_fn, cfg, out_uri, teacher, run.counts,
-    )
-    run.counts["short_below_ceiling_at_max_depth"] = int(sum(shorts))
-    recall = None
-    if not index.exact and sample and depths:
-        q = np.concatenate(sample)[: cfg.recall_sample]  # [n_sample, d]
-        recall = {}
-        for k in sorted({10, min(max(depths), index.num_docs)}):
-            approx = index.search(q, k)[1]
-            exact = index.search_exact(q, k)[1]
-            recall[f"recall@{k}"] = round(recall_at_k(approx, exact), 4)
-        log.info("search[%s]: %s on %d queries (%s)", teacher, recall, len(q), cfg.index_factory)
-    return run.finish(teacher=teacher, depth=_depth_summary(depths), recall=recall,
-                      index={"factory": cfg.index_factory, "shards": index.sizes, "dim": index.dim,
-                             "num_docs": index.num_docs})
+    pieces = parts.plan_pieces(spec.queries_uri, spec.rows_per_piece)
+    todo = [{**p.to_row(), "part": i} for i, p in enumerate(pieces)
+            if not storage.valid_part(storage.join(spec.out_uri, parts.part_name(i)), p.rows)]
+    if len(todo) < len(pieces):
+        log.info("search[%s]: resuming, %d of %d part(s) already written", spec.teacher, len(pieces) - len(todo),
+                 len(pieces))
+    counts = dict.fromkeys(COUNTS, 0)
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            _SearchTask, fn_constructor_kwargs={"index": index, "spec": spec, "dense": dense},
+            batch_size=1, batch_format="numpy", num_cpus=spec.search.num_cpus_per_task,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.search.search_tasks, len(todo)))))
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for k in COUNTS:
+                counts[k] += int(np.asarray(b[k]).sum())
+    written = sum(storage.parquet_rows(storage.join(spec.out_uri, parts.part_name(i))) or 0 for i in range(len(pieces)))
+    total = sum(p.rows for p in pieces)
+    if written != total:
+        raise RuntimeError(f"search[{spec.teacher}]: {written} rows written, the queries table has {total}")
+    run.counts.update({**counts, "queries_total": total, "pieces": len(todo), "parts_kept": len(pieces) - len(todo)})
+    recall = _recall(index, spec) if dense and not index.exact else None
+    return run.finish(teacher=spec.teacher, recall=recall,
+                      index={"factory": "bm25" if not dense else spec.search.index_factory,
+                             "shards": getattr(index, "sizes", None), "num_docs": index.num_docs})
 
 
-def bm25_search_stage(
-    queries: pa.Table,
-    corpus: pa.Table,
-    positives: pa.Table,
-    teacher_cfg: TeacherConfig,
-    depth_fn: Callable[[int], int],
-    ceiling_fn: Callable[[list[np.ndarray]], np.ndarray] | None,
-    cfg: SearchConfig,
-    out_uri: str,
-    teacher: str = "bm25",
-    key_extra: Any = None,
-) -> dict[str, Any]:
-    """The search stage for the BM25 teacher: same output table and manifest as :func:`search_stage`.
-
-    ``queries`` (QUERY_ID, TEXT), ``corpus`` (DOC_ID, TEXT). BM25 search is exact, so the ceiling is
-    applied inside the search. Positive ids absent from the corpus score NaN and are counted."""
-    from raymine.bm25 import BM25Teacher
-
-    key = storage.stage_key(STAGE, teacher, to_dict(cfg), to_dict(teacher_cfg), corpus.num_rows,
-                            queries.num_rows, key_extra)
-    done, run = storage.begin(out_uri, f"{STAGE}:{teacher}", key, config=to_dict(cfg))
-    if run is None:
-        return done
-    run.counts = _new_counts()
-    doc_ids = corpus.column(DOC_ID).to_pylist()
-    bm25 = BM25Teacher(teacher_cfg)
-    bm25.index(doc_ids, corpus.column(TEXT).to_pylist())
-    known = set(doc_ids)
-
-    def score_fn(texts: list[str], pos: list[list[str]]) -> list[np.ndarray]:
-        present = [[d for d in p if d in known] for p in pos]
-        scored = bm25.score(texts, present)
-        out = []
-        for p, s in zip(pos, scored, strict=True):
-            full = np.full(len(p), np.nan, np.float32)
-            full[[j for j, d in enumerate(p) if d in known]] = s
-            out.append(full)
-        return out
-
-    def search_fn(texts: list[str], k: int, ceil: np.ndarray | None):
-        ids, scores, above = bm25.search(texts, k, ceil, return_above=True)
-        return scores, ids, above
-
-    qids = queries.column(QUERY_ID).to_pylist()
-    texts = queries.column(TEXT).to_pylist()
-    bs = cfg.query_batch_size
-    batches = ((qids[i : i + bs], texts[i : i + bs]) for i in range(0, len(qids), bs))
-    depths = _search_batches(batches, _Positives(positives), score_fn, search_fn, depth_fn, ceiling_fn,
-                             cfg, out_uri, teacher, run.counts)
-    return run.finish(teacher=teacher, depth=_depth_summary(depths), recall=None,
-                      index={"factory": "bm25", "num_docs": len(doc_ids)})
+def _recall(index: Any, spec: SearchSpec) -> dict[str, float] | None:
+    """recall@k of the approximate index against exact search on the first ``recall_sample`` queries."""
+    if spec.search.recall_sample <= 0:
+        return None
+    fs, _ = storage.resolve(spec.query_emb_uri)
+    batches, n = [], 0
+    for path in parts.list_parquet(spec.query_emb_uri):
+        t = pq.read_table(path, filesystem=fs, columns=[EMBEDDING])
+        batches.append(_embeddings(t.column(EMBEDDING), t.schema.field(EMBEDDING).type.list_size))
+        n += t.num_rows
+        if n >= spec.search.recall_sample:
+            break
+    if not batches:
+        return None
+    q = np.concatenate(batches)[: spec.search.recall_sample]  # [n_sample, d]
+    out = {}
+    for k in sorted({10, min(100, index.num_docs)}):
+        out[f"recall@{k}"] = round(recall_at_k(index.search(q, k)[1], index.search_exact(q, k)[1]), 4)
+    log.info("search[%s]: %s on %d queries (%s)", spec.teacher, out, len(q), spec.search.index_factory)
+    return out
 
 
-__all__ = [
-    "SEARCH_SCHEMA", "bm25_search_stage", "search_stage",
-]
+def open_index(teacher: TeacherConfig, search: SearchConfig, corpus_uri: str, corpus_emb_uri: str | None):
+    """The started index client of one teacher: sharded FAISS over its corpus embeddings (dense), or
+    sharded BM25 over the corpus passages. Use as a context manager (frees the shard actors)."""
+    if teacher.kind == "dense":
+        from raymine.index import ShardedIndex
+
+        return ShardedIndex.from_parquet(corpus_emb_uri, search)
+    from raymine.bm25 import ShardedBM25
+
+    return ShardedBM25.from_parquet(corpus_uri, teacher, search)
+
+
+__all__ = ["SEARCH_SCHEMA", "SearchSpec", "open_index", "search_plan", "search_teacher"]

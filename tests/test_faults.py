@@ -4,6 +4,7 @@
   written embeddings equal an undisturbed run's;
 - a shard actor is SIGKILLed mid-search → the actor restarts (rebuilding its shard from the same
   Parquet rows) and the search call is retried; candidates and mined negatives equal the undisturbed run;
+- a search run that died part-way → a re-run searches only the missing query pieces, output identical;
 - the driver is SIGKILLed mid-mining → a re-run skips the finished search stage and ends identical;
 - the same seed twice → identical negatives (and another seed → different ones, so the seed matters).
 
@@ -38,7 +39,8 @@ SCIFACT_MINI = TESTS / "data" / "scifact_mini"
 # the configuration every synthetic run here uses: sampled negatives so that the seed matters
 MINE = MineConfig(method="percpos", perc=0.95, num_negatives=4, sampling="sampled", sample_top_k=8,
                   join_partitions=2, batch_size=64)
-SEARCH = SearchConfig(num_shards=2, query_batch_size=50, num_cpus_per_shard=0.25, threads_per_shard=1)
+SEARCH = SearchConfig(num_shards=2, query_batch_size=50, num_cpus_per_shard=0.25, threads_per_shard=1, search_tasks=1)
+PIECE = 10  # queries per search piece (= part): many small parts leave time to inject a fault mid-stage
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,60 +72,57 @@ def write_synthetic(folder: Path, n_docs: int = 3000, n_queries: int = 200, dim:
         pq.write_table(pa.table({C.DOC_ID: pa.array(doc_ids[lo:hi], pa.string()),
                                  C.EMBEDDING: embeddings_to_arrow(docs[lo:hi])}),
                        corpus_dir / f"part-{part:05d}.parquet", row_group_size=250)
-    pq.write_table(pa.table({C.QUERY_ID: pa.array(qids, pa.string()), C.EMBEDDING: embeddings_to_arrow(q)}),
-                   query_dir / "part-00000.parquet")
+    for part, lo in enumerate(range(0, n_queries, PIECE)):  # query-embedding part i = query piece i
+        pq.write_table(pa.table({C.QUERY_ID: pa.array(qids[lo : lo + PIECE], pa.string()),
+                                 C.EMBEDDING: embeddings_to_arrow(q[lo : lo + PIECE])}),
+                       query_dir / f"part-{part:05d}.parquet")
     queries = pa.table({
         C.QUERY_ID: pa.array(qids, pa.string()),
         C.TEXT: pa.array([f"synthetic query {i}" for i in range(n_queries)], pa.string()),
         C.POSITIVE_IDS: pa.array([[doc_ids[j] for j in p] for p in pos], pa.list_(pa.string())),
         C.EXCLUDED_IDS: pa.array([[] for _ in pos], pa.list_(pa.string())),
     })
-    pq.write_table(queries, folder / "train_queries.parquet")
+    pq.write_table(queries, folder / "train_queries.parquet", row_group_size=PIECE)
     return {"corpus": str(corpus_dir), "queries_emb": str(query_dir), "queries": str(folder / "train_queries.parquet")}
 
 
-def depth_and_ceiling(mine: MineConfig, search: SearchConfig):
-    """The depth and ceiling callables the pipeline passes to the search stage."""
-    from raymine.filters import required_depth, score_ceiling
-
-    def depth_fn(num_excluded: int) -> int:
-        return search.depth or required_depth(mine, num_excluded) + search.depth_slack
-
-    def ceiling_fn(pos_scores):
-        return score_ceiling(mine, pos_scores)
-
-    return depth_fn, ceiling_fn
-
-
 def search_and_mine(paths: dict[str, str], out: Path, mine: MineConfig = MINE, search: SearchConfig = SEARCH,
-                    on_batch=None, shard_rows=None) -> tuple[dict, dict, list]:
+                    on_start=None, shard_rows=None) -> tuple[dict, dict, list]:
     """Search + mine one synthetic teacher ("dense") under ``out``: (search manifest, mine manifest, shard infos).
 
-    ``on_batch(index, batch_number)`` is called by the driver before each query batch is searched
-    (the fault-injection hook)."""
+    ``on_start(index, search_dir)`` runs in a thread beside the search (the fault-injection hook: it can
+    watch the parts appear and kill a shard or a node)."""
     from raymine.index import ShardedIndex
     from raymine.mine import mine_stage
-    from raymine.search import search_stage
+    from raymine.search import SearchSpec, search_teacher
 
-    depth_fn, ceiling_fn = depth_and_ceiling(mine, search)
-    positives = pq.read_table(paths["queries"])
-    calls = [0]
+    spec = SearchSpec("dense", paths["queries"], paths["queries_emb"], str(out / "search" / "dense"), mine, search,
+                      PIECE)
     index = ShardedIndex.from_parquet(paths["corpus"], search, shard_rows=shard_rows)
-
-    def ceiling_hook(pos_scores):
-        if on_batch is not None:
-            on_batch(index, calls[0])
-        calls[0] += 1
-        return ceiling_fn(pos_scores)
-
+    th = None
     try:
         infos = list(index.infos)
-        sm = search_stage(paths["queries_emb"], positives, index, depth_fn, ceiling_hook, search,
-                          str(out / "search" / "dense"), "dense", key_extra=str(mine))
+        if on_start is not None:
+            th = threading.Thread(target=on_start, args=(index, out / "search" / "dense"), daemon=True)
+            th.start()
+        sm = search_teacher(index, spec, "synthetic", dense=True)
     finally:
+        if th is not None:
+            th.join(timeout=60)
         index.close()
     mm = mine_stage({"dense": str(out / "search" / "dense")}, paths["queries"], mine, str(out / "mine"))
     return sm, mm, infos
+
+
+def wait_for_parts(folder: Path, n: int, timeout: float = 240) -> int:
+    """Block until ``n`` parts exist in ``folder`` (or the timeout); returns how many exist."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        have = len(list(folder.glob("part-*.parquet"))) if folder.exists() else 0
+        if have >= n:
+            return have
+        time.sleep(0.02)
+    return -1
 
 
 def read_sorted(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -186,34 +185,53 @@ def test_same_seed_identical_negatives_other_seed_differs(reference, synthetic, 
 
 
 def test_shard_actor_killed_mid_search_same_output(reference, synthetic, tmp_path):
-    """SIGKILL shard 0's process before the 2nd of 4 query batches: Ray restarts the actor (same shard
-    rows) and retries the call. Needs ``max_restarts=-1, max_task_retries=-1`` on the shard actors."""
-    killed: list[int] = []
+    """SIGKILL shard 0's process once the first query part is written (19 remain): Ray restarts the actor
+    (same shard rows) and retries the call. Needs ``max_restarts=-1, max_task_retries=-1`` on the shards."""
+    killed: list[tuple[int, int]] = []
 
-    def kill_shard(index, batch):
-        if batch == 1:
-            import ray
+    def kill_shard(index, folder):
+        import ray
 
+        if wait_for_parts(folder, 1) > 0:
             pid = ray.get(index.actors[0].info.remote())["pid"]
             os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            killed.append((pid, len(list(folder.glob("part-*.parquet")))))
 
-    sm, mm, _ = search_and_mine(synthetic, tmp_path, on_batch=kill_shard)
+    sm, mm, _ = search_and_mine(synthetic, tmp_path, on_start=kill_shard)
     assert killed, "the fault hook never ran"
+    assert killed[0][1] < 200 // PIECE, f"killed after the last part was written: {killed}"
     assert sm["counts"]["queries"] == 200
+    assert_tables_equal(candidates_table(tmp_path), candidates_table(reference))
+    assert_tables_equal(mined_table(tmp_path), mined_table(reference))
+
+
+def test_search_died_part_way_rerun_searches_only_missing_parts(reference, synthetic, tmp_path):
+    """A search whose run died after some parts (no manifest; one part cut short by the crash): the re-run
+    keeps the intact parts, searches the rest, and the output equals the undisturbed run."""
+    import shutil
+
+    out = tmp_path / "search" / "dense"
+    shutil.copytree(reference / "search" / "dense", out)
+    os.remove(out / "_manifest.json")
+    for i in (3, 4, 5, 17):
+        os.remove(out / f"part-{i:05d}.parquet")
+    with open(out / "part-00008.parquet", "r+b") as f:
+        f.truncate(64)
+    sm, mm, _ = search_and_mine(synthetic, tmp_path)
+    assert sm["counts"]["pieces"] == 5 and sm["counts"]["parts_kept"] == 15 and sm["counts"]["queries"] == 50
     assert_tables_equal(candidates_table(tmp_path), candidates_table(reference))
     assert_tables_equal(mined_table(tmp_path), mined_table(reference))
 
 
 # ------------------------------------------------------------------------------------------------
 def _embed_actor_pids() -> list[int]:
-    """PIDs of this test session's Ray Data EmbedBatch actors (descendants of this process only)."""
+    """PIDs of this test session's Ray Data EmbedPieces actors (descendants of this process only)."""
     import psutil
 
     pids = []
     for p in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if "EmbedBatch" in " ".join(p.cmdline()):
+            if "EmbedPieces" in " ".join(p.cmdline()):
                 pids.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -221,45 +239,41 @@ def _embed_actor_pids() -> list[int]:
 
 
 def test_embed_actor_killed_mid_stage_same_embeddings(ray_local, minilm_path, tmp_path):
-    """SIGKILL one EmbedBatch actor once the first output file is written (blocks remain): the stage
-    completes with every row, and the embeddings equal those of an undisturbed run."""
-    import ray
-
-    from raymine.embed import embed_stage, read_embeddings
+    """SIGKILL one EmbedPieces actor once the first part is written (pieces remain): the stage completes
+    with every row, and the embeddings equal those of an undisturbed run."""
+    from raymine.embed import EmbedInput, embed_tables, read_embeddings
     from raymine.ingest import read_beir
 
     corpus = read_beir(str(SCIFACT_MINI), "train").corpus.slice(0, 240)
-    rows = {C.DOC_ID: corpus.column(C.DOC_ID), C.TEXT: corpus.column(C.TEXT)}
+    pq.write_table(corpus.select([C.DOC_ID, C.TEXT]), tmp_path / "corpus.parquet", row_group_size=120)
     teacher = TeacherConfig(model=minilm_path, passage_max_length=96, batch_size=16)
-    cfg = EmbedConfig(num_actors=2, rows_per_block=12, rows_per_file=12, num_cpus_per_actor=0.5)
+    cfg = EmbedConfig(num_actors=2, rows_per_block=12, num_cpus_per_actor=0.5)
 
-    ref_out = str(tmp_path / "ref")
-    embed_stage(ray.data.from_arrow(pa.table(rows)), C.DOC_ID, C.TEXT, teacher, cfg, "passage", ref_out)
+    def inputs(name):
+        return [EmbedInput("passage", str(tmp_path / "corpus.parquet"), C.DOC_ID, C.TEXT, str(tmp_path / name / "c"))]
 
-    out = tmp_path / "killed"
-    state = {"killed": None, "stage_done": False}
+    embed_tables(teacher, cfg, inputs("ref"), str(tmp_path / "ref"), "k")
+    out = tmp_path / "killed" / "c"
+    state = {"killed": None}
 
     def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline and not state["stage_done"]:
-            if (out / "part-00001.parquet").exists():  # mid-stage: output has started, blocks remain
+        if wait_for_parts(out, 1) > 0:  # mid-stage: output has started, pieces remain
+            for _ in range(200):
                 pids = _embed_actor_pids()
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     state["killed"] = (pids[0], len(list(out.glob("part-*.parquet"))))
                     return
-            time.sleep(0.05)
+                time.sleep(0.02)
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    m = embed_stage(ray.data.from_arrow(pa.table(rows)), C.DOC_ID, C.TEXT, teacher, cfg, "passage", str(out))
-    state["stage_done"] = True
+    m = embed_tables(teacher, cfg, inputs("killed"), str(tmp_path / "killed"), "k")
     th.join(timeout=5)
     assert state["killed"] is not None, "no embedding actor was found to kill while the stage ran"
-    n_files = len(list(out.glob("part-*.parquet")))
-    assert state["killed"][1] < n_files, f"killed after the last file was written: {state['killed']}, {n_files}"
+    assert state["killed"][1] < 20, f"killed after the last part was written: {state['killed']}"
     assert m["counts"]["rows"] == 240
-    ids_a, emb_a = read_embeddings(ref_out, C.DOC_ID)
+    ids_a, emb_a = read_embeddings(str(tmp_path / "ref" / "c"), C.DOC_ID)
     ids_b, emb_b = read_embeddings(str(out), C.DOC_ID)
     assert list(ids_a) == list(ids_b)
     np.testing.assert_array_equal(emb_a, emb_b)

@@ -5,8 +5,9 @@ session folders stay out of ``/tmp/ray``, so neither the session Ray of this pyt
 anybody else's bare ``ray.init()`` can connect to it, and a stale address file cannot break them.
 
 - shards at 1 CPU each on 1-CPU nodes → the two shards sit on two different nodes (actor node ids);
-- an undisturbed run and a run whose shard-holding worker node is removed before the 2nd query
-  batch (the shard restarts on the spare node) write identical candidates and mined negatives.
+- an undisturbed run and a run whose shard-holding worker node is removed once the first query part is
+  written (the shard restarts on the spare node, the query workers' calls are retried) write identical
+  candidates and mined negatives.
 """
 from __future__ import annotations
 
@@ -40,31 +41,32 @@ SCRIPT = textwrap.dedent("""
     result = {{"nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
                "head": cluster.head_node.node_id}}
     paths = T.write_synthetic(work / "data")
-    search = replace(T.SEARCH, num_cpus_per_shard=1.0)  # one shard per 1-CPU node
+    # one shard per 1-CPU node; the query worker takes no CPU, so a removed shard can restart on the spare node
+    search = replace(T.SEARCH, num_cpus_per_shard=1.0, num_cpus_per_task=0.0)
 
     def node_of(actor):
         return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
     placements = {{}}
 
-    def record(index, batch):
-        if batch == 0:
-            placements["ref"] = [node_of(a) for a in index.actors]
+    def record(index, folder):
+        placements["ref"] = [node_of(a) for a in index.actors]
 
-    T.search_and_mine(paths, work / "ref", search=search, on_batch=record)
+    T.search_and_mine(paths, work / "ref", search=search, on_start=record)
     removed = {{}}
 
-    def remove_worker(index, batch):
-        if batch == 0:
-            placements["fault"] = [node_of(a) for a in index.actors]
-        if batch == 1:
+    def remove_worker(index, folder):
+        placements["fault"] = [node_of(a) for a in index.actors]
+        if T.wait_for_parts(folder, 1) > 0:  # mid-search: the first query part is written, 19 remain
             on = {{n.node_id: n for n in workers}}
             victim = next(nid for nid in placements["fault"] if nid in on)  # a worker node holding a shard
+            removed["parts_then"] = len(list(folder.glob("part-*.parquet")))
             cluster.remove_node(on[victim])
             removed["node"] = victim
-    T.search_and_mine(paths, work / "fault", search=search, on_batch=remove_worker)
+    T.search_and_mine(paths, work / "fault", search=search, on_start=remove_worker)
     result["placements"] = placements
     result["removed"] = removed.get("node")
+    result["parts_when_removed"] = removed.get("parts_then")
     result["alive_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     print("RESULT " + json.dumps(result), flush=True)
     ray.shutdown()
@@ -100,6 +102,7 @@ def test_worker_node_removed_mid_search_identical_output(multinode_run):
 
     work, r = multinode_run
     assert r["removed"] in r["placements"]["fault"] and r["removed"] != r["head"]
+    assert r["parts_when_removed"] < 20  # removed mid-stage, before the last query part
     assert r["removed"] not in r["alive_after"] and len(r["alive_after"]) == 2
     assert_tables_equal(candidates_table(work / "fault"), candidates_table(work / "ref"))
     assert_tables_equal(mined_table(work / "fault"), mined_table(work / "ref"))

@@ -18,7 +18,7 @@ import yaml
 
 from raymine import columns as C
 from raymine.config import load_config
-from raymine.pipeline import STAGES, _Chain, render_report
+from raymine.pipeline import STAGES, render_report
 from raymine.storage import MANIFEST, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,19 +156,6 @@ def test_job_submit_kill_during_training_and_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-def test_chain_clears_a_stage_whose_key_changed(tmp_path):
-    out = str(tmp_path)
-    (tmp_path / "search").mkdir()
-    (tmp_path / "search" / "x.parquet").write_text("old")
-    chain = _Chain(out)
-    chain.enter("search", str(tmp_path / "search"), {"k": 1})
-    assert (tmp_path / "search" / "x.parquet").exists()  # first sight: nothing to compare, kept
-    _Chain(out).enter("search", str(tmp_path / "search"), {"k": 1})
-    assert (tmp_path / "search" / "x.parquet").exists()  # same key: kept
-    _Chain(out).enter("search", str(tmp_path / "search"), {"k": 2})
-    assert not (tmp_path / "search").exists()  # changed: cleared
-
-
 def test_render_report_lists_before_first():
     report = {"config_hash": "x", "wall_s": 1, "stages": {"mine": {"stage": "mine", "wall_s": 2, "counts": {"mined": 3}}},
               "evaluate": {"after": {"tasks": {"t": {"ndcg_at_10": 0.7, "recall_at_100": 0.9, "mrr_at_10": 0.6}}},

@@ -1,6 +1,7 @@
 """Sharded search through real Ray actors against brute-force numpy: Flat over S in {1,2,3,5} with
 uneven (and empty) shards, tie-heavy data, k larger than a shard, per-query ceilings; IVF recall and
-deeper re-query; the search stage's table and manifest; the BM25 wrapper."""
+deeper re-query; the search stage (Ray Data query workers writing their parts, per-part resume) against
+brute force and against single-index bm25s."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,9 +23,9 @@ from raymine.columns import (
     TEACHER,
     TEXT,
 )
-from raymine.config import SearchConfig
+from raymine.config import MineConfig, SearchConfig
 from raymine.index import ShardedIndex, embedding_layout, plan_shards
-from raymine.search import SEARCH_SCHEMA, search_stage
+from raymine.search import SEARCH_SCHEMA, SearchSpec, search_plan, search_teacher
 from raymine.topk import brute_force_topk
 
 N, D = 1203, 8
@@ -41,6 +42,26 @@ def write_embeddings(folder, ids, emb, id_col=DOC_ID, splits=(0.5, 1.0), row_gro
                       EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])})
         pq.write_table(t, folder / f"part-{f:05d}.parquet", row_group_size=row_group)
     return str(folder)
+
+
+def stage_inputs(folder, qids, positives, excluded, texts=None, emb=None, rows_per_piece=16):
+    """The ingest + embed layout the search stage reads: train queries (row groups of ``rows_per_piece``)
+    and, for a dense teacher, query-embedding part i = piece i."""
+    from raymine import parts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t = pa.table({QUERY_ID: pa.array(qids, pa.string()), TEXT: pa.array(texts or [f"text {q}" for q in qids]),
+                  POSITIVE_IDS: pa.array(positives, pa.list_(pa.string())),
+                  EXCLUDED_IDS: pa.array(excluded, pa.list_(pa.string()))})
+    pq.write_table(t, folder / "queries.parquet", row_group_size=rows_per_piece)
+    if emb is None:
+        return str(folder / "queries.parquet"), None
+    for i, lo in enumerate(range(0, len(qids), rows_per_piece)):
+        e = np.ascontiguousarray(emb[lo : lo + rows_per_piece], np.float32)
+        parts.write_part(pa.table({QUERY_ID: pa.array(qids[lo : lo + rows_per_piece], pa.string()),
+                                   EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), e.shape[1])}),
+                         str(folder / "qemb"), i)
+    return str(folder / "queries.parquet"), str(folder / "qemb")
 
 
 @pytest.fixture(scope="module")
@@ -165,104 +186,126 @@ def test_ivf_recall_and_deeper_ceiling_search(ray_local, clustered, tmp_path):
         index.set_nprobe(8)
         # recall reported by the stage, on the sampled queries, against exact sharded search
         qids = [f"q{i}" for i in range(len(queries))]
-        quri = write_embeddings(tmp_path / "q", np.array(qids, object), queries, id_col=QUERY_ID)
-        pos = pa.table({QUERY_ID: qids, POSITIVE_IDS: [[ids[int(np.argmax(r))]] for r in full],
-                        EXCLUDED_IDS: [[] for _ in qids]})
-        man = search_stage(quri, pos, index, lambda n: 10 + n, None, cfg, str(tmp_path / "out"), "ivf")
-        assert set(man["recall"]) == {"recall@10", "recall@11"}
+        quri, qemb = stage_inputs(tmp_path / "in", qids, [[ids[int(np.argmax(r))]] for r in full],
+                                  [[] for _ in qids], emb=queries, rows_per_piece=64)
+        spec = SearchSpec("ivf", quri, qemb, str(tmp_path / "out"), MineConfig(method="naive"), cfg, 64)
+        man = search_teacher(index, spec, "k", dense=True)
+        assert set(man["recall"]) == {"recall@10", "recall@100"}
         assert man["recall"]["recall@10"] >= 0.9
         approx = index.search(queries, 10)[1]
         exact = index.search_exact(queries, 10)[1]
         assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)]) >= 0.9
 
 
-def test_search_stage_table_and_manifest(ray_local, tie_corpus, tmp_path):
+def test_search_plan_from_the_mining_rule():
+    """Depth = required_depth + slack (or search.depth); ceiling = the mining method's, missing positives
+    left out, NaN when none is left."""
+    mine = MineConfig(method="percpos", perc=0.9, num_negatives=4, sampling="top1_sampled", sample_top_k=10)
+    pos = [np.array([0.8, 0.6], np.float32), np.array([np.nan, -0.5], np.float32), np.array([np.nan], np.float32)]
+    depth, ceil = search_plan(mine, SearchConfig(depth_slack=5), pos, np.array([2, 3, 1]))
+    np.testing.assert_array_equal(depth, [10 + 2 + 5, 10 + 3 + 5, 10 + 1 + 5])
+    np.testing.assert_allclose(ceil[:2], [0.6 * 0.9, -0.5 / 0.9], rtol=1e-6)  # min positive; sign-safe perc
+    assert np.isnan(ceil[2])
+    depth, ceil = search_plan(mine, SearchConfig(depth=7, use_ceiling=False), pos, np.array([2, 3, 1]))
+    assert (depth == 7).all() and np.isposinf(ceil).all()
+
+
+def test_search_stage_table_manifest_and_resume(ray_local, tie_corpus, tmp_path):
+    import os
+    import shutil
+
     uri, ids, emb = tie_corpus
     rng = np.random.default_rng(11)
     nq = 70
     queries = rng.integers(-2, 3, size=(nq, D)).astype(np.float32)
     qids = [f"q{i}" for i in range(nq)]
-    quri = write_embeddings(tmp_path / "q", np.array(qids, object), queries, id_col=QUERY_ID, splits=(0.4, 1.0))
-    # positives: 1-3 per query; q0 has an unknown positive; q69 has no positives row (counted)
-    pos_lists = [[ids[j] for j in rng.choice(N, 1 + i % 3, replace=False)] for i in range(nq - 1)]
+    # positives: 1-3 per query; q0 has an unknown positive
+    pos_lists = [[ids[j] for j in rng.choice(N, 1 + i % 3, replace=False)] for i in range(nq)]
     pos_lists[0] = pos_lists[0] + ["missing-doc"]
-    exc_lists = [[ids[5]] if i % 4 == 0 else [] for i in range(nq - 1)]
-    positives = pa.table({QUERY_ID: qids[:-1] + ["q-no-embedding"], POSITIVE_IDS: pos_lists + [["x"]],
-                          EXCLUDED_IDS: exc_lists + [[]]})
-
-    def ceiling_fn(scores):  # a stand-in for the mining rule: below the weakest positive
-        return np.array([s.min() - 0.5 if s.size else np.inf for s in scores], np.float32)
-
-    def depth_fn(n):
-        return 20 + 3 * n
-
-    cfg = SearchConfig(num_shards=3, query_batch_size=16)
+    exc_lists = [[ids[5]] if i % 4 == 0 else [] for i in range(nq)]
+    quri, qemb = stage_inputs(tmp_path / "in", qids, pos_lists, exc_lists, emb=queries, rows_per_piece=16)
+    mine = MineConfig(method="marginpos", margin=0.5, num_negatives=4, sampling="top")
+    cfg = SearchConfig(num_shards=3, query_batch_size=8, depth_slack=16, search_tasks=2)
     out = tmp_path / "out"
+    spec = SearchSpec("tie", quri, qemb, str(out), mine, cfg, 16)
     with ShardedIndex.from_parquet(uri, cfg) as index:
-        man = search_stage(quri, positives, index, depth_fn, ceiling_fn, cfg, str(out), "tie")
+        man = search_teacher(index, spec, "upstream-key", dense=True)
         table = pq.read_table(out)
         assert table.schema.equals(SEARCH_SCHEMA)
-        assert man["counts"]["queries"] == nq - 1 == table.num_rows
-        assert man["counts"]["queries_without_positives"] == 1
-        assert man["counts"]["queries_without_embedding"] == 1
+        assert man["counts"]["queries"] == nq == table.num_rows and man["counts"]["pieces"] == 5
         assert man["counts"]["positives_not_found"] == 1
         assert man["counts"]["queries_with_positive_not_found"] == 1
         assert man["counts"]["above_ceiling"] == sum(table.column(ABOVE_CEILING).to_pylist())
-        want_max = max(depth_fn(len(p) + len(e)) for p, e in zip(pos_lists, exc_lists, strict=True))
-        assert man["depth"]["max"] == want_max and man["recall"] is None
+        assert man["recall"] is None
         rows = {r[QUERY_ID]: r for r in table.to_pylist()}
         row_of = {d: i for i, d in enumerate(ids)}
         full = queries @ emb.T
-        for i in range(nq - 1):
+        for i in range(nq):
             r = rows[qids[i]]
             known = [row_of[d] for d in pos_lists[i] if d in row_of]
             np.testing.assert_array_equal(r[POSITIVE_SCORES][: len(known)], full[i, known])
-            ceil = full[i, known].min() - 0.5
+            ceil = full[i, known].min() - 0.5  # marginpos, min positive
             assert r[CEILING] == pytest.approx(ceil) and r[TEACHER] == "tie"
             assert r[ABOVE_CEILING] == int((full[i] >= np.float32(r[CEILING])).sum())  # positives included
             assert r[EXCLUDED_IDS] == exc_lists[i]
-            depth = depth_fn(len(pos_lists[i]) + len(exc_lists[i]))
+            depth = 4 + len(pos_lists[i]) + len(exc_lists[i]) + 16
             ref_s, ref_i = brute_force_topk(emb, queries[i : i + 1], depth, np.array([ceil]))
             want = ids[ref_i[0][ref_i[0] >= 0]].tolist()
             assert r[CANDIDATE_IDS] == want  # exact masked scan: stable-argsort order
             np.testing.assert_array_equal(r[CANDIDATE_SCORES], ref_s[0][: len(want)])
         assert np.isnan(rows["q0"][POSITIVE_SCORES][-1])
         # a second run with the same inputs is skipped (same manifest back)
-        again = search_stage(quri, positives, index, depth_fn, ceiling_fn, cfg, str(out), "tie")
+        again = search_teacher(index, spec, "upstream-key", dense=True)
         assert again["finished_at"] == man["finished_at"] and again["key"] == man["key"]
+        # a run that died: no manifest, one part lost, one truncated → only those two pieces are searched
+        shutil.copytree(out, tmp_path / "out2")
+        os.remove(tmp_path / "out2" / "_manifest.json")
+        os.remove(tmp_path / "out2" / "part-00001.parquet")
+        with open(tmp_path / "out2" / "part-00003.parquet", "r+b") as f:
+            f.truncate(50)
+        again = search_teacher(index, SearchSpec("tie", quri, qemb, str(tmp_path / "out2"), mine, cfg, 16),
+                               "upstream-key", dense=True)
+        assert again["counts"]["pieces"] == 2 and again["counts"]["parts_kept"] == 3
+        assert again["counts"]["queries"] == 32 and again["counts"]["queries_total"] == nq
+        assert pq.read_table(tmp_path / "out2").sort_by(QUERY_ID).equals(table.sort_by(QUERY_ID))
 
 
-def test_bm25_search_stage(tmp_path):
-    try:
-        from raymine.bm25 import BM25Teacher
-    except ImportError:
-        pytest.skip("raymine.bm25 not available")
+def test_bm25_search_stage_equals_single_index_bm25s(ray_local, tmp_path):
+    """The sharded BM25 teacher through the stage: positive scores, ceilings and candidates equal a
+    single bm25s index over the whole corpus (an independent reference)."""
+    import bm25s
+
+    from raymine.bm25 import ShardedBM25
+    from raymine.columns import PASSAGE
     from raymine.config import TeacherConfig
-    from raymine.search import bm25_search_stage
 
-    corpus = pa.table({DOC_ID: ["d0", "d1", "d2", "d3", "d4"],
-                       TEXT: ["red apples are sweet", "green apples are sour", "bananas are yellow",
-                              "apples and bananas make a salad", "cars drive on roads"]})
-    queries = pa.table({QUERY_ID: ["a", "b", "c"], TEXT: ["sweet red apples", "yellow bananas", "apples"]})
-    positives = pa.table({QUERY_ID: ["a", "b", "c"], POSITIVE_IDS: [["d0"], ["d2", "gone"], ["d3"]],
-                          EXCLUDED_IDS: [[], [], ["d1"]]})
+    docs = ["red apples are sweet", "green apples are sour", "bananas are yellow", "apples and bananas make a salad",
+            "cars drive on roads", "sweet yellow bananas and red apples", "roads of apples"]
+    dids = [f"d{i}" for i in range(len(docs))]
+    pq.write_table(pa.table({DOC_ID: dids, PASSAGE: docs}), tmp_path / "corpus.parquet", row_group_size=3)
+    qtexts = ["sweet red apples", "yellow bananas", "apples"]
+    quri, _ = stage_inputs(tmp_path / "in", ["a", "b", "c"], [["d0"], ["d2", "gone"], ["d3"]],
+                           [[], [], ["d1"]], texts=qtexts, rows_per_piece=2)
     tcfg = TeacherConfig(kind="bm25", bm25_stopwords="")
-    cfg = SearchConfig(query_batch_size=2)
-    man = bm25_search_stage(queries, corpus, positives, tcfg, lambda n: 3 + n,
-                            lambda s: np.array([x.min() * 0.99 for x in s], np.float32), cfg, str(tmp_path), "bm25")
-    t = {r[QUERY_ID]: r for r in pq.read_table(tmp_path).to_pylist()}
+    mine = MineConfig(method="percpos", perc=0.99, num_negatives=2, sampling="top")
+    cfg = SearchConfig(num_shards=2, depth_slack=1, search_tasks=1)
+    spec = SearchSpec("bm25", quri, None, str(tmp_path / "out"), mine, cfg, 2)
+    with ShardedBM25.from_parquet(str(tmp_path / "corpus.parquet"), tcfg, cfg) as index:
+        man = search_teacher(index, spec, "k", dense=False)
+    t = {r[QUERY_ID]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert man["counts"]["queries"] == 3 and man["counts"]["positives_not_found"] == 1
-    ref = BM25Teacher(tcfg)
-    ref.index(corpus.column(DOC_ID).to_pylist(), corpus.column(TEXT).to_pylist())
-    for q, text, pos in [("a", "sweet red apples", "d0"), ("b", "yellow bananas", "d2")]:
-        p = ref.score([text], [[pos]])[0][0]
-        assert t[q][POSITIVE_SCORES][0] == pytest.approx(p)
-        ids, scores = ref.search([text], 4, np.array([p * 0.99]))
-        assert t[q][CANDIDATE_IDS] == [d for d in ids[0] if d][: 4]
-        assert all(s < p * 0.99 for s in t[q][CANDIDATE_SCORES])
+    ref = bm25s.BM25(k1=tcfg.bm25_k1, b=tcfg.bm25_b, method=tcfg.bm25_method)
+    ref.index(bm25s.tokenize(docs, stopwords=None, show_progress=False), show_progress=False)
+    for q, text in zip(["a", "b", "c"], qtexts, strict=True):
+        full = ref.get_scores(bm25s.tokenize([text], stopwords=None, show_progress=False, return_ids=False)[0])
+        pos = [dids.index(d) for d in t[q][POSITIVE_IDS] if d in dids]
+        np.testing.assert_allclose(t[q][POSITIVE_SCORES][: len(pos)], full[pos], rtol=1e-5)
+        ceil = np.float32(full[pos].min() * 0.99)
+        assert t[q][CEILING] == pytest.approx(ceil, rel=1e-5)
+        below = [i for i in np.argsort(-full, kind="stable") if full[i] < ceil and full[i] > 0]
+        depth = 2 + len(t[q][POSITIVE_IDS]) + len(t[q][EXCLUDED_IDS]) + 1
+        assert sorted(t[q][CANDIDATE_SCORES], reverse=True) == pytest.approx(sorted(full[below][:depth], reverse=True),
+                                                                              rel=1e-5)
+        assert set(t[q][CANDIDATE_IDS]) <= {dids[i] for i in below}
+        assert t[q][ABOVE_CEILING] == int((full >= ceil).sum())
     assert np.isnan(t["b"][POSITIVE_SCORES][1])
-    # ABOVE_CEILING: every corpus doc whose BM25 score reached the query's ceiling (positives included)
-    for q, text in zip(["a", "b", "c"], ["sweet red apples", "yellow bananas", "apples"], strict=True):
-        full = ref.full_scores(ref.tokenize([text])[0])
-        assert t[q][ABOVE_CEILING] == int((full >= np.float32(t[q][CEILING])).sum()) >= 1
-    assert man["counts"]["above_ceiling"] == sum(r[ABOVE_CEILING] for r in t.values())
