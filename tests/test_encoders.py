@@ -54,12 +54,23 @@ def test_length_sorted_batches_restore_input_order(minilm):
 
 
 def test_prompts_apply_to_their_side_only(minilm, minilm_path):
+    """A side's prompt is read by the model but left out of the mean: the vector differs both from the
+    bare text's and from the prompt-pooled one (the old teacher behaviour), and equals the mean over the
+    text's own tokens (+ [SEP]) of the prompted sequence, computed here by hand."""
+    import torch
+
     prompted = Encoder(TeacherConfig(model=minilm_path, query_prompt="query: ", passage_prompt="passage: "))
     q = prompted.encode(TEXTS[:3], "query")
     p = prompted.encode(TEXTS[:3], "passage")
-    np.testing.assert_allclose(q, minilm.encode(["query: " + t for t in TEXTS[:3]], "query"), atol=1e-5)
-    np.testing.assert_allclose(p, minilm.encode(["passage: " + t for t in TEXTS[:3]], "passage"), atol=1e-5)
     assert np.abs(q - p).max() > 1e-3
+    assert np.abs(q - minilm.encode(["query: " + t for t in TEXTS[:3]], "query")).max() > 1e-3  # prompt not pooled
+    tok, model = prompted.tokenizer, prompted.model
+    for i, t in enumerate(TEXTS[:3]):
+        ids = torch.tensor([tok("query: " + t)["input_ids"]])
+        n_text = len(tok(t, add_special_tokens=False)["input_ids"]) + 1  # the text's tokens + [SEP]
+        with torch.no_grad():
+            h = model(input_ids=ids).last_hidden_state[0, -n_text:].mean(dim=0)
+        np.testing.assert_allclose(q[i], torch.nn.functional.normalize(h, dim=0).numpy(), atol=1e-5)
 
     only_query = Encoder(TeacherConfig(model=minilm_path, query_prompt="query: "))
     np.testing.assert_allclose(only_query.encode(TEXTS[:3], "passage"), minilm.encode(TEXTS[:3], "passage"),
@@ -147,3 +158,86 @@ def test_decoder_without_pad_token_pads_with_eos(tiny_mistral_path, tmp_path):
     batched = enc.encode(texts, "passage")
     alone = np.stack([enc.encode([t], "passage")[0] for t in texts])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+# --- one encoder: evaluation embeds exactly as training does ---------------------------------------
+PROMPT = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
+QUERIES = ["what is protein folding", "which planets have moons", "how long should I cook spaghetti tonight"]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "minilm"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_evaluation_equals_training_embeddings(arch, padding, minilm_path, tiny_sp_mistral_path):
+    """Encoder.encode (teachers, evaluation) = BiEncoder forward in eval mode (training) to 1e-5, for a
+    prompted bidirectional Mistral and a prompted MiniLM, under either padding side of the Encoder
+    (training pads right). Both also equal an independent reference: each text alone, unpadded, through
+    the (bidirectional) backbone, averaged over the text's own trailing tokens."""
+    import torch
+
+    from raymine.config import TrainConfig
+    from raymine.model import BiEncoder, load_backbone
+
+    path = tiny_sp_mistral_path if arch == "mistral" else minilm_path
+    bidi = arch == "mistral"
+    common = dict(model=path, pooling="mean", query_prompt=PROMPT, query_max_length=64, passage_max_length=64)
+    enc = Encoder(TeacherConfig(**common, bidirectional=bidi, padding_side=padding, batch_size=3))
+    student = BiEncoder.from_config(TrainConfig(**common, bidirectional=bidi)).eval()
+    assert student.tokenizer.padding_side == "right"
+    with torch.no_grad():
+        trained = student(**student.tokenize(QUERIES, "query")).numpy()
+    evaluated = enc.encode(QUERIES, "query")
+    np.testing.assert_allclose(evaluated, trained, atol=1e-5)
+
+    backbone, tok = load_backbone(path, bidirectional=bidi)
+    backbone.eval()
+    for i, t in enumerate(QUERIES):
+        ids = tok(PROMPT + t)["input_ids"]
+        n_text = len(tok(t, add_special_tokens=False)["input_ids"]) + (ids[-1] in tok.all_special_ids)
+        with torch.no_grad():
+            h = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -n_text:].mean(dim=0)
+        np.testing.assert_allclose(evaluated[i], torch.nn.functional.normalize(h, dim=0).numpy(), atol=1e-5)
+    if bidi:  # the encoder really is bidirectional: a causal one differs
+        causal = Encoder(TeacherConfig(**common, bidirectional=False, padding_side=padding))
+        assert np.abs(causal.encode(QUERIES, "query") - evaluated).max() > 1e-3
+
+
+# --- decoder teachers with last-token pooling: EOS appended after truncation ------------------------
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_last_token_teacher_appends_eos_after_truncation(tiny_sp_mistral_path, padding):
+    """e5-mistral-7b-instruct's recipe, written out independently: tokenise at max_length - 1 without
+    padding, append EOS, pad, last-token pool. The EOS is the pooled token even for a truncated text."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    max_len = 8
+    cfg = TeacherConfig(model=tiny_sp_mistral_path, pooling="last_token",
+                        query_max_length=max_len, passage_max_length=max_len, padding_side=padding, batch_size=4)
+    enc = Encoder(cfg)
+    texts = ["what is protein folding and why does it matter so much for cells", "moons", *QUERIES[1:]]
+    got = enc.encode(texts, "passage")
+    assert enc.last_truncated.tolist() == [True, False, False, True]
+    tok = AutoTokenizer.from_pretrained(tiny_sp_mistral_path)
+    f = enc.bi.tokenize(texts, "passage")
+    last = f["attention_mask"].shape[1] - 1 if padding == "left" else f["attention_mask"].sum(dim=1) - 1
+    assert (f["input_ids"][torch.arange(4), last] == tok.eos_token_id).all()
+    assert int(f["attention_mask"].sum(dim=1).max()) == max_len
+
+    model = AutoModel.from_pretrained(tiny_sp_mistral_path).eval()
+    for i, t in enumerate(texts):  # one at a time: no padding in the reference
+        ids = tok(t, max_length=max_len - 1, truncation=True)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        np.testing.assert_allclose(got[i], torch.nn.functional.normalize(h, dim=0).numpy(), atol=1e-5)
+
+    never = Encoder(replace(cfg, append_eos="never")).bi.tokenize(texts, "passage")
+    assert (never["input_ids"][never["attention_mask"] == 1] != tok.eos_token_id).all()  # pads are EOS: skip them
+
+
+def test_append_eos_rules(tiny_sp_mistral_path, minilm_path):
+    mean = Encoder(TeacherConfig(model=tiny_sp_mistral_path, pooling="mean"))
+    assert mean.bi.eos_id is None  # 'auto': only for last-token pooling
+    assert Encoder(TeacherConfig(model=tiny_sp_mistral_path, pooling="mean", append_eos="always")).bi.eos_id == \
+        mean.tokenizer.eos_token_id
+    assert Encoder(TeacherConfig(model=minilm_path, pooling="last_token")).bi.eos_id is None  # BERT: no EOS token
+    with pytest.raises(ValueError, match="no eos token"):
+        Encoder(TeacherConfig(model=minilm_path, pooling="last_token", append_eos="always"))

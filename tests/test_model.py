@@ -62,20 +62,107 @@ def test_prompt_tokens_excluded_from_mean(minilm_path):
     m = BiEncoder.from_config(cfg).eval()
     tok = m.tokenizer
     bare = tok(prompt, add_special_tokens=False)["input_ids"]
-    assert m.prompt_lengths["query"] == 1 + len(bare)  # [CLS] + prompt
+    n_prompt = 1 + len(bare)  # [CLS] + prompt (WordPiece: the prompt tokenises the same alone and in context)
     texts = ["aspirin lowers fever", "a much longer query about protein folding in yeast cells"]
     f = m.tokenize(texts, "query")
     assert f["input_ids"][0, 1 : 1 + len(bare)].tolist() == bare
     with torch.no_grad():
         hidden = m.backbone(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).last_hidden_state
         got = m(**f)
-    n_prompt = m.prompt_lengths["query"]
     for i in range(2):
         n_real = int(f["attention_mask"][i].sum())
         want = hidden[i, n_prompt:n_real].mean(dim=0)  # denominator = text tokens only (+ [SEP])
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
     # without the pool mask the prompt would be averaged in: a different vector
     assert not torch.allclose(got[0], hidden[0, : int(f["attention_mask"][0].sum())].mean(dim=0), atol=1e-3)
+
+
+# --- prompt span by character offsets ------------------------------------------------------------
+PROMPTS = ("query: ", "Given a question, retrieve passages that answer the question: ",
+           "Instruct: Given a question, retrieve passages that answer the question\nQuery: ")
+SPAN_TEXTS = ["what is protein folding", "which planets have moons", "how long should i cook spaghetti tonight"]
+
+
+@pytest.fixture(scope="module")
+def span_models(minilm_path, tiny_sp_mistral_path):
+    """BiEncoders over a WordPiece (MiniLM) and a SentencePiece/Metaspace tokenizer, keyed by prompt."""
+    def build(path, prompt):
+        return BiEncoder.from_config(TrainConfig(model=path, query_prompt=prompt, passage_prompt=prompt,
+                                                 query_max_length=64, passage_max_length=64)).eval()
+    return {(kind, p): build(path, p) for kind, path in (("wordpiece", minilm_path), ("sentencepiece", tiny_sp_mistral_path))
+            for p in PROMPTS}
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "sentencepiece"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_pool_mask_covers_exactly_the_text(span_models, kind, side, prompt):
+    """Pooled tokens decode to the text itself (no prompt piece, no text word lost) under either padding;
+    the sequence's trailing special ([SEP]) stays pooled, leading ones (CLS/BOS) do not. Tokenising the
+    prompt alone (the old rule) loses the first text word under SentencePiece: its lone trailing "▁"."""
+    m = span_models[(kind, prompt)]
+    tok = m.tokenizer
+    tok.padding_side = side
+    try:
+        f = m.tokenize(SPAN_TEXTS, "query")
+    finally:
+        tok.padding_side = "right"
+    special = set(tok.all_special_ids)
+    for i, text in enumerate(SPAN_TEXTS):
+        ids = f["input_ids"][i][f["attention_mask"][i] == 1].tolist()
+        pooled = f["input_ids"][i][f["pool_mask"][i] == 1].tolist()
+        assert tok.decode(pooled, skip_special_tokens=True).strip() == text
+        own = tok(text, add_special_tokens=False)["input_ids"]  # the text's tokens are the tail of the sequence
+        trailing = [ids[-1]] if ids[-1] in special else []  # [SEP] (WordPiece); none for SentencePiece
+        assert pooled == own + trailing
+        assert f["pool_mask"][i].sum() < f["attention_mask"][i].sum()
+
+
+def test_old_prompt_length_rule_is_off_by_one_for_sentencepiece(tiny_sp_mistral_path):
+    """The case the offsets fix: the prompt alone ends with a lone '▁' token that is not there in context."""
+    from conftest import build_sp_tokenizer
+
+    tok = build_sp_tokenizer()
+    prompt = "Query: "
+    alone = tok(prompt)["input_ids"]
+    together = tok(prompt + "what is protein folding")["input_ids"]
+    assert tok.convert_ids_to_tokens(alone)[-1] == "▁" and together[: len(alone)] != alone
+    m = BiEncoder.from_config(TrainConfig(model=tiny_sp_mistral_path, query_prompt=prompt)).eval()
+    f = m.tokenize(["what is protein folding"], "query")
+    first_pooled = int(f["pool_mask"][0].nonzero()[0])
+    assert first_pooled == len(alone) - 1  # '▁what' sits where the prompt's lone '▁' was
+
+
+def test_prefix_fallback_agrees_with_offsets(tiny_sp_mistral_path, minilm_path):
+    from conftest import build_sp_tokenizer
+    from transformers import AutoTokenizer
+
+    from raymine.model import _prompt_counts_by_prefix, prompt_token_counts
+
+    for tok in (build_sp_tokenizer(), AutoTokenizer.from_pretrained(minilm_path)):
+        for prompt in PROMPTS:
+            enc = tok([prompt + t for t in SPAN_TEXTS], return_offsets_mapping=True, return_special_tokens_mask=True)
+            by_offsets = prompt_token_counts(enc["offset_mapping"], enc["special_tokens_mask"], len(prompt))
+            assert _prompt_counts_by_prefix(tok, enc["input_ids"], prompt) == by_offsets
+
+
+def test_prompt_filling_the_length_limit_raises(minilm_path):
+    m = BiEncoder.from_config(TrainConfig(model=minilm_path, query_prompt=PROMPTS[1], query_max_length=6))
+    with pytest.raises(ValueError, match="prompt fills all 6 tokens"):
+        m.tokenize(["aspirin"], "query")
+
+
+def test_left_padding_positions_for_absolute_position_models(minilm_path):
+    """BERT has absolute position embeddings: left padding must not shift them."""
+    m = BiEncoder.from_config(TrainConfig(model=minilm_path)).eval()
+    texts = ["short", "a somewhat longer passage text here about cells"]
+    right = m.encode(texts)
+    m.tokenizer.padding_side = "left"
+    try:
+        left = m.encode(texts)
+    finally:
+        m.tokenizer.padding_side = "right"
+    torch.testing.assert_close(left, right, rtol=1e-4, atol=1e-5)
 
 
 def test_last_token_padding_side(tiny_mistral_path):
