@@ -1,6 +1,7 @@
 """Teacher ensembling: hand-computed cases from the paper's definitions and properties."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,3 +70,42 @@ def test_property_intra(lists, n):
         for t in range(len(lists)):
             pos = [j for tt, j in picks if tt == t]
             assert pos == sorted(pos)
+
+
+def test_cross_sample_fills_from_the_other_teachers_in_cyclic_order():
+    lists = [["a1"], ["b1", "a1", "b2"], ["c1"]]
+    # u -> teacher index among the 3 with negatives: int(u * 3)
+    assert E.cross_sample(lists, 4, 0.1) == [(0, 0), (1, 0), (1, 2), (2, 0)]  # a1 | b1, (a1 taken), b2 | c1
+    assert E.cross_sample(lists, 4, 0.5) == [(1, 0), (1, 1), (1, 2), (2, 0)]  # b1 a1 b2 | c1
+    assert E.cross_sample(lists, 4, 0.9) == [(2, 0), (0, 0), (1, 0), (1, 2)]  # c1 | a1 | b1, (a1), b2 (wraps)
+    assert E.cross_sample(lists, 2, 0.1) == [(0, 0), (1, 0)]
+    assert E.cross_sample([["x"], None, ["x"]], 3, 0.0) == [(0, 0)]  # fill never repeats a taken id
+    assert E.cross_sample([[], ["b1", "b2"]], 3, 0.0) == [(1, 0), (1, 1)]  # short everywhere: short, not padded
+
+
+def _arrays(method, lists, n, u, width):
+    nt = len(lists)
+    lens = np.array([[0 if x is None else len(x) for x in lists]])
+    codes = np.full((1, nt, width), -1, np.int64)
+    for t, x in enumerate(lists):
+        if x:
+            codes[0, t, : min(len(x), width)] = x[:width]
+    pt, pp, cnt, redo = E.ensemble_arrays(method, lens, n, np.array([u]), codes,
+                                          present=np.array([[x is not None for x in lists]]))
+    return [(int(pt[0, i]), int(pp[0, i])) for i in range(cnt[0])], bool(redo[0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.lists(st.integers(0, 12), max_size=9)), min_size=1, max_size=4),
+       st.integers(0, 6), st.floats(0, 0.999), st.sampled_from(E.ENSEMBLE_METHODS), st.integers(1, 12))
+def test_property_batch_form_equals_list_form(lists, n, u, method, width):
+    """ensemble_arrays == ensemble on every input; with unique ids a window of 2n never needs a redo."""
+    want = E.ensemble(method, lists, n, u)
+    got, redo = _arrays(method, lists, n, u, width)
+    if not redo:
+        assert got == want
+    full, redo_full = _arrays(method, lists, n, u, max([len(x) for x in lists if x] + [1]))
+    assert not redo_full and full == want
+    uniq = [None if x is None else list(dict.fromkeys(x)) for x in lists]
+    if n:
+        assert _arrays(method, uniq, n, u, 2 * n) == (E.ensemble(method, uniq, n, u), False)
