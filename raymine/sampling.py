@@ -114,6 +114,11 @@ def kept_rank(keep: np.ndarray) -> np.ndarray:
     return np.cumsum(keep, axis=1, dtype=np.int32) - 1
 
 
+def top(keep: np.ndarray, n: int) -> np.ndarray:
+    """The first n kept candidates; chosen-mask ``[nq, K]``."""
+    return keep & (kept_rank(keep) < n)
+
+
 def gather(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Column indices of the True entries of each row, in order: (idx ``[nq, width]`` padded -1, count ``[nq]``)."""
     nq, k = mask.shape
