@@ -114,55 +114,82 @@ def test_apply_filters_counts_add_up():
 
 
 # ------------------------------------------------------------------------------------------------
+# Property: the production path (mine.mine_batch on an Arrow batch) against the paper's definitions
+# ------------------------------------------------------------------------------------------------
+GRID = 64  # scores and positives on a 1/64 grid, dyadic perc/margin: ceilings exact in float32 and float64
+
+
 @st.composite
 def batches(draw):
     nq = draw(st.integers(1, 6))
     rows = []
     for _ in range(nq):
-        k = draw(st.integers(0, 12))
+        k = draw(st.integers(0, 12))  # empty candidate lists included
         cand = draw(st.lists(st.integers(0, 25), min_size=k, max_size=k, unique=True))
-        sc = sorted(draw(st.lists(st.floats(-2, 2, width=32), min_size=k, max_size=k)), reverse=True)
-        npos = draw(st.integers(0, 20))  # uneven positive counts; > 16 exercises the sorted path
+        sc = sorted(draw(st.lists(st.integers(-2 * GRID, 2 * GRID), min_size=k, max_size=k)), reverse=True)
+        npos = draw(st.integers(0, 20))  # uneven positive counts
         pos_ids = draw(st.lists(st.integers(0, 25), min_size=npos, max_size=npos, unique=True))
-        pos_sc = draw(st.lists(st.floats(-2, 2, width=32), min_size=npos, max_size=npos))
-        rows.append((cand, sc, pos_ids, pos_sc))
+        pos_sc = draw(st.lists(st.one_of(st.none(), st.integers(-2 * GRID, 2 * GRID)), min_size=npos, max_size=npos))
+        exc = draw(st.lists(st.integers(0, 25), max_size=3, unique=True))
+        rows.append((cand, [x / GRID for x in sc], pos_ids, [None if x is None else x / GRID for x in pos_sc], exc))
     method = draw(st.sampled_from(["naive", "shifted", "abs", "marginpos", "percpos"]))
-    c = cfg(method=method, shift=draw(st.integers(0, 4)), abs_threshold=draw(st.floats(-1, 1)),
-            margin=draw(st.floats(0, 0.5)), perc=draw(st.floats(0.5, 1.0)),
-            pos_reduce=draw(st.sampled_from(["min", "mean", "max"])))
+    c = cfg(method=method, shift=draw(st.integers(0, 4)), abs_threshold=draw(st.integers(-GRID, GRID)) / GRID,
+            margin=draw(st.sampled_from([0.0, 0.125, 0.25, 0.5])), perc=draw(st.sampled_from([0.5, 0.75, 0.875, 1.0])),
+            pos_reduce=draw(st.sampled_from(["min", "mean", "max"])),
+            exclude_identical_text=draw(st.booleans()), sampling="top", num_negatives=13)
     return c, rows
+
+
+def paper_ceiling(c, pos_scores):
+    """The paper's rule for one query, in float64: None when it has no positive score."""
+    vals = [x for x in pos_scores if x is not None]
+    if not vals:
+        return None
+    pos = {"min": min(vals), "max": max(vals), "mean": sum(vals) / len(vals)}[c.pos_reduce]
+    if c.method == "abs":
+        return c.abs_threshold
+    if c.method == "marginpos":
+        return pos - c.margin
+    if c.method == "percpos":  # sign-safe: below the positive whatever its sign
+        return pos * c.perc if pos >= 0 else pos * (2 - c.perc)
+    return np.inf
 
 
 @settings(max_examples=150, deadline=None)
 @given(batches())
 def test_property_no_positive_and_ceilings_hold(data):
+    """The mining stage's own batch function keeps exactly the candidates the definitions keep, in rank order,
+    and its per-query drop counts explain every candidate."""
+    import pyarrow as pa
+
+    from raymine import columns as C
+    from raymine import mine as M
+
     c, rows = data
-    ids, valid = pad([r[0] for r in rows], -1, np.int64)
-    scores, _ = pad([r[1] for r in rows], -np.inf, np.float32)
-    pid, pval = pad([r[2] for r in rows], -1, np.int64)
-    eid, evalid = pad([[] for _ in rows], -1, np.int64)
-    pos_lists = [np.array(r[3], np.float32) for r in rows]
-    pos = F.reduce_positive_scores(pos_lists, c.pos_reduce)
-    keep, counts = F.apply_filters(c, ids, scores, valid, pid, pval, eid, evalid, pos)
-    ceiling = F.score_ceiling(c, pos_lists)
-    assert counts["positive"] + counts["excluded"] + counts["method"] + keep.sum() == valid.sum()
-    for i, (cand, sc, pos_ids, _pos_sc) in enumerate(rows):
-        kept = ids[i][keep[i]]
-        assert not set(kept.tolist()) & set(pos_ids)  # no positive ever returned
-        ks = scores[i][keep[i]]
-        if c.method == "abs":
-            assert (ks < c.abs_threshold).all()
-        if c.method in ("marginpos", "percpos") and len(ks):
-            assert not np.isnan(pos[i])
-            assert (ks < ceiling[i]).all() and (ks < pos[i]).all()  # below the ceiling, never above the positive
-            if c.method == "marginpos":
-                assert (ks.astype(np.float64) < np.float64(pos[i]) - c.margin + 1e-6).all()
-        # per-query reference, independent of the other rows (uneven positive counts)
-        ref = [j for j, d in enumerate(cand) if d not in set(pos_ids)]
-        if c.method == "shifted":
-            ref = ref[c.shift:]
-        elif c.method == "abs":  # needs no positive (queries without one are dropped by the stage)
-            ref = [j for j in ref if np.float32(sc[j]) < np.float32(c.abs_threshold)]
-        elif c.method != "naive":
-            ref = [j for j in ref if np.float32(sc[j]) < ceiling[i]]
-        assert np.nonzero(keep[i])[0].tolist() == ref
+    strs = pa.list_(pa.string())
+    t = pa.table({
+        C.QUERY_ID: [f"q{i}" for i in range(len(rows))], C.QUERY: [f"text {i}" for i in range(len(rows))],
+        f"{C.CANDIDATE_IDS}@T": pa.array([[f"d{d}" for d in r[0]] for r in rows], strs),
+        f"{C.CANDIDATE_SCORES}@T": pa.array([r[1] for r in rows], pa.list_(pa.float32())),
+        f"{C.POSITIVE_IDS}@T": pa.array([[f"d{d}" for d in r[2]] for r in rows], strs),
+        f"{C.POSITIVE_SCORES}@T": pa.array([r[3] for r in rows], pa.list_(pa.float32())),
+        f"{C.EXCLUDED_IDS}@T": pa.array([[f"d{d}" for d in r[4]] for r in rows], strs),
+    })
+    out = M.mine_batch(t, c, ["T"], ensemble=False).to_pylist()
+    assert len(out) == len(rows)
+    for o, (cand, sc, pos_ids, pos_sc, exc) in zip(out, rows, strict=True):
+        ceil = paper_ceiling(c, pos_sc)
+        if ceil is None:  # no scorable positive: dropped for every method
+            assert o["_reason"] == "no_positive_score" and o[C.NEGATIVE_IDS] is None
+            continue
+        banned = set(pos_ids) | (set(exc) if c.exclude_identical_text else set())
+        listed = [j for j, d in enumerate(cand) if d not in banned]
+        kept = listed[c.shift:] if c.method == "shifted" else [j for j in listed if sc[j] < ceil]
+        want = [f"d{cand[j]}" for j in kept]
+        assert (o[C.NEGATIVE_IDS] or []) == want
+        assert o["_reason"] == (None if want else "no_negatives")
+        assert not set(o[C.NEGATIVE_IDS] or []) & {f"d{d}" for d in pos_ids}  # no positive ever returned
+        n_pos = sum(d in set(pos_ids) for d in cand)
+        n_exc = sum(d in set(exc) and d not in set(pos_ids) for d in cand) if c.exclude_identical_text else 0
+        assert (o["_drop_positive@T"], o["_drop_excluded@T"], o["_kept@T"]) == (n_pos, n_exc, len(kept))
+        assert o["_drop_method@T"] == len(listed) - len(kept) and o["_seen@T"] == len(cand)
