@@ -1,7 +1,7 @@
 # The two commands of the README:   make demo   |   make test
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo test test-slow lint bench lock
 
 setup:
 	bash scripts/setup.sh
@@ -19,3 +19,8 @@ test-slow: setup
 
 lint: setup
 	$(PY) -m ruff check raymine jobs tests bench
+
+# After a tested upgrade of .venv: rewrite the CPU lock (exact versions, raymine itself left out) and the
+# GPU image's lock derived from it (faiss-cpu swapped for faiss-gpu-cu12; torch comes from the CUDA index).
+lock:
+	bash requirements/make_locks.sh

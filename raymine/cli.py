@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -173,10 +174,14 @@ def _where(exc: BaseException) -> str:
     frames = traceback.extract_tb(inner.__traceback__) if inner.__traceback__ else []
     at = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
     remote = ""
-    for e in _causes(exc):
-        fn = getattr(e, "function_name", None)
-        if fn:
-            remote = f" in Ray {fn} (pid {getattr(e, 'pid', '?')}, node {getattr(e, 'ip', '?')})"
+    for e in _causes(exc):  # Ray's report: "ray::fn() (pid=1, ip=10.0.0.1)" + the remote traceback
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours the task name
+        m = re.search(r"ray::([\w.<>]+)\(\)\s*\(pid=(\d+), ip=([\w.:]+)", text)
+        if m:
+            remote = f" in Ray task/actor {m.group(1)} (pid {m.group(2)}, node {m.group(3)})"
+            files = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+            if files and not at:
+                at = f" at {files[-1][0]}:{files[-1][1]} ({files[-1][2]})"
             break
     stage = next((e.raymine_stage for e in _causes(exc) if getattr(e, "raymine_stage", None)), None)
     where = f" during stage {stage}" if stage else ""

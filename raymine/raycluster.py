@@ -20,6 +20,27 @@ def _quiet_env() -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+def _quiet_local_auth() -> None:
+    """Keep Ray's token authentication for a local instance we start, without its notice.
+
+    Ray 2.60 turns token auth on for a new local instance when ``RAY_AUTH_MODE`` is unset and logs a
+    warning saying so on every run. Measured: that instance listens on all interfaces (0.0.0.0), not only
+    on loopback, so turning auth *off* would expose the machine; we state the default explicitly instead
+    (``token``: the token lives in ``~/.ray/auth_token``), which Ray respects without a warning. A mode the
+    user set (``disabled`` or ``token``) is left alone; connecting to a cluster changes nothing.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._raylet import Config  # Ray caches the mode at import; refresh it as Ray's own code does
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")
+    except Exception as e:  # noqa: BLE001 - a private hook; fall back to Ray's default (with its notice)
+        os.environ.pop("RAY_AUTH_MODE", None)
+        log.debug("could not state Ray's auth mode (%s); Ray's default applies", e)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Connect to ``address``/``RAY_ADDRESS`` if given, else start a local instance.
 
@@ -36,6 +57,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     if address:
         log.info("connecting to Ray at %s", address)
         return ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
+    _quiet_local_auth()
     cores = os.cpu_count() or 2
     num_cpus = num_cpus or max(4, 2 * cores)
     log.info("starting local Ray with %d logical CPUs on %d cores", num_cpus, cores)
