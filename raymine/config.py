@@ -128,6 +128,16 @@ class SearchConfig:
         "auto", "'faiss' (GPU when faiss-gpu is present), 'torch' exact matmul+topk, 'auto' picks"
     )
     nprobe: int = _f(32, "IVF cells probed per query")
+    max_nprobe: int = _f(
+        1024, "IVF: a query whose probed cells held too few docs (exhausted) is re-queried with nprobe doubled up to this"
+    )
+    refine_factor: int = _f(
+        2, "approximate indexes: candidates fetched per result kept, all re-scored exactly before the ceiling test"
+    )
+    keep_vectors: bool = _f(
+        True, "approximate indexes: keep raw float32 vectors in shard RAM (4*dim bytes/doc) for exact re-scoring; "
+        "False keeps only the index codes and re-reads the needed rows from Parquet"
+    )
     train_sample: int = _f(100_000, "vectors sampled to train IVF/PQ indexes")
     depth: int = _f(0, "candidates kept per query; 0 = derived from mining (negatives + positives + slack)")
     depth_slack: int = _f(16, "extra depth for candidates dropped as identical text or other filters")

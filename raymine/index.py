@@ -9,11 +9,17 @@ corpus for ``Flat``.
 - Ceiling-aware search (positive-aware mining): exact indexes mask ``score >= ceiling`` inside the
   shard scan (torch matmul + top-k), so no depth is guessed. Indexes that cannot mask (IVF/PQ) are
   re-queried deeper (k doubling up to ``max_depth``) for the queries still short; the rest is counted.
+- IVF/PQ scores are never approximate where they matter: shards re-score their candidates exactly
+  before ranking (so the ceiling test and the returned scores are exact); a query whose probed cells
+  ran out ("exhausted") is re-queried with nprobe doubled up to ``max_nprobe``, and counted.
 - The ceiling's removals are counted, not hidden: per query, how many corpus documents scored
-  ``>= ceiling`` (``ShardedIndex.last_above_ceiling``; exact for exact indexes and BM25, a lower bound for
-  IVF/PQ: only the results seen while re-querying are counted).
-- Shards keep their raw vectors (needed for exact positive scores and for recall of IVF/PQ against
-  exact search); for ``Flat`` that is the index's own storage, no copy.
+  ``>= ceiling`` (``above``; exact for exact indexes and BM25, a lower bound for IVF/PQ: only the
+  results seen while re-querying are counted).
+- Shards keep their raw vectors (exact positive scores, re-scoring, recall against exact search); for
+  ``Flat`` that is the index's own storage, no copy. ``keep_vectors=False`` keeps only an approximate
+  index's codes in RAM and re-reads the rows it needs from Parquet (see :class:`Shard`).
+- The client (:class:`ShardedIndex`) pickles as actor handles + metadata and its ``search_batch`` is
+  stateless, so Ray Data tasks can share one index.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import pyarrow.parquet as pq
 from raymine import storage
 from raymine.columns import DOC_ID, EMBEDDING
 from raymine.config import SearchConfig, to_dict
-from raymine.topk import MISSING_ID, merge_topk_positions, torch_search
+from raymine.topk import MISSING_ID, merge_topk, merge_topk_positions, torch_search
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +157,23 @@ def _rss_mb() -> float:
 # Shard actor body (plain class; wrapped with ray.remote in ShardedIndex)
 # ------------------------------------------------------------------------------------------------
 class Shard:
-    """One shard: reads its pieces, builds a FAISS index, answers searches with shard-local rows."""
+    """One shard: reads its pieces, builds a FAISS index, answers searches with shard-local rows.
+
+    Approximate indexes (IVF/PQ) never hand out approximate scores: a search fetches
+    ``k * refine_factor`` candidates from the index and re-scores every one exactly (inner product with
+    the stored vector) before they are ranked, compared with a ceiling or returned. Where the exact
+    vectors come from is the memory trade-off (``SearchConfig.keep_vectors``):
+
+    - ``True`` (default): raw float32 vectors in RAM beside the codes, ``4·d`` bytes/doc on top of the
+      index — what FAISS's ``IndexRefineFlat`` (",RFlat") would keep, but also usable for exact positive
+      scores and exact scans (recall); re-scoring is a gather + dot product.
+    - ``False``: only the index stays in RAM (IVF-PQm: ``m`` code bytes + 8 id bytes per doc); re-scoring,
+      positive scores and exact scans re-read the row groups holding the needed rows from Parquet (I/O per
+      call grows with the row groups the candidates touch). The build streams the pieces twice (training
+      sample, then ``add``), so the raw vectors are never all in memory.
+
+    A query whose probed IVF cells held fewer than the requested candidates is flagged ``exhausted``
+    (the client re-queries it with a larger nprobe)."""
 
     def __init__(self, uri: str, pieces: list[Piece], dim: int, cfg: dict[str, Any], threads: int) -> None:
         import faiss
@@ -163,51 +185,60 @@ class Shard:
         faiss.omp_set_num_threads(threads)
         torch.set_num_threads(threads)
         t0 = time.time()
-        fs, _ = storage.resolve(uri)
-        n = sum(p.hi - p.lo for p in pieces)
+        self.uri = uri
+        self.pieces = list(pieces)
+        self._starts = np.concatenate([[0], np.cumsum([p.hi - p.lo for p in pieces])]).astype(np.int64)  # [P+1]
+        n = int(self._starts[-1])
         self.dim = dim
         self.exact = _is_exact(self.cfg.index_factory)
-        ids: list[pa.Array] = []
         index = faiss.index_factory(dim, self.cfg.index_factory, faiss.METRIC_INNER_PRODUCT)
+        vectors: np.ndarray | None
         if self.exact and n:
             # size the Flat storage once and fill it in place: no growth-by-doubling copies at build
             index.codes.resize(n * dim * 4)
             index.ntotal = n
             vectors = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)  # [n, d] view
-        else:
+        elif self.exact or self.cfg.keep_vectors:
             vectors = np.empty((n, dim), np.float32)  # [n, d]
-        row = 0
-        for p in pieces:
-            with fs.open_input_file(p.path) as f:
-                pf = pq.ParquetFile(f)
-                # columns read separately: kept id arrays must not pin the row group's embedding buffers
-                id_col = pf.read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID)
-                emb_col = pf.read_row_group(p.row_group, columns=[EMBEDDING]).column(EMBEDDING)
-            emb = _embeddings(emb_col.slice(p.lo, p.hi - p.lo), dim)  # [rows, d]
+        else:
+            vectors = None  # codes only
+        train_rows = None
+        if not self.exact and n and not index.is_trained:
+            rng = np.random.default_rng(0)
+            train_rows = np.sort(rng.choice(n, min(n, self.cfg.train_sample), replace=False))  # [t]
+        sample: list[np.ndarray] = []
+        ids: list[pa.Array] = []
+        for j, p in enumerate(self.pieces):
+            id_col, emb = self._read_piece(j, with_ids=True)  # [rows, d]
             bad = ~np.isfinite(emb).all(axis=1)
             if bad.any():
                 raise ValueError(f"{p.path} row group {p.row_group}: {int(bad.sum())} embeddings with NaN/inf")
-            id_col = id_col.slice(p.lo, p.hi - p.lo)
             if id_col.null_count:
                 raise ValueError(f"{p.path} row group {p.row_group}: null {DOC_ID}")
             ids.append(id_col.combine_chunks().cast(pa.string()))
-            vectors[row : row + len(emb)] = emb  # Flat: the index storage itself, the only copy
-            row += len(emb)
-            del emb, emb_col
+            lo = self._starts[j]
+            if vectors is not None:
+                vectors[lo : lo + len(emb)] = emb  # Flat: the index storage itself, the only copy
+            elif train_rows is not None:
+                sample.append(emb[train_rows[(train_rows >= lo) & (train_rows < lo + len(emb))] - lo])
+            del emb
         self.doc_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())  # compact, not Python strs
         del ids
-        pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
         self.vectors = vectors
-        if not self.exact:
-            if n and not index.is_trained:
-                rng = np.random.default_rng(0)
-                sample = self.vectors[np.sort(rng.choice(n, min(n, self.cfg.train_sample), replace=False))]
-                index.train(sample)
-            if n:
-                index.add(self.vectors)
-            if "IVF" in self.cfg.index_factory.upper():
-                faiss.ParameterSpace().set_index_parameter(index, "nprobe", self.cfg.nprobe)
+        if not self.exact and n:
+            if train_rows is not None:
+                index.train(vectors[train_rows] if vectors is not None else np.concatenate(sample))
+                del sample
+            if vectors is not None:
+                index.add(vectors)
+            else:  # second pass: add piece by piece, the raw vectors never all resident
+                for j in range(len(self.pieces)):
+                    index.add(self._read_piece(j, with_ids=False)[1])
+        pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
         self.index = index
+        self.nlist = _nlist(index)
+        self.nprobe = self.cfg.nprobe  # default for calls that name none (set_nprobe changes it)
+        self._nprobe_set: int | None = None
         self._row: dict[str, int] | None = None
         # device: faiss-gpu when present and asked for; else torch on CUDA for exact search
         self.gpu_index = None
@@ -223,6 +254,29 @@ class Shard:
         self.build_s = time.time() - t0
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _read_piece(self, j: int, with_ids: bool) -> tuple[pa.ChunkedArray | None, np.ndarray]:
+        """(doc ids or None, embeddings float32 [rows, d]) of piece ``j``, read from Parquet."""
+        p = self.pieces[j]
+        fs, _ = storage.resolve(self.uri)
+        with fs.open_input_file(p.path) as f:
+            pf = pq.ParquetFile(f)
+            # columns read separately: kept id arrays must not pin the row group's embedding buffers
+            id_col = pf.read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID).slice(p.lo, p.hi - p.lo) \
+                if with_ids else None
+            emb_col = pf.read_row_group(p.row_group, columns=[EMBEDDING]).column(EMBEDDING)
+        return id_col, _embeddings(emb_col.slice(p.lo, p.hi - p.lo), self.dim)
+
+    def _vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """Exact vectors of shard rows ``[m]`` → float32 [m, d]: from RAM, or re-read from Parquet."""
+        if self.vectors is not None:
+            return self.vectors[rows]
+        out = np.empty((len(rows), self.dim), np.float32)  # [m, d]
+        piece = np.searchsorted(self._starts, rows, side="right") - 1  # [m]
+        for j in np.unique(piece):
+            sel = piece == j
+            out[sel] = self._read_piece(int(j), with_ids=False)[1][rows[sel] - self._starts[j]]
+        return out
+
     def _torch_vectors(self):
         import torch
 
@@ -234,6 +288,15 @@ class Shard:
         return self.exact and (self.cfg.backend == "torch" or (
             self.cfg.backend == "auto" and self.torch_device == "cuda" and self.gpu_index is None))
 
+    def _set_nprobe(self, nprobe: int) -> None:
+        import faiss
+
+        if self.nlist and nprobe != self._nprobe_set:
+            for ix in (self.index, self.gpu_index):
+                if ix is not None:
+                    faiss.ParameterSpace().set_index_parameter(ix, "nprobe", int(nprobe))
+            self._nprobe_set = nprobe
+
     def _faiss_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # faiss-gpu selects at most GPU_MAX_K: deeper searches use the CPU copy of the index
         index = self.gpu_index if self.gpu_index is not None and k <= GPU_MAX_K else self.index
@@ -242,15 +305,49 @@ class Shard:
         d[i < 0] = -np.inf
         return d, i.astype(np.int64)
 
+    def _exact_scan(self, q: np.ndarray, kk: int, ceilings: np.ndarray | None):
+        """Brute-force masked top-kk over the shard: (scores [nq,kk], rows [nq,kk], above [nq])."""
+        if self.vectors is not None:
+            return torch_search(self._torch_vectors(), q, kk, ceilings, return_above=True)
+        parts_s, parts_i = [], []
+        above = np.zeros(q.shape[0], np.int64)
+        for j in range(len(self.pieces)):  # codes-only: stream the shard's rows from Parquet
+            s, i, a = torch_search(self._read_piece(j, with_ids=False)[1], q, kk, ceilings, return_above=True)
+            parts_s.append(s)
+            parts_i.append(np.where(i >= 0, i + self._starts[j], MISSING_ID))
+            above += a
+        s, i = merge_topk(parts_s, parts_i, kk)
+        return s, i, above
+
+    def _refined_search(self, q: np.ndarray, kk: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Approximate index: ``kk * refine_factor`` candidates, re-scored exactly, best kk kept.
+        Returns (exact scores [nq,kk], rows [nq,kk], exhausted [nq] bool)."""
+        fetch = min(self.num_docs, max(kk, kk * self.cfg.refine_factor))
+        self._set_nprobe(nprobe)
+        _, i = self._faiss_search(q, fetch)  # [nq, fetch]; approximate scores dropped
+        valid = i >= 0
+        exhausted = valid.sum(axis=1) < fetch  # the probed cells held fewer docs than asked for
+        s = np.full(i.shape, -np.inf, np.float32)
+        if valid.any():
+            qi, _ = np.nonzero(valid)
+            s[valid] = np.einsum("ij,ij->i", q[qi], self._vectors_of(i[valid]))  # exact inner products
+        order = np.lexsort((np.where(valid, i, np.iinfo(np.int64).max), -s), axis=1)[:, :kk]  # ties: lower row
+        s = np.take_along_axis(s, order, axis=1)
+        i = np.where(np.isneginf(s), MISSING_ID, np.take_along_axis(i, order, axis=1))
+        return s, i, exhausted
+
     # -- actor methods ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {"num_docs": self.num_docs, "dim": self.dim, "build_s": round(self.build_s, 3),
-                "peak_rss_mb": round(_peak_rss_mb(), 1), "pid": os.getpid(),
+                "peak_rss_mb": round(_peak_rss_mb(), 1), "pid": os.getpid(), "nlist": self.nlist,
+                "vectors_in_ram": self.vectors is not None,
                 "gpu": self.gpu_index is not None or self.torch_device == "cuda"}
 
-    def search(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False):
-        """Shard top-k: ``(scores [nq,k'], local rows [nq,k'], doc ids object [nq,k'], above [nq])``,
-        k' = min(k, n); ``above``: shard rows scoring ``>= ceilings[q]`` (0 without a ceiling).
+    def search(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False,
+               nprobe: int | None = None):
+        """Shard top-k: ``(scores [nq,k'], local rows [nq,k'], doc ids object [nq,k'], above [nq],
+        exhausted [nq] bool)``, k' = min(k, n); ``above``: shard rows scoring ``>= ceilings[q]`` (0 without
+        a ceiling); scores are exact for every index (approximate ones are re-scored).
 
         Exact masked scan when a ceiling is given (only allowed for exact indexes) or ``exact``."""
         nq = q.shape[0]
@@ -258,16 +355,20 @@ class Shard:
         if ceilings is not None and not self.exact and not exact:
             raise ValueError(f"index {self.cfg.index_factory!r} cannot apply a ceiling; search deeper instead")
         above = np.zeros(nq, np.int64)
-        if kk == 0 and (ceilings is None or self.num_docs == 0):
-            return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), np.empty((nq, 0), object), above
+        exhausted = np.zeros(nq, bool)
+        if kk <= 0 and (ceilings is None or self.num_docs == 0):
+            return (np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), np.empty((nq, 0), object), above,
+                    exhausted)
         gpu_k_over = self.exact and self.gpu_index is not None and kk > GPU_MAX_K and self.torch_device == "cuda"
         if ceilings is not None or exact or self._use_torch() or gpu_k_over:  # exact masked/brute-force scan
-            s, i, above = torch_search(self._torch_vectors(), q, kk, ceilings, return_above=True)
-        else:
+            s, i, above = self._exact_scan(q, kk, ceilings)
+        elif self.exact:
             s, i = self._faiss_search(q, kk)
+        else:
+            s, i, exhausted = self._refined_search(q, kk, self.nprobe if nprobe is None else nprobe)
         names = self.doc_ids.take(pa.array(np.maximum(i, 0).reshape(-1))).to_numpy(zero_copy_only=False)
         names = np.where(i >= 0, names.reshape(i.shape), "").astype(object)  # [nq, k']
-        return s, i, names, above
+        return s, i, names, above, exhausted
 
     def lookup(self, q: np.ndarray, qidx: np.ndarray, doc_ids: list[str]) -> np.ndarray:
         """Inner product of ``q[qidx[j]]`` with doc ``doc_ids[j]``; NaN for ids not in this shard. [m]"""
@@ -279,18 +380,25 @@ class Shard:
         out = np.full(len(doc_ids), np.nan, np.float32)
         hit = rows >= 0
         if hit.any():
-            out[hit] = np.einsum("ij,ij->i", q[qidx[hit]], self.vectors[rows[hit]])
+            out[hit] = np.einsum("ij,ij->i", q[qidx[hit]], self._vectors_of(rows[hit]))
         return out
 
     def set_nprobe(self, nprobe: int) -> None:
-        import faiss
-
-        for ix in (self.index, self.gpu_index):
-            if ix is not None and "IVF" in self.cfg.index_factory.upper():
-                faiss.ParameterSpace().set_index_parameter(ix, "nprobe", nprobe)
+        self.nprobe = int(nprobe)
+        self._set_nprobe(self.nprobe)
 
     def memory_mb(self) -> dict[str, float]:
         return {"rss": round(_rss_mb(), 1), "peak_rss": round(_peak_rss_mb(), 1)}
+
+
+def _nlist(index: Any) -> int:
+    """IVF cells of a FAISS index (0 when it has no IVF level)."""
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except (RuntimeError, AttributeError):
+        return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +420,10 @@ class ShardedIndex:
         self.uri = uri
         self.infos = infos
         self.exact = _is_exact(cfg.index_factory)
+        self.nprobe = cfg.nprobe  # IVF cells probed per call (set_nprobe changes it)
+        self.nlist = max((int(i.get("nlist", 0)) for i in infos), default=0)
         self.last_stats: dict[str, Any] = {}
+        self.last_search_stats: dict[str, Any] = {}
         # per query of the last search: corpus docs scoring >= its ceiling (removed inside the search);
         # exact for Flat, a lower bound for IVF/PQ (only results seen while re-querying deeper)
         self.last_above_ceiling: np.ndarray = np.zeros(0, np.int64)
@@ -372,32 +483,70 @@ class ShardedIndex:
         """Change the IVF cells probed per query on every shard (tuning recall vs speed)."""
         import ray
 
+        self.nprobe = int(nprobe)
         ray.get([a.set_nprobe.remote(nprobe) for a in self.actors])
 
     # -- search ----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled into Ray tasks as actor handles + metadata; the per-call ``last_*`` results stay behind.
+        The process that built the index closes it; a task holding a copy only searches."""
+        state = self.__dict__.copy()
+        state["last_stats"] = {}
+        state["last_above_ceiling"] = np.zeros(0, np.int64)
+        return state
+
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be [nq, {self.dim}], got {q.shape}")
         return q
 
-    def _fanout(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False):
-        """All shards' top-k merged: (scores [nq,k], global ids [nq,k], doc ids object [nq,k]); sets
-        ``last_above_ceiling`` to the shards' summed above-ceiling counts [nq]."""
+    def _fanout(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False,
+                nprobe: int | None = None):
+        """All shards' top-k merged: (scores [nq,k], global ids [nq,k], doc ids object [nq,k], above [nq]
+        summed over shards, exhausted [nq] (any shard's probed cells ran out)). No state is kept."""
         import ray
 
+        nq = q.shape[0]
+        if not self.actors:
+            raise RuntimeError("the index is closed")
         qref = ray.put(q)
-        parts = ray.get([a.search.remote(qref, k, ceilings, exact) for a in self.actors])
+        parts = ray.get([a.search.remote(qref, k, ceilings, exact, nprobe) for a in self.actors])
         scores = [p[0] for p in parts]
         gids = [np.where(p[1] >= 0, p[1] + off, MISSING_ID) for p, off in zip(parts, self.offsets, strict=True)]
         s, g, pos = merge_topk_positions(scores, gids, k)
-        names = np.concatenate([p[2] for p in parts], axis=1) if parts else np.empty((q.shape[0], 0), object)
+        names = np.concatenate([p[2] for p in parts], axis=1)
         out = np.full(g.shape, "", object)
         hit = pos >= 0
         out[hit] = np.take_along_axis(names, np.maximum(pos, 0), axis=1)[hit]
-        self.last_above_ceiling = (np.sum([p[3] for p in parts], axis=0).astype(np.int64) if parts
-                                   else np.zeros(q.shape[0], np.int64))
-        return s, g, out
+        above = np.sum([p[3] for p in parts], axis=0).astype(np.int64).reshape(nq)
+        exhausted = np.any([p[4] for p in parts], axis=0).reshape(nq)
+        return s, g, out, above, exhausted
+
+    def search_batch(self, payload: np.ndarray, k: int, ceilings: np.ndarray | None = None,
+                     return_stats: bool = False):
+        """Global top-k of query embeddings ``payload [nq, d]`` below ``ceilings [nq]`` (+inf = none).
+
+        Returns ``(scores float32 [nq,k], doc ids object [nq,k] ("" / -inf missing), above int64 [nq],
+        short int)``, plus a stats dict with ``return_stats``. Stateless (safe to call from many Ray
+        tasks on one pickled handle). ``above``: corpus docs scoring ``>= ceiling`` (exact for ``Flat``; a
+        lower bound for IVF/PQ: those seen while re-querying). ``short``: queries left with fewer than k
+        results although the corpus may hold more (approximate indexes at ``max_depth``/``max_nprobe``).
+        Stats: ``short``, ``deepest_k``, ``exhausted`` (queries whose probed cells ran out at least once),
+        ``requeried_nprobe`` (of those, re-queried with a larger nprobe), ``max_nprobe`` (largest used)."""
+        q = self._check_queries(payload)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        s, _, names, above, stats = self._search(q, k, _norm_ceilings(ceilings, q.shape[0]))
+        return (s, names, above, stats["short"], stats) if return_stats else (s, names, above, stats["short"])
+
+    def _search(self, q: np.ndarray, k: int, c: np.ndarray | None):
+        """(scores, global ids, doc ids, above, stats) — the stateless core of every search method."""
+        if self.exact:
+            s, g, names, above, _ = self._fanout(q, k, c)
+            return s, g, names, above, {"short": 0, "deepest_k": k, "exhausted": 0, "requeried_nprobe": 0,
+                                        "max_nprobe": 0}
+        return self._search_approx(q, k, c)
 
     def search(self, queries: np.ndarray, k: int, ceilings: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -408,7 +557,7 @@ class ShardedIndex:
         may hold more: only for indexes that cannot apply a ceiling) and the deepest k used;
         ``self.last_above_ceiling [nq] int64`` how many corpus docs scored ``>= ceilings[q]`` (removed by
         the ceiling; 0 without one) — exact for ``Flat``, a lower bound for IVF/PQ (results seen while
-        re-querying deeper)."""
+        re-querying deeper). Kept for existing callers; :meth:`search_batch` is the stateless form."""
         s, _, names = self.search_ids(queries, k, ceilings)
         return s, names
 
@@ -416,60 +565,77 @@ class ShardedIndex:
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Exact (brute-force, sharded) search whatever the index type; reference for recall."""
         q = self._check_queries(queries)
-        s, _, names = self._fanout(q, k, _norm_ceilings(ceilings, q.shape[0]), exact=True)
+        s, _, names, _, _ = self._fanout(q, k, _norm_ceilings(ceilings, q.shape[0]), exact=True)
         return s, names
 
     def search_ids(self, queries: np.ndarray, k: int, ceilings: np.ndarray | None = None):
-        """Like :meth:`search`, also returning global int ids: (scores, ids int64, doc ids object)."""
+        """Like :meth:`search`, also returning global int ids: (scores, ids int64, doc ids object).
+        Sets ``last_stats`` (short, deepest_k), ``last_search_stats`` (all stats) and ``last_above_ceiling``."""
         q = self._check_queries(queries)
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        c = _norm_ceilings(ceilings, q.shape[0])
-        if c is None or self.exact:
-            self.last_stats = {"short": 0, "deepest_k": k}
-            return self._fanout(q, k, c)
-        return self._search_deeper(q, k, c)
+        s, g, names, above, stats = self._search(q, k, _norm_ceilings(ceilings, q.shape[0]))
+        self.last_stats = {"short": stats["short"], "deepest_k": stats["deepest_k"]}
+        self.last_search_stats = stats
+        self.last_above_ceiling = above
+        return s, g, names
 
-    def _search_deeper(self, q: np.ndarray, k: int, c: np.ndarray):
-        """Ceiling for indexes that cannot mask: search k' = k, 2k, ... (≤ max_depth), keep hits below
-        the ceiling, re-query only the queries still short."""
+    def _search_approx(self, q: np.ndarray, k: int, c: np.ndarray | None):
+        """Indexes that cannot mask (IVF/PQ; candidates come back exactly re-scored by the shards).
+
+        Per query: fetch depth k' (= k first), keep the hits below the ceiling; a query still short
+        is re-queried — with nprobe doubled (≤ ``max_nprobe``, ≤ nlist) when a shard's probed cells ran
+        out (``exhausted``), else with k' doubled (≤ ``max_depth``). Queries grouped by (k', nprobe)."""
         nq = q.shape[0]
         out_s = np.full((nq, k), -np.inf, np.float32)
         out_g = np.full((nq, k), MISSING_ID, np.int64)
         out_n = np.full((nq, k), "", object)
-        todo = np.arange(nq)
         above = np.zeros(nq, np.int64)  # results >= ceiling seen: a lower bound on the corpus count
-        kk = k
+        depth = np.full(nq, k, np.int64)  # [nq] k' per query
+        nprobe = np.full(nq, self.nprobe, np.int64)  # [nq]
         cap = max(k, min(self.cfg.max_depth, self.num_docs))
-        used = kk
+        probe_cap = max(self.nprobe, min(self.cfg.max_nprobe, self.nlist or self.nprobe))
+        exhausted_ever = np.zeros(nq, bool)
+        raised = np.zeros(nq, bool)
+        short = np.zeros(nq, bool)
+        deepest = k
+        todo = np.arange(nq)
         while todo.size:
-            used = kk
-            s, g, names = self._fanout(q[todo], kk, None)
-            allowed = (g >= 0) & (s < c[todo, None])  # [n_todo, kk]
-            above[todo] = np.maximum(above[todo], ((g >= 0) & ~allowed).sum(axis=1))
-            order = np.argsort(~allowed, axis=1, kind="stable")[:, :k]  # allowed first, rank order kept
-            keep = np.take_along_axis(allowed, order, axis=1)
-            sel_s = np.where(keep, np.take_along_axis(s, order, axis=1), -np.inf)
-            sel_g = np.where(keep, np.take_along_axis(g, order, axis=1), MISSING_ID)
-            sel_n = np.where(keep, np.take_along_axis(names, order, axis=1), "")
-            pad = k - order.shape[1]
-            if pad > 0:
-                sel_s = np.pad(sel_s, ((0, 0), (0, pad)), constant_values=-np.inf)
-                sel_g = np.pad(sel_g, ((0, 0), (0, pad)), constant_values=MISSING_ID)
-                sel_n = np.pad(sel_n, ((0, 0), (0, pad)), constant_values="")
-            out_s[todo], out_g[todo], out_n[todo] = sel_s, sel_g, sel_n
-            exhausted = (g < 0).any(axis=1)  # the index returned fewer than kk: nothing deeper exists
-            short = (allowed.sum(axis=1) < k) & ~exhausted
-            todo = todo[short]
-            if kk >= cap:
-                break
-            kk = min(2 * kk, cap)
-        self.last_stats = {"short": int(todo.size), "deepest_k": used}
-        self.last_above_ceiling = above
-        if todo.size:
-            log.warning("search: %d of %d queries have fewer than %d results below their ceiling at depth %d "
-                        "(max_depth); approximate index cannot mask", todo.size, nq, k, used)
-        return out_s, out_g, out_n
+            nxt = []
+            for kk, npb in sorted({(int(a), int(b)) for a, b in zip(depth[todo], nprobe[todo], strict=True)}):
+                grp = todo[(depth[todo] == kk) & (nprobe[todo] == npb)]
+                deepest = max(deepest, kk)
+                s, g, names, _, exh = self._fanout(q[grp], kk, None, nprobe=npb)
+                cg = np.inf if c is None else c[grp, None]
+                allowed = (g >= 0) & (s < cg)  # [n_grp, kk], exact scores vs the exact ceiling
+                above[grp] = np.maximum(above[grp], ((g >= 0) & ~allowed).sum(axis=1))
+                order = np.argsort(~allowed, axis=1, kind="stable")[:, :k]  # allowed first, rank order kept
+                keep = np.take_along_axis(allowed, order, axis=1)
+                pad = ((0, 0), (0, k - order.shape[1]))
+                out_s[grp] = np.pad(np.where(keep, np.take_along_axis(s, order, axis=1), -np.inf), pad,
+                                    constant_values=-np.inf)
+                out_g[grp] = np.pad(np.where(keep, np.take_along_axis(g, order, axis=1), MISSING_ID), pad,
+                                    constant_values=MISSING_ID)
+                out_n[grp] = np.pad(np.where(keep, np.take_along_axis(names, order, axis=1), ""), pad,
+                                    constant_values="")
+                exhausted_ever[grp] |= exh
+                need = allowed.sum(axis=1) < k
+                more_cells = need & exh & (npb < probe_cap)
+                deeper = need & ~exh & (kk < cap)
+                complete = ~exh & (kk >= self.num_docs)  # every doc ranked: nothing more exists
+                short[grp] = need & ~more_cells & ~deeper & ~complete
+                nprobe[grp[more_cells]] = min(2 * npb, probe_cap)
+                raised[grp[more_cells]] = True
+                depth[grp[deeper]] = min(2 * kk, cap)
+                nxt.append(grp[more_cells | deeper])
+            todo = np.concatenate(nxt)
+        stats = {"short": int(short.sum()), "deepest_k": int(deepest), "exhausted": int(exhausted_ever.sum()),
+                 "requeried_nprobe": int(raised.sum()), "max_nprobe": int(nprobe.max()) if nq else self.nprobe}
+        if stats["short"]:
+            log.warning("search: %d of %d queries have fewer than %d results%s at depth <= %d, nprobe <= %d "
+                        "(max_depth / max_nprobe)", stats["short"], nq, k, " below their ceiling" if c is not None
+                        else "", cap, probe_cap)
+        return out_s, out_g, out_n, above, stats
 
     def lookup_scores(self, queries: np.ndarray, doc_ids: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """Exact inner product of query i with each doc in ``doc_ids[i]`` → one float32 array per query;
