@@ -370,7 +370,8 @@ DOMAINS: dict[str, dict[str, Domain]] = {
         "num_shards": COUNT, "index_factory": NON_EMPTY, "nprobe": COUNT, "train_sample": COUNT,
         "depth": NON_NEGATIVE, "depth_slack": NON_NEGATIVE, "max_depth": COUNT, "num_cpus_per_shard": NON_NEGATIVE,
         "threads_per_shard": NON_NEGATIVE, "num_gpus_per_shard": NON_NEGATIVE, "query_batch_size": COUNT,
-        "recall_sample": NON_NEGATIVE,
+        "recall_sample": NON_NEGATIVE, "max_nprobe": COUNT, "refine_factor": COUNT, "search_tasks": COUNT,
+        "num_cpus_per_task": NON_NEGATIVE,
     },
     "MineConfig": {
         "shift": NON_NEGATIVE, "abs_threshold": ANY, "margin": NON_NEGATIVE, "perc": between(0, 1, lo_open=True),
@@ -384,7 +385,8 @@ DOMAINS: dict[str, dict[str, Domain]] = {
         "num_hard_negatives": NON_NEGATIVE, "batch_size": COUNT, "grad_accum": COUNT, "lr": POSITIVE,
         "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "epochs": COUNT, "max_steps": NON_NEGATIVE,
         "num_workers": COUNT, "cpus_per_worker": NON_NEGATIVE, "checkpoint_every": COUNT, "log_every": COUNT,
-        "seed": NON_NEGATIVE,
+        "seed": NON_NEGATIVE, "positive_aware_perc": between(0, 1, lo_open=True), "positive_aware_margin": NON_NEGATIVE,
+        "max_failures": at_least(-1),  # -1 = retry without limit (Ray's FailureConfig)
     },
     "ExportConfig": {"num_negatives": NON_NEGATIVE, "rows_per_part": COUNT, "join_partitions": COUNT},
     "EvaluateConfig": {
