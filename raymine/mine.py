@@ -89,21 +89,28 @@ def _flat_floats(col: pa.Array) -> np.ndarray:
 
 
 def _fingerprint(arr: pa.Array) -> np.ndarray:
-    """6-bit fingerprint ``[n]`` of each string from its length and last two bytes (equal strings, equal
-    fingerprints); a cheap pre-filter so that only a few candidates are looked up by exact value."""
+    """6-bit fingerprint uint32 ``[n]`` of each string from its length and last two bytes (equal strings,
+    equal fingerprints); a cheap pre-filter so that only a few candidates are looked up by exact value."""
     n = len(arr)
     if n == 0:
         return np.zeros(0, np.uint32)
-    off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + n + 1].astype(np.int64)
+    off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + n + 1]
     buf = arr.buffers()[2]
-    data = np.frombuffer(buf, dtype=np.uint8) if buf is not None and buf.size else np.zeros(1, np.uint8)
-    ln = (off[1:] - off[:-1]).astype(np.uint32)
+    data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
+    if len(data) < 2:
+        data = np.concatenate([data, np.zeros(2, np.uint8)])
     end = off[1:]
-    last = np.where(ln >= 1, data[np.clip(end - 1, 0, len(data) - 1)], 0).astype(np.uint32)
-    last2 = np.where(ln >= 2, data[np.clip(end - 2, 0, len(data) - 1)], 0).astype(np.uint32)
-    h = (ln * np.uint32(0x9E3779B1)) ^ (last * np.uint32(0x85EBCA77)) ^ (last2 * np.uint32(0xC2B2AE3D))
-    h = h * np.uint32(0x27D4EB2F)
-    return h >> np.uint32(26)
+    ln = end - off[:-1]  # [n] int32
+    key = ln.astype(np.uint32)
+    key <<= np.uint32(16)
+    key |= np.left_shift(data[end - 2], 8, dtype=np.uint32)  # end - 2 >= -2: always a valid index
+    key |= data[end - 1]
+    short = np.nonzero(ln < 2)[0]  # bytes before the string's start must not count
+    if short.size:
+        key[short] = np.where(ln[short] == 1, (1 << 16) | data[end[short] - 1].astype(np.uint32), 0)
+    key *= np.uint32(0x9E3779B1)
+    key >>= np.uint32(26)
+    return key
 
 
 def _row_bits(fp: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -128,30 +135,55 @@ def _padded_codes(codes: np.ndarray, lens: np.ndarray, fill: int) -> np.ndarray:
     return out
 
 
-def _listed_hits(cand: pa.Array, cand_row: np.ndarray, listed: list[tuple[pa.Array, np.ndarray]],
-                 nq: int) -> list[np.ndarray]:
-    """For each listed-id column (flat strings + lengths per query): which candidates ``[n cand]`` equal an
-    id listed for *their own* query. Exact: fingerprints pre-filter, values decide."""
-    hits = [np.zeros(len(cand), bool) for _ in listed]
+def _listed_hits(cand: pa.Array, fp: np.ndarray, starts: np.ndarray, in_row: np.ndarray | None,
+                 listed: list[tuple[pa.Array, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each listed-id column (flat strings + lengths per query): the candidates (row, column) that equal
+    an id listed for *their own* query. ``fp [nq, K]``: candidates' fingerprints (``in_row``: which are
+    real, None = all). Exact: fingerprints pre-filter, values decide."""
+    nq = len(starts)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    hits = [empty for _ in listed]
     live = [(i, flat, lens) for i, (flat, lens) in enumerate(listed) if len(flat)]
     if not live or not len(cand):
         return hits
     bits = np.zeros(nq, np.uint64)
     for _, flat, lens in live:
         bits |= _row_bits(_fingerprint(flat), lens)
-    fp = _fingerprint(cand).astype(np.uint64)
-    maybe = np.nonzero((bits[cand_row] >> fp) & np.uint64(1))[0]  # [n maybe]
-    if not maybe.size:
+    test = np.right_shift(bits[:, None], fp, dtype=np.uint64) & np.uint64(1)  # [nq, K]
+    r, c = np.nonzero(test if in_row is None else test.astype(bool) & in_row)
+    if not r.size:
         return hits
     values = pc.unique(pa.concat_arrays([flat for _, flat, _ in live]))
-    code = pc.fill_null(pc.index_in(cand.take(pa.array(maybe)), value_set=values), -1).to_numpy(
+    code = pc.fill_null(pc.index_in(cand.take(pa.array(starts[r] + c)), value_set=values), -1).to_numpy(
         zero_copy_only=False).astype(np.int64)  # [n maybe]
-    rows = cand_row[maybe]
     for i, flat, lens in live:
         lc = pc.index_in(flat, value_set=values).to_numpy(zero_copy_only=False).astype(np.int64)
         table = _padded_codes(lc, lens, -2)  # [nq, P]
-        hits[i][maybe] = (table[rows] == code[:, None]).any(axis=1) & (code >= 0)
+        hit = (table[r] == code[:, None]).any(axis=1) & (code >= 0)
+        hits[i] = (r[hit], c[hit])
     return hits
+
+
+def _first_true(mask: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
+    """Columns of each row's first ``width`` True entries ``[nq, width]`` (-1 padded); ``count [nq]``: True
+    entries per row. Scans a window from each row's first True (kept or dropped candidates come in runs:
+    a ceiling removes the top of a list), the whole row only where the window falls short."""
+    nq, k = mask.shape
+    idx = np.full((nq, width), -1, np.int64)
+    if width <= 0 or not nq or not k:
+        return idx
+    p = min(k, 2 * width + 8)
+    start = np.minimum(np.argmax(mask, axis=1), k - p)  # [nq] first True (window kept inside the row)
+    cols = start[:, None] + np.arange(p)[None, :]  # [nq, p]
+    sub = np.take_along_axis(mask, cols, axis=1)
+    rank = np.cumsum(sub, axis=1, dtype=np.int32)  # [nq, p] 1-based rank among True
+    r, c = np.nonzero(sub & (rank <= width))
+    idx[r, rank[r, c] - 1] = cols[r, c]
+    more = np.nonzero(rank[:, -1] < np.minimum(count, width))[0]  # rows with True entries past the window
+    if more.size:
+        full, _ = S.gather(mask[more], width)
+        idx[more] = full
+    return idx
 
 
 def _count_listed(neg_rows: np.ndarray, neg_vals: pa.Array, fp_rows: np.ndarray, fp_vals: pa.Array) -> np.ndarray:
@@ -194,41 +226,44 @@ class _Mined:
         self.starts = np.cumsum(cl) - cl  # [nq] first flat index of each row
         self.cand = _flat_strings(cols[C.CANDIDATE_IDS])  # [n cand]
         sc_flat = _flat_floats(cols[C.CANDIDATE_SCORES])
-        colr = np.arange(k)[None, :]
-        in_row = colr < cl[:, None]  # [nq, K]
-        if nq and (cl == k).all():
-            scores = sc_flat.reshape(nq, k)
-        else:
-            scores = np.where(in_row, sc_flat[np.where(in_row, self.starts[:, None] + colr, 0)] if sc_flat.size
-                              else np.float32(-np.inf), np.float32(-np.inf))
-        self.scores = scores.astype(np.float32, copy=False)
-        valid = in_row & usable[:, None]
-        # positives and excluded ids, by exact value within the query
-        cand_row = np.repeat(np.arange(nq), cl)  # [n cand]
         listed = [(_flat_strings(cols[C.POSITIVE_IDS]), _lengths(cols[C.POSITIVE_IDS]))]
         if cfg.exclude_identical_text:
             listed.append((_flat_strings(cols[C.EXCLUDED_IDS]), _lengths(cols[C.EXCLUDED_IDS])))
-        hits = _listed_hits(self.cand, cand_row, listed, nq)
-        k0 = valid.copy()
-        hp = np.nonzero(hits[0])[0]
-        r, c = cand_row[hp], hp - self.starts[cand_row[hp]]
-        ok = valid[r, c]
-        k0[r[ok], c[ok]] = False
-        drop_pos = np.bincount(r[ok], minlength=nq)
-        k1 = k0
-        drop_exc = np.zeros(nq, np.int64)
-        if len(hits) > 1:
-            he = np.nonzero(hits[1])[0]
-            r, c = cand_row[he], he - self.starts[cand_row[he]]
-            ok = k0[r, c]
-            k1 = k0.copy()
+        any_listed = any(len(f) for f, _ in listed)
+        fp_flat = _fingerprint(self.cand) if any_listed else np.zeros(len(self.cand), np.uint32)
+        if nq and (cl == k).all():  # every row has K candidates: reshape, no copy
+            in_row = None
+            scores = sc_flat.reshape(nq, k)
+            fp = fp_flat.reshape(nq, k)
+            valid = np.repeat(usable[:, None], k, axis=1)
+        else:
+            in_row = np.arange(k)[None, :] < cl[:, None]  # [nq, K]
+            at = np.where(in_row, self.starts[:, None] + np.arange(k)[None, :], 0)
+            scores = np.where(in_row, sc_flat[at], np.float32(-np.inf)) if sc_flat.size else \
+                np.full((nq, k), -np.inf, np.float32)
+            fp = fp_flat[at] if fp_flat.size else np.zeros((nq, k), np.uint32)
+            valid = in_row & usable[:, None]
+        self.scores = scores.astype(np.float32, copy=False)
+        # positives and excluded ids, by exact value within the query
+        hits = _listed_hits(self.cand, fp, self.starts, in_row, listed)
+        k1 = valid
+        drops = []
+        for r, c in hits:  # positives first, then excluded ids: each drop explained once
+            ok = k1[r, c]
             k1[r[ok], c[ok]] = False
-            drop_exc = np.bincount(r[ok], minlength=nq)
-        k2, _ = F.method_filter(cfg, self.scores, k1, self.anchor)
-        n1 = np.count_nonzero(k1, axis=1)
-        self.kept = np.count_nonzero(k2, axis=1)  # [nq] length of the ordered list
+            drops.append(np.bincount(r[ok], minlength=nq))
+        drop_pos = drops[0]
+        drop_exc = drops[1] if len(drops) > 1 else np.zeros(nq, np.int64)
+        n1 = np.where(usable, cl, 0) - drop_pos - drop_exc
+        if cfg.method == "naive":
+            k2 = k1
+        elif cfg.method == "shifted":
+            k2, _ = F.shift_filter(k1, cfg.shift)
+        else:  # abs / marginpos / percpos: strictly below the query's ceiling
+            k2 = k1 & (self.scores < F.ceiling_from_anchor(cfg, self.anchor)[:, None])
+        self.kept = k2.view(np.uint8).sum(axis=1, dtype=np.int64)  # [nq] length of the ordered list
         # the first `width` kept (rank order) and the sample among them
-        idx, _ = S.gather(k2, width)  # [nq, W] columns, -1 padded
+        idx = _first_true(k2, self.kept, width)  # [nq, W] columns, -1 padded
         okw = idx >= 0
         rows = np.arange(nq)[:, None]
         win_scores = np.where(okw, self.scores[rows, np.maximum(idx, 0)], np.float32(-np.inf))
@@ -263,16 +298,15 @@ class _Mined:
         kf = np.isfinite(ks)
         self.hist["kept"] = (ks[kf], np.bincount(cr[kf], minlength=nq))
         dvals, dlens = np.zeros(0, np.float32), np.zeros(nq, np.int64)
-        drows = np.nonzero(dm > 0)[0]
-        if drows.size:
-            md = k1[drows] & ~k2[drows]
-            md &= ~np.isnan(self.scores[drows])
-            di, _ = S.gather(md, _DROPPED_SAMPLE_PER_QUERY)  # [nd, 16]
-            dr, dc = np.nonzero(di >= 0)
-            v = self.scores[drows[dr], di[dr, dc]]
+        if dm.any():
+            md = k1 & ~k2
+            md &= ~np.isnan(self.scores)
+            di = _first_true(md, md.view(np.uint8).sum(axis=1, dtype=np.int64), _DROPPED_SAMPLE_PER_QUERY)
+            dr, dc = np.nonzero(di >= 0)  # [nq, 16] first method-dropped per row
+            v = self.scores[dr, di[dr, dc]]
             f = np.isfinite(v)
             dvals = v[f]
-            dlens[drows] = np.bincount(dr[f], minlength=len(drows))
+            dlens = np.bincount(dr[f], minlength=nq)
         self.hist["dropped"] = (dvals, dlens)
         self.positive_ids = cols[C.POSITIVE_IDS]
         self.positive_scores = cols[C.POSITIVE_SCORES]
