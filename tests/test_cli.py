@@ -209,3 +209,25 @@ def test_top_level_commands(argv, capsys):
         assert code == 0 and "scifact_minilm.yaml" in out
     else:
         assert code == 2 and "run" in out
+
+
+def test_local_ray_starts_without_the_auth_notice_and_keeps_auth(tmp_path):
+    """init_ray states Ray's default (token auth) for a local instance it starts: no notice, auth still on."""
+    import os
+    import shutil
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["HOME"] = str(tmp_path)
+    temp_dir = tempfile.mkdtemp(prefix="rmauth", dir="/tmp")  # short: Ray's socket paths have a length limit
+    code = ("import ray\nfrom raymine.raycluster import init_ray, shutdown_ray\n"
+            f"init_ray(num_cpus=1, _temp_dir={temp_dir!r})\n"
+            "print('task', ray.get(ray.remote(lambda: 1).remote()))\nshutdown_ray()\n")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "task 1" in p.stdout
+    assert "Token authentication" not in p.stderr + p.stdout, p.stderr
+    assert (tmp_path / ".ray" / "auth_token").is_file()

@@ -264,3 +264,15 @@ def test_gpu_workers_fit_the_7b_recipe():
 def test_one_image_for_both_launchers():
     image = LAUNCHER["docker"]["image"]
     assert all(c["image"] == image for pod in _pods() for c in pod["containers"])
+
+
+def test_installed_wheel_finds_its_default_config(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    code = "import raymine.cli as c; p = c.default_config(); print(p); assert p.is_file()"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(target / "raymine" / "configs" / "scifact_minilm.yaml")
+    assert (target / "bin" / "raymine").is_file()
