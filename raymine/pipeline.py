@@ -212,7 +212,7 @@ def _abs(uri: str) -> str:
 def _finish(report: dict[str, Any], out: str, t0: float) -> dict[str, Any]:
     report["wall_s"] = round(time.time() - t0, 1)
     storage.write_json(storage.join(out, "report.json"), report)
-    storage.write_bytes(storage.join(out, "report.md"), render_report(report).encode())
+    storage.write_bytes(storage.join(out, "report.md"), render_report(report, out).encode())
     return report
 
 
@@ -229,8 +229,9 @@ def _flatten_eval(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def render_report(report: dict[str, Any]) -> str:
-    """report.md: stage wall times and counts, mining drops/shortfall, nDCG@10 before/after."""
+def render_report(report: dict[str, Any], out: str | None = None) -> str:
+    """report.md: stage wall times and counts, mining drops/shortfall, the figures inline (score histograms,
+    loss curve, evaluation; only those present under ``out``), nDCG@10 before/after."""
     lines = ["# raymine run report", "", f"config hash `{report['config_hash']}`, wall {report.get('wall_s')} s", "",
              "| stage | wall s | counts |", "|---|---:|---|"]
     for name, m in report["stages"].items():
@@ -253,6 +254,15 @@ def render_report(report: dict[str, Any]) -> str:
         tot = mine.get("totals", {})
         lines.append(f"| **after ensembling** | {tot.get('queries_out')} | | | | | | {tot.get('requested')} | "
                      f"{tot.get('delivered')} | {100 * tot.get('shortfall', 0):.2f}% | {tot.get('known_fn')} |")
+    figures = [(title, rel) for title, rel in (
+        ("Teacher scores of positives, kept and dropped candidates", "mine/scores.png"),
+        ("Training loss and learning rate", "model/loss_curve.png"),
+        ("Evaluation before / after training", "evaluate/evaluation.png"),
+    ) if out is None or storage.exists(storage.join(out, rel))]
+    if figures:
+        lines += ["", "## Figures", ""]
+        for title, rel in figures:
+            lines += [f"**{title}**", "", f"![{title}]({rel})", ""]
     ev = report.get("evaluate")
     if ev:
         lines += ["", "## Evaluation", "", "| model | task | nDCG@10 | recall@100 | MRR@10 |", "|---|---|---:|---:|---:|"]
