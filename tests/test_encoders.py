@@ -180,7 +180,7 @@ def test_evaluation_equals_training_embeddings(arch, padding, minilm_path, tiny_
     path = tiny_sp_mistral_path if arch == "mistral" else minilm_path
     bidi = arch == "mistral"
     common = dict(model=path, pooling="mean", query_prompt=PROMPT, query_max_length=64, passage_max_length=64)
-    enc = Encoder(TeacherConfig(**common, bidirectional=bidi, padding_side=padding, batch_size=3))
+    enc = Encoder(TeacherConfig(**common, bidirectional=bidi, padding_side=padding, batch_size=3, device="cpu"))
     student = BiEncoder.from_config(TrainConfig(**common, bidirectional=bidi)).eval()
     assert student.tokenizer.padding_side == "right"
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_evaluation_equals_training_embeddings(arch, padding, minilm_path, tiny_
             h = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -n_text:].mean(dim=0)
         np.testing.assert_allclose(evaluated[i], torch.nn.functional.normalize(h, dim=0).numpy(), atol=1e-5)
     if bidi:  # the encoder really is bidirectional: a causal one differs
-        causal = Encoder(TeacherConfig(**common, bidirectional=False, padding_side=padding))
+        causal = Encoder(TeacherConfig(**common, bidirectional=False, padding_side=padding, device="cpu"))
         assert np.abs(causal.encode(QUERIES, "query") - evaluated).max() > 1e-3
 
 
@@ -211,7 +211,8 @@ def test_last_token_teacher_appends_eos_after_truncation(tiny_sp_mistral_path, p
 
     max_len = 8
     cfg = TeacherConfig(model=tiny_sp_mistral_path, pooling="last_token",
-                        query_max_length=max_len, passage_max_length=max_len, padding_side=padding, batch_size=4)
+                        query_max_length=max_len, passage_max_length=max_len, padding_side=padding, batch_size=4,
+                        device="cpu")
     enc = Encoder(cfg)
     texts = ["what is protein folding and why does it matter so much for cells", "moons", *QUERIES[1:]]
     got = enc.encode(texts, "passage")

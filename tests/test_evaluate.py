@@ -213,3 +213,27 @@ def test_scifact_anchor_reproduces_published_minilm_score(tmp_path):
                             passage_max_length=256)
     res = evaluate_models({"minilm": teacher}, EvaluateConfig(), str(ROOT / "data" / "scifact"), str(tmp_path))
     assert res["scifact"]["minilm"]["ndcg_at_10"] * 100 == pytest.approx(64.51, abs=0.5)
+
+
+def test_mteb_wrapper_embeds_as_training_does(tiny_sp_mistral_path):
+    """What mteb scores is the trained function: the wrapper's query and document vectors for a prompted,
+    bidirectional Mistral student equal BiEncoder's training-mode forward (eval mode) to 1e-5."""
+    import torch
+    from mteb.types import PromptType
+
+    from raymine.config import TrainConfig
+    from raymine.evaluate import make_mteb_model
+    from raymine.model import BiEncoder
+
+    prompt = "Given a question, retrieve passages that answer the question: "
+    common = dict(model=tiny_sp_mistral_path, pooling="mean", query_prompt=prompt, query_max_length=32,
+                  passage_max_length=48)
+    wrapper = make_mteb_model("student", TeacherConfig(**common, bidirectional=True, device="cpu", batch_size=2))
+    student = BiEncoder.from_config(TrainConfig(**common, bidirectional=True)).eval()
+    texts = ["what is protein folding", "which planets have moons", "Mars is the fourth planet from the Sun"]
+    for prompt_type, side in ((PromptType.query, "query"), (PromptType.document, "passage")):
+        got = wrapper.encode([{"text": texts[:2]}, {"text": texts[2:]}], task_metadata=None, hf_split="test",
+                             hf_subset="default", prompt_type=prompt_type)
+        with torch.no_grad():
+            want = student(**student.tokenize(texts, side)).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
