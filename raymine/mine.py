@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 _IN_COLS = (C.POSITIVE_IDS, C.POSITIVE_SCORES, C.EXCLUDED_IDS, C.CANDIDATE_IDS, C.CANDIDATE_SCORES)
 _FULL_POS = "_full_positive_ids"
 _REASON = "_reason"
+_REASONS = pa.array(["unknown_query", "no_positive_score", "no_negatives"], pa.string())
 _STATS = ("present", "no_positive_score", "seen", "drop_positive", "drop_excluded", "drop_method", "kept",
           "requested", "delivered", "known_fn")
 _HISTS = ("positive", "kept", "dropped")
@@ -89,39 +90,42 @@ def _flat_floats(col: pa.Array) -> np.ndarray:
 
 
 def _fingerprint(arr: pa.Array) -> np.ndarray:
-    """6-bit fingerprint uint32 ``[n]`` of each string from its length and last two bytes (equal strings,
+    """8-bit fingerprint uint8 ``[n]`` of each string from its length and last four bytes (equal strings,
     equal fingerprints); a cheap pre-filter so that only a few candidates are looked up by exact value."""
     n = len(arr)
     if n == 0:
-        return np.zeros(0, np.uint32)
+        return np.zeros(0, np.uint8)
     off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + n + 1]
     buf = arr.buffers()[2]
     data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
-    if len(data) < 2:
-        data = np.concatenate([data, np.zeros(2, np.uint8)])
+    if len(data) < 8:
+        data = np.concatenate([data, np.zeros(8, np.uint8)])
+    # unaligned little-endian uint32 at every byte offset (a strided view, no copy)
+    last4 = np.ndarray(shape=(len(data) - 3,), dtype="<u4", buffer=data, strides=(1,))
     end = off[1:]
     ln = end - off[:-1]  # [n] int32
-    key = ln.astype(np.uint32)
-    key <<= np.uint32(16)
-    key |= np.left_shift(data[end - 2], 8, dtype=np.uint32)  # end - 2 >= -2: always a valid index
-    key |= data[end - 1]
-    short = np.nonzero(ln < 2)[0]  # bytes before the string's start must not count
+    key = last4[end - 4]  # end - 4 >= -4: always a valid index; [n] uint32
+    key += ln.view(np.uint32)
+    short = np.nonzero(ln < 4)[0]  # bytes before the string's start must not count: pack its own bytes
     if short.size:
-        key[short] = np.where(ln[short] == 1, (1 << 16) | data[end[short] - 1].astype(np.uint32), 0)
+        ks = ln[short].astype(np.uint32)
+        for j in range(3):
+            has = ln[short] > j
+            ks += np.where(has, data[np.where(has, end[short] - 1 - j, 0)].astype(np.uint32) << np.uint32(8 + 8 * j), 0)
+        key[short] = ks
     key *= np.uint32(0x9E3779B1)
-    key >>= np.uint32(26)
-    return key
+    key >>= np.uint32(24)
+    return key.astype(np.uint8)
 
 
-def _row_bits(fp: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """OR of ``1 << fp`` over each row's values (flat, row-major), uint64 ``[nq]``."""
-    out = np.zeros(len(lens), np.uint64)
-    nz = lens > 0
-    if fp.size:
-        bits = np.left_shift(np.uint64(1), fp.astype(np.uint64))
-        starts = np.cumsum(lens) - lens
-        out[nz] = np.bitwise_or.reduceat(bits, starts[nz])
-    return out
+def _row_fingerprints(fp: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Flat fingerprints + lengths -> ``[nq, max(lens)]``; short rows padded with their first value (or 0)."""
+    nq = len(lens)
+    width = max(1, int(lens.max(initial=0)))
+    starts = np.cumsum(lens) - lens
+    col = np.minimum(np.arange(width)[None, :], np.maximum(lens, 1)[:, None] - 1)  # [nq, width]
+    at = np.where(lens[:, None] > 0, starts[:, None] + col, 0)
+    return np.where(lens[:, None] > 0, fp[at], 0).astype(np.uint8) if fp.size else np.zeros((nq, width), np.uint8)
 
 
 def _padded_codes(codes: np.ndarray, lens: np.ndarray, fill: int) -> np.ndarray:
@@ -140,17 +144,19 @@ def _listed_hits(cand: pa.Array, fp: np.ndarray, starts: np.ndarray, in_row: np.
     """For each listed-id column (flat strings + lengths per query): the candidates (row, column) that equal
     an id listed for *their own* query. ``fp [nq, K]``: candidates' fingerprints (``in_row``: which are
     real, None = all). Exact: fingerprints pre-filter, values decide."""
-    nq = len(starts)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     hits = [empty for _ in listed]
     live = [(i, flat, lens) for i, (flat, lens) in enumerate(listed) if len(flat)]
     if not live or not len(cand):
         return hits
-    bits = np.zeros(nq, np.uint64)
+    # a candidate may equal a listed id only if its fingerprint equals one of its row's listed fingerprints
+    maybe = None
     for _, flat, lens in live:
-        bits |= _row_bits(_fingerprint(flat), lens)
-    test = np.right_shift(bits[:, None], fp, dtype=np.uint64) & np.uint64(1)  # [nq, K]
-    r, c = np.nonzero(test if in_row is None else test.astype(bool) & in_row)
+        lfp = _row_fingerprints(_fingerprint(flat), lens)  # [nq, P]
+        for j in range(lfp.shape[1]):
+            eq = fp == lfp[:, j: j + 1]  # [nq, K]
+            maybe = eq if maybe is None else np.bitwise_or(maybe, eq, out=maybe)
+    r, c = np.nonzero(maybe if in_row is None else maybe & in_row)
     if not r.size:
         return hits
     values = pc.unique(pa.concat_arrays([flat for _, flat, _ in live]))
@@ -172,7 +178,7 @@ def _first_true(mask: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
     idx = np.full((nq, width), -1, np.int64)
     if width <= 0 or not nq or not k:
         return idx
-    p = min(k, 2 * width + 8)
+    p = min(k, width + 8)
     start = np.minimum(np.argmax(mask, axis=1), k - p)  # [nq] first True (window kept inside the row)
     cols = start[:, None] + np.arange(p)[None, :]  # [nq, p]
     sub = np.take_along_axis(mask, cols, axis=1)
@@ -230,7 +236,7 @@ class _Mined:
         if cfg.exclude_identical_text:
             listed.append((_flat_strings(cols[C.EXCLUDED_IDS]), _lengths(cols[C.EXCLUDED_IDS])))
         any_listed = any(len(f) for f, _ in listed)
-        fp_flat = _fingerprint(self.cand) if any_listed else np.zeros(len(self.cand), np.uint32)
+        fp_flat = _fingerprint(self.cand) if any_listed else np.zeros(len(self.cand), np.uint8)
         if nq and (cl == k).all():  # every row has K candidates: reshape, no copy
             in_row = None
             scores = sc_flat.reshape(nq, k)
@@ -241,7 +247,7 @@ class _Mined:
             at = np.where(in_row, self.starts[:, None] + np.arange(k)[None, :], 0)
             scores = np.where(in_row, sc_flat[at], np.float32(-np.inf)) if sc_flat.size else \
                 np.full((nq, k), -np.inf, np.float32)
-            fp = fp_flat[at] if fp_flat.size else np.zeros((nq, k), np.uint32)
+            fp = fp_flat[at] if fp_flat.size else np.zeros((nq, k), np.uint8)
             valid = in_row & usable[:, None]
         self.scores = scores.astype(np.float32, copy=False)
         # positives and excluded ids, by exact value within the query
@@ -299,9 +305,12 @@ class _Mined:
         self.hist["kept"] = (ks[kf], np.bincount(cr[kf], minlength=nq))
         dvals, dlens = np.zeros(0, np.float32), np.zeros(nq, np.int64)
         if dm.any():
-            md = k1 & ~k2
-            md &= ~np.isnan(self.scores)
-            di = _first_true(md, md.view(np.uint8).sum(axis=1, dtype=np.int64), _DROPPED_SAMPLE_PER_QUERY)
+            if cfg.method in ("naive", "shifted"):
+                md = k1 & ~k2
+                md &= ~np.isnan(self.scores)
+            else:  # dropped by the ceiling with a score (NaN scores are dropped but not sampled)
+                md = k1 & (self.scores >= F.ceiling_from_anchor(cfg, self.anchor)[:, None])
+            di = _first_true(md, dm, _DROPPED_SAMPLE_PER_QUERY)  # dm >= the row's count: enough to scan
             dr, dc = np.nonzero(di >= 0)  # [nq, 16] first method-dropped per row
             v = self.scores[dr, di[dr, dc]]
             f = np.isfinite(v)
@@ -394,11 +403,11 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
         grp_present[np.arange(len(src)), row_t] = True
         any_usable = usable[src, row_t]
     nrow = len(src)
-    reason = np.full(nrow, None, dtype=object)
-    reason[cnt == 0] = "no_negatives"
-    reason[~any_usable] = "no_positive_score"
-    reason[unknown[src]] = "unknown_query"
-    mined = np.array([x is None for x in reason], dtype=bool) if nrow else np.zeros(0, bool)
+    reason = np.full(nrow, -1, np.int64)  # index into _REASONS; -1 = mined
+    reason[cnt == 0] = 2
+    reason[~any_usable] = 1
+    reason[unknown[src]] = 0
+    mined = reason < 0
     cnt = np.where(mined, cnt, 0)
 
     # negatives: flat indices into the teachers' concatenated candidate ids
@@ -455,7 +464,7 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
         C.TEACHER: tlabel,
         C.METHOD: pa.repeat(pa.scalar(label, pa.string()), nrow),
         C.NUM_SHORT: pa.array(n - cnt, pa.int32(), mask=~mined),
-        _REASON: pa.array(reason, pa.string()),
+        _REASON: _REASONS.take(pa.array(reason, pa.int64(), mask=mined)),
         "_known_fn": pa.array(known, pa.int64()),
         "_delivered": pa.array(cnt, pa.int64()),
     }
