@@ -312,7 +312,8 @@ class Shard:
         parts_s, parts_i = [], []
         above = np.zeros(q.shape[0], np.int64)
         for j in range(len(self.pieces)):  # codes-only: stream the shard's rows from Parquet
-            s, i, a = torch_search(self._read_piece(j, with_ids=False)[1], q, kk, ceilings, return_above=True)
+            emb = np.array(self._read_piece(j, with_ids=False)[1])  # writable copy for torch  [rows, d]
+            s, i, a = torch_search(emb, q, kk, ceilings, return_above=True)
             parts_s.append(s)
             parts_i.append(np.where(i >= 0, i + self._starts[j], MISSING_ID))
             above += a
