@@ -109,15 +109,20 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError / RayActorError
         if isinstance(cause, BaseException):
             todo.append(cause)
-        failures = getattr(e, "worker_failures", None)  # ray.train.TrainingFailedError (Train V2)
+        failures = getattr(e, "worker_failures", None)  # ray.train WorkerGroupError (Train V2): rank -> error
         if isinstance(failures, dict):
             todo.extend(v for v in failures.values() if isinstance(v, BaseException))
+        # Train V2 wraps a worker's exception in UserExceptionWithTraceback (private ``_base_exc``); a
+        # controller failure is ``controller_failure``
+        for attr in ("_base_exc", "controller_failure"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                todo.append(inner)
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
 
 
 def _is_user_error(e: BaseException) -> bool:
-    return isinstance(e, UserError) or any(f"{c.__module__}.{c.__qualname__}" in USER_ERROR_TYPES
-                                           for c in type(e).__mro__)
+    return _is_user_error_type(type(e))
 
 
 def _hint(e: BaseException) -> str:
@@ -138,7 +143,40 @@ def find_user_error(exc: BaseException) -> BaseException | None:
     for e in _causes(exc):  # a Ray wrapper that is also an instance of the cause (as_instanceof_cause)
         if _is_user_error(e):
             return e
+    for e in _causes(exc):  # Ray Data re-raises a UDF's error as UserCodeException: only its text survives
+        found = _user_error_in_text(str(e))
+        if found is not None:
+            return found
     return None
+
+
+class RemoteUserError(UserError):
+    """A user error known only from a remote traceback's text (its type named in ``remote_type``)."""
+
+
+_EXC_LINE = re.compile(r"^(raymine\.[\w.]+): (.+)$", re.M)
+
+
+def _user_error_in_text(text: str) -> UserError | None:
+    """The last ``raymine.<module>.<UserErrorType>: message`` line of a remote traceback, as a UserError."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    for qualname, message in reversed(_EXC_LINE.findall(text)):
+        if qualname in USER_ERROR_TYPES or _names_user_error(qualname):
+            err = RemoteUserError(message.strip(), hint=USER_ERROR_TYPES.get(qualname, ""))
+            err.remote_type = qualname  # type: ignore[attr-defined]
+            return err
+    return None
+
+
+def _names_user_error(qualname: str) -> bool:
+    module, _, name = qualname.rpartition(".")
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod else None
+    return isinstance(cls, type) and issubclass(cls, BaseException) and _is_user_error_type(cls)
+
+
+def _is_user_error_type(cls: type) -> bool:
+    return issubclass(cls, UserError) or any(f"{c.__module__}.{c.__qualname__}" in USER_ERROR_TYPES for c in cls.__mro__)
 
 
 def _is_ray_wrapper(e: BaseException) -> bool:

@@ -23,6 +23,10 @@ class UserError(Exception):
         if hint:
             self.hint = hint
 
+    def __str__(self) -> str:  # the hint travels inside the text too (Ray Data passes on only the text)
+        text = super().__str__()
+        return f"{text} — {self.hint}" if self.hint and self.hint not in text else text
+
 
 class MissingDependencyError(UserError, ImportError):
     """An optional dependency (an extra such as ``raymine[cpu]``) is not installed."""

@@ -231,3 +231,34 @@ def test_local_ray_starts_without_the_auth_notice_and_keeps_auth(tmp_path):
     assert "task 1" in p.stdout
     assert "Token authentication" not in p.stderr + p.stdout, p.stderr
     assert (tmp_path / ".ray" / "auth_token").is_file()
+
+
+def test_user_error_inside_ray_data_map_batches_exits_2(ray_local, capsys):
+    import ray
+
+    def udf(batch):
+        from raymine.errors import UserError
+
+        raise UserError("embed: text of doc 'd7' is empty", hint="set ingest.on_empty_text=skip")
+
+    ds = ray.data.range(8).map_batches(udf, batch_size=4)
+    assert cli.guard(lambda: ds.materialize()) == 2
+    line = _stderr_lines(capsys)[-1]
+    assert line == "error: embed: text of doc 'd7' is empty — set ingest.on_empty_text=skip", line
+
+
+def test_user_error_inside_a_ray_train_worker_is_unwrapped(capsys):
+    """Ray Train V2's real wrappers (WorkerGroupError → UserExceptionWithTraceback → the worker's error)."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from raymine.config import ConfigError
+
+    inner = ConfigError("train.model: /models/mistral does not exist on node 10.0.0.3")
+    err = WorkerGroupError("Training failed due to worker errors", {1: UserExceptionWithTraceback(inner, "tb")})
+
+    def fail():
+        raise err
+
+    assert cli.guard(fail) == 2
+    assert _one_line(capsys).startswith("error: train.model: /models/mistral does not exist on node 10.0.0.3")
