@@ -7,7 +7,14 @@ import itertools
 import numpy as np
 import pytest
 
-from raymine.topk import brute_force_topk, masked_topk, merge_topk, merge_topk_positions, torch_search
+from raymine.topk import (
+    brute_force_topk,
+    masked_topk,
+    merge_topk,
+    merge_topk_by_id,
+    merge_topk_positions,
+    torch_search,
+)
 
 
 def stable_reference(scores: np.ndarray, k: int, ceilings: np.ndarray | None = None):
@@ -187,3 +194,37 @@ def test_torch_search_cuda_equals_cpu():
         ref = brute_force_topk(corpus, queries, k, ceilings)
         np.testing.assert_array_equal(got[1], ref[1])
         np.testing.assert_array_equal(got[0], ref[0])
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_merge_by_id_equals_whole_corpus_order_every_small_split(num_shards):
+    """Shards hold ids in any order; each returns its top-k (score desc, id asc); the merge equals the
+    whole-corpus order with ties broken by the id string, whatever the split."""
+    rng = np.random.default_rng(10 + num_shards)
+    checked = 0
+    for sizes in itertools.product(range(0, 4), repeat=num_shards):
+        nd = sum(sizes)
+        scores = tie_heavy(rng, 3, nd)
+        ids = np.array([f"d{x}" for x in rng.permutation(nd) * 7], object)  # string order != row order
+        for k in range(0, nd + 2):
+            parts_s, parts_i, lo = [], [], 0
+            for n in sizes:
+                s_sh, i_sh = scores[:, lo : lo + n], ids[lo : lo + n]
+                top_s = np.full((3, min(k, n)), -np.inf, np.float32)
+                top_i = np.full((3, min(k, n)), "", object)
+                for q in range(3):
+                    order = sorted(range(n), key=lambda r, q=q, s_sh=s_sh, i_sh=i_sh: (-s_sh[q, r], i_sh[r]))[:k]
+                    top_s[q, : len(order)], top_i[q, : len(order)] = s_sh[q, order], i_sh[order]
+                parts_s.append(top_s)
+                parts_i.append(top_i)
+                lo += n
+            got_s, got_i = merge_topk_by_id(parts_s, parts_i, k)
+            for q in range(3):
+                want = sorted(range(nd), key=lambda r, q=q: (-scores[q, r], ids[r]))[:k]
+                assert got_i[q].tolist() == [ids[r] for r in want] + [""] * (k - len(want))
+                np.testing.assert_array_equal(got_s[q, : len(want)], scores[q, want])
+                assert np.isneginf(got_s[q, len(want):]).all()
+            checked += 1
+    assert checked > 10
+    with pytest.raises(ValueError):
+        merge_topk_by_id([np.zeros((2, 1), np.float32)], [np.zeros((3, 1), object)], 1)
