@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_BEIR, build_tiny_decoder, build_tiny_sp_mistral
 
-from raymine.config import load_config
+from raymine.config import load_config, to_dict
 from raymine.pipeline import STAGES, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,27 @@ def _tiny(teacher: str, student: str, output: Path) -> list[str]:
         "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1",
         "train.query_max_length=32", "train.passage_max_length=48", "evaluate.batch_size=8",
     ]
+
+
+def test_recipe_files_describe_the_paper_recipe():
+    """The shipped values (fast; the slow test below runs them): stage 2 continues from stage 1's model
+    folder and mines as many negatives as it trains on."""
+    s1, s2 = load_config(STAGE1), load_config(STAGE2)
+    for cfg in (s1, s2):
+        t = cfg.teacher(cfg.teachers[0])
+        assert cfg.teachers == ("e5_mistral",) and t.model == "intfloat/e5-mistral-7b-instruct"
+        assert (t.kind, t.pooling, t.append_eos, t.passage_prompt) == ("dense", "last_token", "always", "")
+        assert t.query_prompt.startswith("Instruct: ") and t.query_prompt.endswith("\nQuery: ")
+        m = cfg.mine
+        assert (m.method, m.perc, m.pos_reduce, m.sampling, m.sample_top_k, m.sample_weighting) == (
+            "percpos", 0.95, "min", "top1_sampled", 10, "uniform")
+        assert cfg.search.index_factory == "Flat" and cfg.train.bidirectional and cfg.train.pooling == "mean"
+        assert m.num_negatives >= cfg.train.num_hard_negatives
+    assert (s1.train.model, s1.train.num_hard_negatives, s1.mine.num_negatives) == ("mistralai/Mistral-7B-v0.1", 1, 4)
+    assert s2.train.model == f"{s1.output}/model" and s2.output != s1.output
+    assert s2.train.num_hard_negatives == 5 and s2.mine.num_negatives >= 5
+    same = {k: v for k, v in to_dict(s1.train).items() if k not in ("model", "num_hard_negatives")}
+    assert same == {k: v for k, v in to_dict(s2.train).items() if k not in ("model", "num_hard_negatives")}
 
 
 @pytest.mark.slow
