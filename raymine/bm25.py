@@ -9,8 +9,8 @@ BM25 scores are never negative, a zero means no term overlap, and bm25s orders t
 Ties are broken by doc id (smaller id string first), so no result depends on row order or sharding.
 
 Sharded BM25 (scores equal to one bm25s index over the whole corpus, bit for bit):
-1. one distributed pass: every shard's rows are tokenised with bm25s's tokenizer and counted
-   (:func:`count_terms`: document frequency per term, total length, number of docs);
+1. one distributed pass: one Ray task per shard reads its rows, tokenises them with bm25s's tokenizer
+   and counts (:func:`count_terms`: document frequency per term, total length, number of docs);
 2. the driver sums those vocabulary-sized counts (:func:`sum_counts` → :class:`CorpusStats`);
 3. every shard actor builds its term-doc score matrix from the GLOBAL statistics
    (:func:`build_shard_matrix`, the same float32/float64 arithmetic as bm25s), and scores a query
@@ -480,7 +480,13 @@ class ShardedBM25:
 
     Same client interface as :class:`raymine.index.ShardedIndex` (``search_batch``, ``lookup_scores``,
     ``num_docs``, ``exact``, ``close``, context manager); the payload is query texts. Use
-    :meth:`from_parquet`. The driver holds the vocabulary-sized statistics only while building."""
+    :meth:`from_parquet`. The driver holds the vocabulary-sized statistics only while building; they
+    stay in the object store as the actors' constructor argument, so a shard that dies restarts and
+    rebuilds the same rows with the same statistics (the price: each shard tokenises its rows twice,
+    once to count and once to build). Memory per shard: the term-doc score matrix (12 bytes per
+    distinct (doc, term) pair, as bm25s), the sorted doc ids, and for BM25L/BM25+ a vocabulary-sized
+    table of non-occurrence scores. The client pickles as actor handles + metadata (Ray tasks can
+    share it) and every call is stateless."""
 
     exact = True
 

@@ -303,6 +303,15 @@ def test_sharded_bm25_equals_single_index(ray_local, shuffled_corpus, shards, pa
         assert got[1].shape == (0,) and all(g[0] == full[q, q] for q, g in enumerate(got) if q >= 2)
         with pytest.raises(ValueError, match="ceilings"):
             index.search_batch(queries[:2], 3, np.array([1.0]))
+        # the client pickles into Ray tasks (actor handles + metadata) and answers the same there
+        import ray
+
+        task = ray.remote(lambda ix, t, c: ix.search_batch(t, 30, c)).options(num_cpus=0.25)
+        in_task = ray.get(task.remote(index, queries, ceil))
+        direct = index.search_batch(queries, 30, ceil)
+        np.testing.assert_array_equal(in_task[0], direct[0])
+        np.testing.assert_array_equal(in_task[1], direct[1])
+        np.testing.assert_array_equal(in_task[2], direct[2])
 
 
 def test_sharded_bm25_bad_input(ray_local, tmp_path):
