@@ -413,21 +413,22 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
     mined = reason < 0
     cnt = np.where(mined, cnt, 0)
 
-    # negatives: flat indices into the teachers' concatenated candidate ids
-    base = np.cumsum([0] + [len(r.cand) for r in res])[:-1]
+    # negatives: taken from each teacher's flat candidate ids, then put in output order
     take = (np.arange(n)[None, :] < cnt[:, None]) & (pt >= 0)  # [rows, n]
     rr, jj = np.nonzero(take)
     tt = pt[rr, jj]
     cc = pc_[rr, jj]
-    flat_ix = np.zeros(len(rr), np.int64)
     neg_sc = np.zeros(len(rr), np.float32)
+    parts, where = [], []
     for ti, r in enumerate(res):
-        m = tt == ti
+        m = np.nonzero(tt == ti)[0]
         q = src[rr[m]]
-        flat_ix[m] = base[ti] + r.starts[q] + cc[m]
+        parts.append(r.cand.take(pa.array(r.starts[q] + cc[m], pa.int64())))
+        where.append(m)
         neg_sc[m] = r.scores[q, cc[m]]
-    all_cand = pa.concat_arrays([r.cand for r in res]) if res else pa.array([], pa.string())
-    neg_vals = all_cand.take(pa.array(flat_ix, pa.int64()))
+    inv = np.empty(len(rr), np.int64)
+    inv[np.concatenate(where) if where else np.zeros(0, np.int64)] = np.arange(len(rr))
+    neg_vals = (pa.concat_arrays(parts) if parts else pa.array([], pa.string())).take(pa.array(inv, pa.int64()))
     used = np.zeros((nrow, nt), bool)
     used[rr, tt] = True
     first = np.where(used.any(axis=1), np.argmax(used, axis=1), -1)
