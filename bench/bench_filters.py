@@ -2,7 +2,8 @@
 
 Measures the vectorised path the mining stage runs per batch (drop positives, drop excluded, the
 method's filter, sampling) for every method and sampling mode, side by side with a plain per-query
-Python loop of the same rules. Goal (issue 5): >= 1M queries/s per core at k=100.
+Python loop of the same rules. This times the array kernels only (integer ids, no Arrow): the mine
+stage's real per-batch cost, Arrow in -> Arrow out with string ids, is timed by ``bench/bench_mine.py``.
 
     .venv/bin/python bench/bench_filters.py                 # 200k queries, batches of 4096, k=100
     .venv/bin/python bench/bench_filters.py --queries 1000000 --k 100 --batch 8192
