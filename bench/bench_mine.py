@@ -36,11 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "1fa81e3"  # last commit with the per-row mine_batch
 
 
-def make_table(rng: np.random.Generator, nq: int, k: int, teachers: list[str], corpus: int = 5_000_000) -> pa.Table:
+def make_table(rng: np.random.Generator, nq: int, k: int, teachers: list[str], corpus: int = 5_000_000,
+               in_search: bool = False) -> pa.Table:
     """A joined batch like the stage builds: k string candidate ids per query and teacher (scores descending,
     uniform in [-0.2, 0.95)), 1..5 positives (each among the first 20 candidates with probability 1/2), one
     excluded id (the 26th candidate) for a third of the queries; the second teacher shares ~half of the
-    first's candidates in another order. Positive scores in [0.5, 0.95) (PercPos drops part of each list)."""
+    first's candidates in another order. Positive scores in [0.5, 0.95) (PercPos drops part of each list).
+
+    ``in_search``: what an exact search that applied the ceiling itself returns — candidates below every
+    ceiling (scores in [-0.2, 0.8), positives in [0.9, 0.95)) and no positive among them."""
     qids = [f"q{i}" for i in range(nq)]
     cols: dict[str, pa.Array] = {C.QUERY_ID: pa.array(qids), C.QUERY: pa.array([f"text {q}" for q in qids])}
     base = rng.integers(0, corpus, size=(nq, k))
@@ -49,16 +53,17 @@ def make_table(rng: np.random.Generator, nq: int, k: int, teachers: list[str], c
         if ti:
             ids[:, 1::2] = rng.integers(0, corpus, size=(nq, len(range(1, k, 2))))
             ids = ids[:, rng.permutation(k)]
-        scores = -np.sort(-rng.uniform(-0.2, 0.95, size=(nq, k)).astype(np.float32), axis=1)  # [nq, k]
+        top = 0.8 if in_search else 0.95
+        scores = -np.sort(-rng.uniform(-0.2, top, size=(nq, k)).astype(np.float32), axis=1)  # [nq, k]
         npos = rng.integers(1, 6, size=nq)
         pos, pos_sc, exc = [], [], []
         for i in range(nq):
             p = [f"d{x}" for x in rng.integers(0, corpus, size=npos[i])]
             for j in range(npos[i]):
-                if rng.random() < 0.5:
+                if not in_search and rng.random() < 0.5:
                     p[j] = f"d{ids[i, rng.integers(0, 20)]}"
             pos.append(p)
-            pos_sc.append(rng.uniform(0.5, 0.95, size=npos[i]).astype(np.float32))
+            pos_sc.append(rng.uniform(0.9 if in_search else 0.5, 0.95, size=npos[i]).astype(np.float32))
             exc.append([f"d{ids[i, 25]}"] if i % 3 == 0 else [])
         flat = pa.array([f"d{x}" for x in ids.ravel()])
         off = pa.array(np.arange(0, nq * k + 1, k, dtype=np.int32))
@@ -111,16 +116,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=MineConfig().batch_size, help="rows per mine_batch call")
     ap.add_argument("--before", default=BEFORE, help="git revision timed side by side ('' to skip)")
     ap.add_argument("--before-queries", type=int, default=3000, help="queries timed on the before version")
+    ap.add_argument("--in-search-ceiling", action="store_true",
+                    help="candidates as an exact search with the ceiling applied returns them (no method drops)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    whole = make_table(rng, args.queries, args.k, ["A", "B"])
+    whole = make_table(rng, args.queries, args.k, ["A", "B"], in_search=args.in_search_ceiling)
     tables = [whole.slice(s, args.batch) for s in range(0, args.queries, args.batch)]
     few = [whole.slice(s, args.batch) for s in range(0, min(args.queries, args.before_queries), args.batch)]
     before = load_before(args.before) if args.before else None
     base = dataclasses.replace(MineConfig(), method="percpos", perc=0.95, num_negatives=4, sampling="top1_sampled",
                                sample_top_k=10)
     print(f"queries={args.queries} k={args.k} batch={args.batch} string ids, percpos 0.95, top1_sampled(k=10), "
-          f"4 negatives; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+          f"4 negatives, {'in-search ceiling' if args.in_search_ceiling else 'ceiling applied here'}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print("q/s (cpu) = queries per second of this process's CPU time (one core); wall = elapsed")
     print(f"{'teachers':<9}{'ensemble':<24}{'now q/s cpu':>13}{'now q/s wall':>14}"
           f"{'before cpu':>12}{'before wall':>13}{'speed-up':>10}")
