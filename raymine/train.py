@@ -13,75 +13,112 @@ Ray is imported inside functions only: the model and loss it uses run without Ra
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import tempfile
 import time
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
+import pyarrow as pa
 import torch
 
 from raymine import columns as C
-from raymine.config import TrainConfig
-from raymine.loss import info_nce, text_keys
-from raymine.model import BiEncoder, pad_and_concat, resolve_dtype
+from raymine import storage
+from raymine.config import MineConfig, TrainConfig
+from raymine.loss import id_keys, info_nce, text_keys
+from raymine.model import BiEncoder, pad_and_concat
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+LOSS_PLOT = "loss_curve.png"
+MASK_STATS = ("masked_same_query", "masked_positive_aware", "masked_duplicate_text", "candidates")
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warm-up to the base lr over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """``transformers.get_scheduler(cfg.lr_scheduler)`` with ``cfg.warmup_steps`` warm-up over ``total_steps``."""
+    from transformers import get_scheduler
 
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        return max(0.0, (total_steps - step) / span)
-
-    return f
+    try:
+        return get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    except ValueError as e:
+        raise ValueError(f"train.lr_scheduler: {e}") from e
 
 
-def negative_columns(names: list[str], num_hard_negatives: int) -> list[str]:
-    """The first ``num_hard_negatives`` negative columns; a clear error if the table has fewer."""
-    wanted = [C.negative_column(i) for i in range(1, num_hard_negatives + 1)]
-    missing = [c for c in [C.ANCHOR, C.POSITIVE, *wanted] if c not in names]
-    if missing:
-        have = sum(1 for n in names if n.startswith(C.NEGATIVE_PREFIX))
-        raise ValueError(
-            f"training table lacks columns {missing} (num_hard_negatives={num_hard_negatives}, "
-            f"table has {have} negative columns; columns: {names})"
-        )
-    return wanted
+def positive_aware_rule(cfg: TrainConfig, mine_cfg: MineConfig | None = None) -> tuple[str, float] | None:
+    """``cfg.positive_aware`` → the loss's ``("perc", p)`` / ``("margin", m)`` rule, or None when off.
+
+    'mine' follows the mining method: percpos → ("perc", mine.perc), marginpos → ("margin", -mine.margin).
+    """
+    if cfg.positive_aware == "none":
+        return None
+    if cfg.positive_aware == "perc":
+        return ("perc", float(cfg.positive_aware_perc))
+    if cfg.positive_aware == "margin":
+        return ("margin", float(cfg.positive_aware_margin))
+    if cfg.positive_aware == "mine":
+        if mine_cfg is None:
+            raise ValueError("train.positive_aware='mine' needs the mining config (mine_cfg)")
+        if mine_cfg.method == "percpos":
+            return ("perc", float(mine_cfg.perc))
+        if mine_cfg.method == "marginpos":
+            return ("margin", -float(mine_cfg.margin))
+        raise ValueError(f"train.positive_aware='mine': mine.method {mine_cfg.method!r} has no positive-relative rule "
+                         "(percpos or marginpos); set train.positive_aware to 'perc' or 'margin'")
+    raise ValueError(f"train.positive_aware: unknown value {cfg.positive_aware!r}")
+
+
+def _list_column(batch: pa.Table | dict, name: str) -> list[list[str]]:
+    col = batch[name]
+    return col.to_pylist() if hasattr(col, "to_pylist") else [list(x) for x in col]
+
+
+def _column(batch: pa.Table | dict, name: str) -> list:
+    col = batch[name]
+    return col.to_pylist() if hasattr(col, "to_pylist") else list(col)
 
 
 class Collate:
-    """Arrow/numpy batch of rows → token tensors + text keys (runs in the worker's data iterator).
+    """Training rows (``TRAIN_ROW_COLUMNS``, pyarrow table or dict of columns) → token tensors + id/text keys.
 
-    Output: ``q_*`` [B, Tq] and ``p_*`` [B*(1+H), Tp] (positives first, then each row's H negatives,
-    row-major), or, with ``single_forward``, ``x_*`` [B + B*(1+H), T] for one concatenated forward.
-    ``pos_keys`` [B], ``neg_keys`` [B, H]: text keys to mask duplicates of a positive.
+    Output: ``q_*`` [B, Tq] and ``p_*`` [B*(1+H), Tp] (positives first, then each row's first H
+    negatives, row-major), or, with ``single_forward``, ``x_*`` [B + B*(1+H), T] for one concatenated
+    forward. ``pos_keys`` [B] / ``neg_keys`` [B, H]: text keys (identical-text masking);
+    ``pos_ids`` [B] / ``neg_ids`` [B, H]: id keys; ``query_pos_ids`` [B, P]: id keys of every positive
+    of the row's query (padded by repeating the row's own positive).
     """
 
-    def __init__(self, model: BiEncoder, neg_cols: list[str], single_forward: bool) -> None:
+    def __init__(self, model: BiEncoder, num_hard_negatives: int, single_forward: bool) -> None:
         self.model = model
-        self.neg_cols = neg_cols
+        self.h = num_hard_negatives
         self.single_forward = single_forward
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        queries = list(batch[C.ANCHOR])
-        positives = list(batch[C.POSITIVE])
-        b, h = len(queries), len(self.neg_cols)
-        negs = [batch[c][i] for i in range(b) for c in self.neg_cols]  # row-major [B*H]
+    def __call__(self, batch: pa.Table | dict) -> dict[str, torch.Tensor]:
+        queries, positives = _column(batch, C.QUERY), _column(batch, C.POSITIVE)
+        pos_id = _column(batch, C.POSITIVE_ID)
+        neg_ids_all, negs_all = _list_column(batch, C.NEGATIVE_IDS), _list_column(batch, C.NEGATIVES)
+        qpos = _list_column(batch, C.POSITIVE_IDS)
+        b, h = len(queries), self.h
+        short = [i for i, n in enumerate(negs_all) if len(n) < h]
+        if short:
+            raise ValueError(f"row {short[0]} has {len(negs_all[short[0]])} negatives < num_hard_negatives={h}")
+        neg_ids = [i for row in neg_ids_all for i in row[:h]]  # [B*H] row-major
+        negs = [t for row in negs_all for t in row[:h]]
+        width = max([len(x) for x in qpos] + [1])
+        qpos_keys = torch.zeros((b, width), dtype=torch.long)  # [B, P]
+        for i, (ids, own) in enumerate(zip(qpos, pos_id, strict=True)):
+            ids = list(ids) or [own]
+            qpos_keys[i] = id_keys(ids + [own] * (width - len(ids)))
         q = self.model.tokenize(queries, "query")
         p = self.model.tokenize(positives + negs, "passage")
         out: dict[str, torch.Tensor] = {
             "pos_keys": text_keys(positives),  # [B]
             "neg_keys": text_keys(negs).reshape(b, h),  # [B, H]
+            "pos_ids": id_keys(pos_id),  # [B]
+            "neg_ids": id_keys(neg_ids).reshape(b, h),  # [B, H]
+            "query_pos_ids": qpos_keys,  # [B, P]
         }
         if self.single_forward:
             x = pad_and_concat([q, p], self.model.tokenizer.pad_token_id, self.model.left_padded)
@@ -92,8 +129,12 @@ class Collate:
         return out
 
 
-def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, group=None):
-    """Embed a collated batch (one or two forwards) and return (InfoNCE loss, real tokens)."""
+def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, group=None,
+                 rule: tuple[str, float] | None = None, stats: dict[str, float] | None = None):
+    """Embed a collated batch (one or two forwards) and return (InfoNCE loss, real tokens).
+
+    ``rule``: positive-aware in-batch masking (:func:`positive_aware_rule`); ``stats`` collects masked counts.
+    """
     b, h = batch["neg_keys"].shape
     if "x_input_ids" in batch:
         emb = model(batch["x_input_ids"], batch["x_attention_mask"], batch["x_pool_mask"])  # [B + B*(1+H), d]
@@ -109,6 +150,9 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Tr
         pos_keys=batch["pos_keys"] if cfg.mask_duplicate_passages else None,
         neg_keys=batch["neg_keys"] if cfg.mask_duplicate_passages else None,
         group=group,
+        pos_ids=batch["pos_ids"], neg_ids=batch["neg_ids"],
+        query_pos_ids=batch["query_pos_ids"] if cfg.mask_same_query else None,
+        positive_aware=rule, stats=stats,
     )
     return loss, tokens
 
@@ -116,34 +160,6 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Tr
 # ------------------------------------------------------------------------------------------------
 # Parallel wrappers (inside an initialised process group)
 # ------------------------------------------------------------------------------------------------
-def wrap_model(model: BiEncoder, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """DDP (small models) or FSDP2 fully_shard per transformer layer with bf16 compute (large models)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model.to(device)
-    if cfg.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model.to(device)
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    dtype = resolve_dtype(cfg.dtype, device)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    layer_names = set(getattr(model.base_model(), "_no_split_modules", None) or [])
-    n = 0
-    for mod in model.modules():
-        if type(mod).__name__ in layer_names:
-            fully_shard(mod, mesh=mesh, mp_policy=mp)
-            n += 1
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    log.info("FSDP: %d layers of %s sharded over %d ranks, compute %s", n, sorted(layer_names), mesh.size(), dtype)
-    return model
-
-
 def _sync_context(wrapped: torch.nn.Module, sync: bool):
     """No gradient all-reduce on accumulation micro-steps (DDP no_sync / FSDP2 requires_gradient_sync)."""
     if sync:
@@ -173,6 +189,16 @@ def _state_options(cfg: TrainConfig, **kw):
 # ------------------------------------------------------------------------------------------------
 # The per-worker loop
 # ------------------------------------------------------------------------------------------------
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """RNG seed of one (step, rank): dropout masks depend on the step, not on when the process started."""
+    h = hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % (2**63)
+
+
+def _empty_history() -> dict[str, list[float]]:
+    return {"losses": [], "lrs": [], **{k: [] for k in MASK_STATS}}
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -184,9 +210,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         set_optimizer_state_dict,
     )
 
+    from raymine.loading import build_student
+    from raymine.train_data import iter_global_batches
+
     cfg: TrainConfig = config["cfg"]
     total_steps: int = config["total_steps"]
     steps_per_epoch: int = config["steps_per_epoch"]
+    rule = config["rule"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
@@ -194,16 +224,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, ctx.get_local_world_size())))
 
-    model = BiEncoder.from_config(cfg, device, for_fsdp=cfg.strategy == "fsdp" and world > 1)
-    model.train()
-    wrapped = wrap_model(model, cfg, device)
+    model, wrapped = build_student(cfg, device, rank, world)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total_steps))
+    sched = make_scheduler(opt, cfg, total_steps)
     # a separate group for the loss's gathers, so they never interleave with DDP/FSDP's own collectives
     group = dist.new_group(backend="gloo" if device.type == "cpu" else None) if dist.is_initialized() else None
 
-    step = 0
+    step, history = 0, _empty_history()
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -211,21 +239,20 @@ def _train_loop(config: dict[str, Any]) -> None:
         set_model_state_dict(wrapped, state["model"], options=_state_options(cfg, strict=not cfg.lora))
         set_optimizer_state_dict(wrapped, opt, state["optimizer"], options=_state_options(cfg))
         sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
+        step, history = int(state["step"]), state["history"]
         if rank == 0:
             log.info("resumed from checkpoint at step %d", step)
     start_step = step
 
-    neg_cols = config["neg_cols"]
-    collate = Collate(model, neg_cols, single_forward=cfg.strategy == "ddp")
-    shard = ray.train.get_dataset_shard("train")
-    losses: list[float] = []
+    collate = Collate(model, cfg.num_hard_negatives, single_forward=cfg.strategy == "ddp")
+    global_batch = cfg.batch_size * world
     tokens_seen, t_start = 0, time.perf_counter()
     t_log, tok_log = t_start, 0
 
     def report(with_checkpoint: bool, extra: dict[str, Any] | None = None) -> None:
-        metrics = {"step": step, "start_step": start_step, "loss": losses[-1] if losses else float("nan"),
-                   "losses": list(losses), "lr": sched.get_last_lr()[0], **(extra or {})}
+        metrics = {"step": step, "start_step": start_step,
+                   "loss": history["losses"][-1] if history["losses"] else float("nan"),
+                   **{k: list(v) for k, v in history.items()}, **(extra or {})}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -236,154 +263,179 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             return
-        state.update(scheduler=sched.state_dict(), step=step)
+        state.update(scheduler=sched.state_dict(), step=step, history=history)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, os.path.join(d, STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        skip = (step % steps_per_epoch) * cfg.grad_accum  # micro-batches already trained on in this epoch
-        it = iter(shard.iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
-            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch,
-        ))
-        for _ in range(skip):
-            next(it, None)
-        exhausted = False
-        while step < total_steps and not exhausted:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        # every worker streams the same epoch order and takes its slice of each global micro-batch;
+        # micro-batches already trained on in this epoch (resume) are skipped undecoded
+        it = iter_global_batches(config["epoch_uris"][epoch], global_batch, skip_batches=in_epoch * cfg.grad_accum)
+        for _ in range(steps_per_epoch - in_epoch):
+            if step >= total_steps:
+                break
+            torch.manual_seed(_step_seed(cfg.seed, step, rank))
             opt.zero_grad(set_to_none=True)
-            step_loss, step_tokens = 0.0, 0
+            lr = sched.get_last_lr()[0]
+            step_loss, step_tokens, stats = 0.0, 0, {}
             for micro in range(cfg.grad_accum):
-                batch = next(it, None)
-                # every rank must run the same number of micro-steps (collectives): stop together
-                have = torch.tensor([0 if batch is None else 1], device=device)
-                if group is not None:
-                    dist.all_reduce(have, op=dist.ReduceOp.MIN, group=group)
-                if int(have.item()) == 0:
-                    exhausted = True
-                    break
-                batch = {k: v.to(device) for k, v in batch.items()}
+                part = next(it).slice(rank * cfg.batch_size, cfg.batch_size)  # this rank's B rows
+                batch = {k: v.to(device) for k, v in collate(part).items()}
                 with _sync_context(wrapped, micro == cfg.grad_accum - 1):
-                    loss, ntok = compute_loss(wrapped, batch, cfg, group)
+                    loss, ntok = compute_loss(wrapped, batch, cfg, group, rule, stats)
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 step_tokens += ntok
-            if exhausted:
-                break  # a partial accumulation is dropped (its gradients are zeroed next step)
             opt.step()
             sched.step()
             step += 1
-            mean_loss = torch.tensor([step_loss], dtype=torch.float64, device=device)
+            agg = torch.tensor([step_loss, *[stats.get(k, 0) for k in MASK_STATS]], dtype=torch.float64)
             if group is not None:
-                dist.all_reduce(mean_loss, group=group)
-                mean_loss /= world
-            losses.append(float(mean_loss.item()))
+                dist.all_reduce(agg, group=group)
+            history["losses"].append(float(agg[0]) / world)
+            history["lrs"].append(float(lr))
+            for k, v in zip(MASK_STATS, agg[1:].tolist(), strict=True):
+                history[k].append(int(v))
             tokens_seen += step_tokens
             tok_log += step_tokens
             if rank == 0 and (step % cfg.log_every == 0 or step == total_steps):
                 now = time.perf_counter()
-                log.info("step %d/%d epoch %d loss %.4f lr %.2e %.0f tokens/s (rank 0)",
-                         step, total_steps, epoch, losses[-1], sched.get_last_lr()[0], tok_log / (now - t_log))
+                log.info("step %d/%d epoch %d loss %.4f lr %.2e masked %d same-query %d positive-aware "
+                         "%.0f tokens/s (rank 0)", step, total_steps, epoch, history["losses"][-1], lr,
+                         history["masked_same_query"][-1], history["masked_positive_aware"][-1],
+                         tok_log / (now - t_log))
                 t_log, tok_log = now, 0
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 report(with_checkpoint=True)
-        if exhausted and step == start_step and epoch > 0 and skip == 0:
-            raise RuntimeError("training data yielded no full batch in an epoch")
 
     elapsed = time.perf_counter() - t_start
     tok_s = tokens_seen * world / elapsed if elapsed > 0 else 0.0
-    _save_final(wrapped, model, cfg, config["out_dir"], rank, world)
+    from raymine.loading import save_student
+
+    save_student(wrapped, model, cfg, config["out_dir"], rank, world)
     report(with_checkpoint=step > start_step, extra={"tokens_per_s": tok_s, "train_s": elapsed})
-
-
-def _save_final(wrapped, model: BiEncoder, cfg: TrainConfig, out_dir: str, rank: int, world: int) -> None:
-    """Rank 0 writes the model folder (LoRA merged); FSDP first gathers the full weights (all ranks)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sharded = cfg.strategy == "fsdp" and world > 1
-    full = None
-    if sharded:
-        full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return
-    if sharded:
-        target = BiEncoder.from_config(replace(cfg, gradient_checkpointing=False), "cpu", for_fsdp=True)
-        target.load_state_dict(full)
-    else:
-        target = model
-    local = out_dir if "://" not in out_dir else tempfile.mkdtemp(prefix="raymine_model_")
-    target.to("cpu").save(local)
-    if local != out_dir:
-        import pyarrow.fs as pafs
-
-        from raymine.storage import resolve
-
-        fs, path = resolve(out_dir)
-        pafs.copy_files(local, path, destination_filesystem=fs)
 
 
 # ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
-def train_stage(
-    train_uri: str, cfg: TrainConfig, out_dir: str, run_name: str, storage_path: str | None = None
-) -> dict[str, Any]:
-    """Fine-tune the student on the mined table with Ray Train; returns the model folder and the loss curve.
+def plot_losses(history: dict[str, list[float]], out_uri: str) -> str | None:
+    """Loss (and learning rate, masked in-batch candidates) per step → PNG at ``out_uri``; None if no steps."""
+    if not history.get("losses"):
+        return None
+    import io
 
-    ``storage_path`` (default: ``<out_dir>_ray``) holds Ray Train's checkpoints; re-running with the
-    same ``run_name`` and ``storage_path`` resumes from the latest checkpoint.
-    Returns ``{"model_dir", "steps", "start_step", "final_loss", "losses", "wall_s", "tokens_per_s", ...}``.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(range(1, len(history["losses"]) + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(steps, history["losses"], label="InfoNCE loss (mean over workers)")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].legend(loc="upper right")
+    lr_ax = axes[0].twinx()
+    lr_ax.plot(steps, history["lrs"], color="tab:gray", linestyle="--", linewidth=1)
+    lr_ax.set_ylabel("learning rate", color="tab:gray")
+    for k in ("masked_same_query", "masked_positive_aware", "masked_duplicate_text"):
+        axes[1].plot(steps, history.get(k) or [0] * len(steps), label=k.replace("masked_", ""))
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("masked in-batch (row, passage) pairs")
+    axes[1].legend(loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_bytes(out_uri, buf.getvalue())
+    return out_uri
+
+
+def train_stage(
+    mined_uri: str,
+    corpus_uri: str,
+    cfg: TrainConfig,
+    model_dir: str,
+    run_name: str,
+    storage_path: str | None = None,
+    mine_cfg: MineConfig | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the student on the mined table with Ray Train; returns counts, the loss curve and the model folder.
+
+    ``mined_uri``: the mined table (ids); ``corpus_uri``: the corpus (Parquet file or folder, ``PASSAGE`` or
+    ``TITLE``/``TEXT``). The training rows are built once per (inputs, num_hard_negatives) under
+    ``storage_path/train_rows/<key>`` (Ray Data join, :mod:`raymine.train_data`). ``storage_path``
+    (default ``<model_dir>_ray``) holds Ray Train's checkpoints; it must be reachable from every node.
+    Re-running with the same ``run_name`` resumes from the latest checkpoint; a worker lost mid-run is
+    restarted from it (``cfg.max_failures`` times). ``mine_cfg`` is used by ``positive_aware='mine'``.
+
+    The epoch order is a function of ``cfg.seed`` alone, and dropout is seeded per (step, rank): two runs
+    with the same inputs and config train the same model, interrupted or not.
+    Returns ``{"model_dir", "steps", "start_step", "final_loss", "losses", "lrs", "masked_*", "loss_plot",
+    "rows", ...}``.
     """
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raymine.train_data import build_rows, write_epoch
+
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(train_uri)
-    neg_cols = negative_columns(list(ds.schema().names), cfg.num_hard_negatives)
-    ds = ds.select_columns([C.ANCHOR, C.POSITIVE, *neg_cols])
-    n_rows = ds.count()
-    per_worker = n_rows // cfg.num_workers  # the split gives every worker the same number of rows
-    micro_per_epoch = per_worker // cfg.batch_size
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    rule = positive_aware_rule(cfg, mine_cfg)
+    if mine_cfg is not None and cfg.num_hard_negatives > mine_cfg.num_negatives:
+        raise ValueError(f"train.num_hard_negatives={cfg.num_hard_negatives} > mine.num_negatives="
+                         f"{mine_cfg.num_negatives}: the mined rows cannot hold that many")
+    if storage_path is None:
+        storage_path = model_dir.rstrip("/") + "_ray"
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    if "://" not in model_dir:
+        model_dir = os.path.abspath(model_dir)
+    rows_uri = storage.join(storage_path, "train_rows",
+                            storage.stage_key("train_rows", mined_uri, corpus_uri, cfg.num_hard_negatives))
+    counts = build_rows(mined_uri, corpus_uri, rows_uri, cfg.num_hard_negatives)
+    n_rows = counts["rows"]
+    global_batch = cfg.num_workers * cfg.batch_size
+    steps_per_epoch = n_rows // global_batch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
             f"{n_rows} training rows cannot fill one step: {cfg.num_workers} workers x batch_size "
-            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} = {cfg.num_workers * cfg.batch_size * cfg.grad_accum}"
+            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} = {global_batch * cfg.grad_accum}"
         )
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    dropped = n_rows - steps_per_epoch * cfg.grad_accum * cfg.batch_size * cfg.num_workers
+    dropped = n_rows - steps_per_epoch * cfg.grad_accum * global_batch
     log.info("train: %d rows, %d workers, %d steps/epoch, %d steps total (%d rows per epoch not in a full step)",
              n_rows, cfg.num_workers, steps_per_epoch, total_steps, dropped)
-    if storage_path is None:
-        storage_path = out_dir.rstrip("/") + "_ray"
-    if "://" not in storage_path:
-        storage_path = os.path.abspath(storage_path)
-    if "://" not in out_dir:
-        out_dir = os.path.abspath(out_dir)
+    # each epoch's order (seeded global shuffle) is written once, before the workers start
+    epoch_uris = [write_epoch(rows_uri, cfg.seed, e, f"{rows_uri}_seed{cfg.seed}_epoch{e}")
+                  for e in range(math.ceil(total_steps / steps_per_epoch))]
 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                           "neg_cols": neg_cols, "out_dir": out_dir},
+                           "epoch_uris": epoch_uris, "out_dir": model_dir, "rule": rule},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()
     m = result.metrics or {}
+    history = {k: list(m.get(k, [])) for k in _empty_history()}
+    plot = plot_losses(history, storage.join(model_dir, LOSS_PLOT))
     out = {
-        "model_dir": out_dir,
+        "model_dir": model_dir,
         "steps": int(m.get("step", 0)),
         "start_step": int(m.get("start_step", 0)),
         "final_loss": float(m.get("loss", math.nan)),
-        "losses": list(m.get("losses", [])),
+        **history,
+        "loss_plot": plot,
         "tokens_per_s": float(m.get("tokens_per_s", 0.0)),
-        "rows": n_rows,
+        **counts,
         "rows_not_in_a_step_per_epoch": dropped,
         "steps_per_epoch": steps_per_epoch,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -5,9 +5,14 @@ tiny-Mistral 7B recipe (FSDP, LoRA, bidirectional, checkpointing) for 3 steps.
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +20,6 @@ import torch
 
 from raymine import columns as C
 from raymine.config import TrainConfig, load_config
-from raymine.train import lr_lambda, negative_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,34 +35,74 @@ TOPICS = [
 ]
 
 
-def write_table(path: Path, rows: int, negatives: int = 2) -> str:
-    """A hand-made mined table: query, its positive, hard negatives from other topics (one duplicate positive)."""
-    anchors, positives, negs = [], [], [[] for _ in range(negatives)]
-    for i in range(rows):
+def write_mined(folder: Path, queries: int = 12, negatives: int = 2) -> tuple[str, str]:
+    """A hand-made mined table (ids only) + corpus: every second query has two positives (sibling rows).
+
+    Query i is about topic i % 8; its positives are doc ``p{i}`` (and ``p{i}b``), its negatives the next
+    topics' docs ``n{i}_{k}``. Returns (mined folder, corpus file with TITLE/TEXT).
+    """
+    ids, titles, texts = [], [], []
+    rows = {C.QUERY_ID: [], C.QUERY: [], C.POSITIVE_IDS: [], C.NEGATIVE_IDS: []}
+    for i in range(queries):
         name, text = TOPICS[i % len(TOPICS)]
-        anchors.append(f"what does {name} do? (variant {i})")
-        positives.append(text)
+        pos = [f"p{i}"] + ([f"p{i}b"] if i % 2 == 0 else [])
+        for j, p in enumerate(pos):
+            ids.append(p)
+            titles.append(name)
+            texts.append(text + (f" Study {i}." if j == 0 else f" Another study {i}."))
+        negs = []
         for k in range(negatives):
-            negs[k].append(TOPICS[(i + k + 1) % len(TOPICS)][1] + f" Note {i}.")
-    table = {C.ANCHOR: anchors, C.POSITIVE: positives}
-    table.update({C.negative_column(k + 1): negs[k] for k in range(negatives)})
-    pq.write_table(pa.table(table), path)
-    return str(path)
+            ids.append(f"n{i}_{k}")
+            titles.append("")
+            texts.append(TOPICS[(i + k + 1) % len(TOPICS)][1] + f" Note {i}.")
+            negs.append(f"n{i}_{k}")
+        rows[C.QUERY_ID].append(f"q{i}")
+        rows[C.QUERY].append(f"what does {name} do? (variant {i})")
+        rows[C.POSITIVE_IDS].append(pos)
+        rows[C.NEGATIVE_IDS].append(negs)
+    (folder / "mined").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), folder / "mined" / "part-0.parquet")
+    pq.write_table(pa.table({C.DOC_ID: ids, C.TITLE: titles, C.TEXT: texts}), folder / "corpus.parquet")
+    return str(folder / "mined"), str(folder / "corpus.parquet")
 
 
-def test_lr_schedule():
-    f = lr_lambda(4, 10)
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0 and f(7) == pytest.approx(0.5) and f(10) == 0.0
-    g = lr_lambda(0, 4)
-    assert [g(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+def test_lr_schedule_is_transformers_named_schedule():
+    """linear: s/w during warm-up, then (T - s)/(T - w); cosine: 0.5 (1 + cos(pi progress)) — written out."""
+    import math
+
+    from raymine.train import make_scheduler
+
+    def lrs(name, w, total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched = make_scheduler(opt, TrainConfig(lr_scheduler=name, warmup_steps=w), total)
+        out = []
+        for _ in range(total):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs("linear", 4, 10) == pytest.approx([2 * s / 4 for s in range(4)] + [2 * (10 - s) / 6 for s in range(4, 10)])
+    cos = [2 * s / 2 if s < 2 else 2 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(8)]
+    assert lrs("cosine", 2, 8) == pytest.approx(cos)
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        lrs("no-such-schedule", 1, 4)
 
 
-def test_negative_columns_checked():
-    names = [C.ANCHOR, C.POSITIVE, C.negative_column(1), C.negative_column(2)]
-    assert negative_columns(names, 2) == [C.negative_column(1), C.negative_column(2)]
-    with pytest.raises(ValueError, match="negative_3"):
-        negative_columns(names, 3)
+def test_positive_aware_rule_from_config():
+    from raymine.config import MineConfig
+    from raymine.train import positive_aware_rule
+
+    assert positive_aware_rule(TrainConfig()) is None
+    assert positive_aware_rule(TrainConfig(positive_aware="perc", positive_aware_perc=0.9)) == ("perc", 0.9)
+    assert positive_aware_rule(TrainConfig(positive_aware="margin", positive_aware_margin=0.1)) == ("margin", 0.1)
+    mine = TrainConfig(positive_aware="mine")
+    assert positive_aware_rule(mine, MineConfig(method="percpos", perc=0.95)) == ("perc", 0.95)
+    assert positive_aware_rule(mine, MineConfig(method="marginpos", margin=0.05)) == ("margin", -0.05)
+    with pytest.raises(ValueError, match="percpos or marginpos"):
+        positive_aware_rule(mine, MineConfig(method="naive"))
+    with pytest.raises(ValueError, match="mine_cfg"):
+        positive_aware_rule(mine)
 
 
 def test_shipped_train_configs_load():
@@ -73,50 +117,200 @@ def test_shipped_train_configs_load():
     assert small.strategy == "ddp" and not small.use_gpu
 
 
-def test_collate_layout(minilm_path):
+def test_collate_layout_and_id_keys(minilm_path):
+    from raymine.loss import id_keys
     from raymine.model import BiEncoder
     from raymine.train import Collate
 
     m = BiEncoder.from_config(TrainConfig(model=minilm_path, query_max_length=16, passage_max_length=32))
-    batch = {C.ANCHOR: ["q a", "q b"], C.POSITIVE: ["pa", "pb"], C.negative_column(1): ["n1a", "n1b"],
-             C.negative_column(2): ["n2a", "pa"]}
-    out = Collate(m, [C.negative_column(1), C.negative_column(2)], single_forward=True)(batch)
-    assert out["x_input_ids"].shape[0] == 2 + 2 * 3  # queries, positives, row-major negatives
+    batch = pa.table({C.QUERY_ID: ["qa", "qa", "qb"], C.QUERY: ["q a", "q a", "q b"],
+                      C.POSITIVE_ID: ["d1", "d2", "d3"], C.POSITIVE: ["pa1", "pa2", "pb"],
+                      C.POSITIVE_IDS: [["d1", "d2"], ["d1", "d2"], ["d3"]],
+                      C.NEGATIVE_IDS: [["x", "y", "z"], ["x", "y", "z"], ["u", "v"]],
+                      C.NEGATIVES: [["nx", "ny", "nz"], ["nx", "ny", "nz"], ["nu", "pa1"]]})
+    out = Collate(m, 2, single_forward=True)(batch)
+    assert out["x_input_ids"].shape[0] == 3 + 3 * 3  # queries, positives, row-major negatives (first 2)
     texts = m.tokenizer.batch_decode(out["x_input_ids"], skip_special_tokens=True)
-    assert texts == ["q a", "q b", "pa", "pb", "n1a", "n2a", "n1b", "pa"]
-    assert out["neg_keys"].shape == (2, 2) and out["neg_keys"][1, 1] == out["pos_keys"][0]
-    with pytest.raises(ValueError, match="strings"):
-        Collate(m, [C.negative_column(1)], single_forward=True)({**batch, C.POSITIVE: ["pa", None]})
+    assert texts == ["q a", "q a", "q b", "pa1", "pa2", "pb", "nx", "ny", "nx", "ny", "nu", "pa1"]
+    assert torch.equal(out["pos_ids"], id_keys(["d1", "d2", "d3"]))
+    assert torch.equal(out["neg_ids"], id_keys(["x", "y", "x", "y", "u", "v"]).reshape(3, 2))
+    assert torch.equal(out["query_pos_ids"], torch.stack([id_keys(x) for x in (["d1", "d2"], ["d1", "d2"], ["d3", "d3"])]))
+    assert out["neg_keys"][2, 1] == out["pos_keys"][0]  # identical text → identical text key
+    with pytest.raises(ValueError, match="num_hard_negatives=3"):
+        Collate(m, 3, single_forward=True)(batch)
+
+
+def test_build_rows_joins_texts_and_counts(ray_local, tmp_path):
+    """Rows per (query, positive) with texts from the corpus (TITLE/TEXT file, or a PASSAGE folder);
+    a query with a missing positive text or too few negatives with a text is counted and left out."""
+    from raymine.ingest import passage_text
+    from raymine.train_data import build_rows
+
+    mined, corpus = write_mined(tmp_path, queries=4, negatives=2)
+    extra = pa.table({C.QUERY_ID: ["qx", "qy"], C.QUERY: ["x?", "y?"], C.POSITIVE_IDS: [["nope"], ["p1"]],
+                      C.NEGATIVE_IDS: [["n1_0", "n1_1"], ["n1_0", "gone"]]})
+    pq.write_table(extra, Path(mined) / "part-1.parquet")
+    counts = build_rows(mined, corpus, str(tmp_path / "rows"), min_negatives=2)
+    assert {k: counts[k] for k in ("queries", "rows", "rows_too_few_negatives", "rows_positive_missing",
+                                   "negatives_missing_text")} == {"queries": 6, "rows": 6, "rows_too_few_negatives": 1,
+                                                                  "rows_positive_missing": 1, "negatives_missing_text": 1}
+    got = sorted(pq.read_table(tmp_path / "rows").to_pylist(), key=lambda r: (r[C.QUERY_ID], r[C.POSITIVE_ID]))
+    assert [(r[C.QUERY_ID], r[C.POSITIVE_ID]) for r in got] == [("q0", "p0"), ("q0", "p0b"), ("q1", "p1"), ("q2", "p2"),
+                                                                 ("q2", "p2b"), ("q3", "p3")]
+    corpus_t = pq.read_table(corpus).to_pylist()
+    text = {r[C.DOC_ID]: passage_text(r[C.TITLE], r[C.TEXT]) for r in corpus_t}
+    for r in got:
+        assert r[C.POSITIVE] == text[r[C.POSITIVE_ID]]
+        assert r[C.NEGATIVES] == [text[n] for n in r[C.NEGATIVE_IDS]]
+    assert got[0][C.POSITIVE_IDS] == got[1][C.POSITIVE_IDS] == ["p0", "p0b"]
+    assert got[0][C.NEGATIVE_IDS] == ["n0_0", "n0_1"]
+    # a corpus folder with a PASSAGE column is used as is
+    (tmp_path / "corpus2").mkdir()
+    pq.write_table(pa.table({C.DOC_ID: list(text), C.PASSAGE: [f"P:{v}" for v in text.values()]}),
+                   tmp_path / "corpus2" / "part-0.parquet")
+    build_rows(mined, str(tmp_path / "corpus2"), str(tmp_path / "rows2"), min_negatives=1)
+    got2 = {(r[C.QUERY_ID], r[C.POSITIVE_ID]): r for r in pq.read_table(tmp_path / "rows2").to_pylist()}
+    assert got2[("q1", "p1")][C.POSITIVE] == "P:" + text["p1"]
+    assert got2[("qy", "p1")][C.NEGATIVE_IDS] == ["n1_0"]  # one negative has no text; 1 >= min_negatives
+
+
+def test_epoch_order_is_a_function_of_the_seed(ray_local, tmp_path):
+    """The same rows split into different files give the same written epoch order; another seed or epoch
+    another order; global batches come back exactly sized, with a resume skip."""
+    from raymine.train_data import iter_global_batches, order_keys, write_epoch
+
+    rows = pa.table({C.QUERY_ID: [f"q{i}" for i in range(40)], C.QUERY: ["x"] * 40,
+                     C.POSITIVE_ID: [f"p{i}" for i in range(40)], C.POSITIVE: ["y"] * 40,
+                     C.POSITIVE_IDS: [[f"p{i}"] for i in range(40)], C.NEGATIVE_IDS: [[]] * 40, C.NEGATIVES: [[]] * 40})
+    one, three = tmp_path / "one", tmp_path / "three"
+    one.mkdir()
+    three.mkdir()
+    pq.write_table(rows, one / "a.parquet")
+    rev = rows.take(list(range(39, -1, -1)))
+    for k, (lo, hi) in enumerate([(0, 7), (7, 30), (30, 40)]):
+        pq.write_table(rev.slice(lo, hi - lo), three / f"part-{k}.parquet")
+
+    def order(path, seed, epoch, skip=0):
+        out = write_epoch(str(path), seed, epoch, str(tmp_path / f"{path.name}-{seed}-{epoch}"))
+        batches = list(iter_global_batches(out, 6, skip_batches=skip))
+        assert all(b.num_rows == 6 for b in batches) and len(batches) == 6 - skip  # 40 // 6 = 6, rest dropped
+        return [p for b in batches for p in b.column(C.POSITIVE_ID).to_pylist()]
+
+    a = order(one, 13, 0)
+    assert a == order(three, 13, 0) and len(set(a)) == 36
+    assert order(three, 13, 0, skip=2) == a[12:]  # reuses the written epoch
+    qids, pids = rows.column(C.QUERY_ID).to_pylist(), rows.column(C.POSITIVE_ID).to_pylist()
+    base = order_keys(13, 0, qids, pids)
+    assert not np.array_equal(base, order_keys(14, 0, qids, pids))
+    assert not np.array_equal(base, order_keys(13, 1, qids, pids))
+    assert np.array_equal(base, order_keys(13, 0, qids[::-1], pids[::-1])[::-1])  # per row, not per position
 
 
 # ------------------------------------------------------------------------------------------------
-def test_minilm_killed_and_resumed_then_loads_in_sentence_transformers(ray_local, minilm_path, tmp_path):
-    from raymine.model import BiEncoder
+# Real Ray Train runs: MiniLM DDP on 2 CPU workers
+# ------------------------------------------------------------------------------------------------
+def _minilm_cfg(minilm_path: str, **kw) -> TrainConfig:
+    base = dict(model=minilm_path, num_workers=2, batch_size=2, grad_accum=1, num_hard_negatives=2,
+                query_max_length=24, passage_max_length=32, lr=1e-4, warmup_steps=1, max_steps=6,
+                checkpoint_every=3, log_every=1, temperature=0.05, seed=7, max_failures=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(model_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def minilm_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    mined, corpus = write_mined(root, queries=12, negatives=2)  # 18 rows: 4 steps of 2 workers x 2 per epoch
+    return mined, corpus, str(root / "ray")  # one storage path: the rows are built once
+
+
+@pytest.fixture(scope="module")
+def minilm_run(ray_local, minilm_path, minilm_data, tmp_path_factory):
     from raymine.train import train_stage
 
-    data = write_table(tmp_path / "train.parquet", rows=16)
-    run = f"minilm-{uuid.uuid4().hex[:8]}"
-    cfg = TrainConfig(model=minilm_path, num_workers=2, batch_size=4, grad_accum=2, num_hard_negatives=2,
-                      query_max_length=32, passage_max_length=48, lr=1e-4, warmup_steps=1,
-                      max_steps=1, checkpoint_every=1, log_every=1, temperature=0.05)
-    # 16 rows / 2 workers / (4 x 2 accum) = 1 step per epoch: max_steps spans epochs
-    first = train_stage(data, cfg, str(tmp_path / "m1"), run, storage_path=str(tmp_path / "ray"))
-    assert first["steps"] == 1 and first["start_step"] == 0 and len(first["losses"]) == 1
-    # "killed" after step 1: a re-run with the same name continues from the checkpoint
-    cfg2 = TrainConfig(**{**cfg.__dict__, "max_steps": 3})
-    second = train_stage(data, cfg2, str(tmp_path / "m2"), run, storage_path=str(tmp_path / "ray"))
-    assert second["start_step"] == 1 and second["steps"] == 3 and len(second["losses"]) == 2
-    assert all(x == x and x > 0 for x in second["losses"])
+    mined, corpus, storage_path = minilm_data
+    out = tmp_path_factory.mktemp("minilm_a")
+    return train_stage(mined, corpus, _minilm_cfg(minilm_path), str(out / "model"), f"a-{uuid.uuid4().hex[:8]}",
+                       storage_path=storage_path)
 
+
+def test_minilm_trains_records_and_loads_in_sentence_transformers(minilm_run, minilm_path):
     from sentence_transformers import SentenceTransformer
 
-    out = second["model_dir"]
+    from raymine.model import BiEncoder
+
+    res = minilm_run
+    assert res["rows"] == 18 and res["steps_per_epoch"] == 4 and res["steps"] == 6 and res["start_step"] == 0
+    assert len(res["losses"]) == len(res["lrs"]) == len(res["masked_same_query"]) == 6
+    assert res["lrs"][0] == 0.0 and res["lrs"][1] == pytest.approx(1e-4)  # linear warm-up of 1 step, then decay
+    assert sum(res["masked_same_query"]) > 0  # sibling rows met in a global batch
+    assert Path(res["loss_plot"]).name == "loss_curve.png" and Path(res["loss_plot"]).stat().st_size > 1000
+    out = res["model_dir"]
     ours = BiEncoder.from_config(TrainConfig(model=out))
     base = BiEncoder.from_config(TrainConfig(model=minilm_path))
     texts = ["what does insulin do?", "Telomeres shorten each time a cell divides."]
     theirs = torch.from_numpy(SentenceTransformer(out, device="cpu").encode(texts))
     torch.testing.assert_close(ours.encode(texts), theirs, rtol=1e-4, atol=1e-5)
     assert (ours.encode(texts) - base.encode(texts)).abs().max() > 1e-4  # training changed the model
+
+
+def test_same_seed_same_model(minilm_run, minilm_path, minilm_data, tmp_path):
+    """A second run with the same seed and data: identical losses and bit-identical weights."""
+    from raymine.train import train_stage
+
+    mined, corpus, storage_path = minilm_data
+    res = train_stage(mined, corpus, _minilm_cfg(minilm_path), str(tmp_path / "model"), f"b-{uuid.uuid4().hex[:8]}",
+                      storage_path=storage_path)
+    assert res["losses"] == minilm_run["losses"] and res["masked_same_query"] == minilm_run["masked_same_query"]
+    a, b = _weights(minilm_run["model_dir"]), _weights(res["model_dir"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if "TrainWorker" in (a.class_name or "") and a.pid]
+
+
+def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, minilm_path, minilm_data, tmp_path):
+    """SIGKILL one training worker once the step-3 checkpoint exists (mid-epoch: 4 steps per epoch, 6 in all):
+    FailureConfig restarts the group from the checkpoint by itself; steps, losses and weights equal the
+    uninterrupted run."""
+    from raymine.train import train_stage
+
+    mined, corpus, storage_path = minilm_data
+    run = f"k-{uuid.uuid4().hex[:8]}"
+    state: dict = {"killed": None, "done": False}
+
+    def killer():
+        deadline = time.time() + 400
+        while time.time() < deadline and not state["done"]:
+            if list((Path(storage_path) / run).glob("checkpoint_*")):
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    state["killed"] = pids[-1]
+                    return
+            time.sleep(0.1)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    res = train_stage(mined, corpus, _minilm_cfg(minilm_path), str(tmp_path / "model"), run, storage_path=storage_path)
+    state["done"] = True
+    th.join(timeout=5)
+    assert state["killed"] is not None, "no training worker was killed"
+    assert res["start_step"] == 3, res["start_step"]  # resumed mid-epoch from the checkpoint, not from scratch
+    assert res["steps"] == 6
+    assert res["losses"] == pytest.approx(minilm_run["losses"], rel=1e-5, abs=1e-6)
+    a, b = _weights(minilm_run["model_dir"]), _weights(res["model_dir"])
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
 def test_tiny_mistral_recipe_fsdp_three_steps(ray_local, tiny_mistral_path, tmp_path):
@@ -129,8 +323,8 @@ def test_tiny_mistral_recipe_fsdp_three_steps(ray_local, tiny_mistral_path, tmp_
         "train.query_max_length=32", "train.passage_max_length=48",
     ]).train
     assert cfg.strategy == "fsdp" and cfg.lora and cfg.bidirectional and cfg.gradient_checkpointing
-    data = write_table(tmp_path / "train.parquet", rows=8, negatives=1)  # one step = the whole table
-    res = train_stage(data, cfg, str(tmp_path / "model"), f"mistral-{uuid.uuid4().hex[:8]}",
+    mined, corpus = write_mined(tmp_path, queries=6, negatives=1)  # 9 rows: one step of 2 workers x 4
+    res = train_stage(mined, corpus, cfg, str(tmp_path / "model"), f"mistral-{uuid.uuid4().hex[:8]}",
                       storage_path=str(tmp_path / "ray"))
     losses = res["losses"]
     assert res["steps"] == 3 and len(losses) == 3

@@ -1,0 +1,255 @@
+"""Training rows for the train stage: the mined table (ids) joined to passage texts with Ray Data.
+
+Input: the mined table (``QUERY_ID, QUERY, POSITIVE_IDS, NEGATIVE_IDS``; ids only) and the corpus
+(``DOC_ID`` + ``PASSAGE``, or ``TITLE``/``TEXT`` from which the passage is derived by
+:func:`raymine.ingest.passage_text`), a Parquet file or folder.
+
+Output (``TRAIN_ROW_COLUMNS``): one row per (query, positive): the query text, that positive's id and
+text, *all* positive ids of the query (so training can mask the query's other positives wherever they
+sit in the global batch), and the query's negatives in mined order (ids + texts, variable length).
+Rows whose positive has no text, or with fewer than ``min_negatives`` negatives that have a text, are
+counted and left out.
+
+How: the mined rows explode into one row per (query, positive, slot) — slot 0 the positive, 1..n the
+negatives — which a left outer hash join (``Dataset.join``) matches to the corpus by id; a groupby on
+(query, positive) assembles each row back in slot order. The driver only sums counts.
+
+Order: rows are written in no particular order; :func:`epoch_order` gives each epoch's order as a
+function of (seed, epoch, query id, positive id) alone — a seeded global shuffle that does not
+depend on how a distributed read or a shuffle split the data.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raymine import columns as C
+from raymine import storage
+
+log = logging.getLogger(__name__)
+
+SLOT = "_slot"  # int32: 0 = the positive, k = the k-th negative
+ORDER = "_order"  # int64: this epoch's shuffle key
+STATUS = "_status"  # "ok" | "positive_missing" | "too_few_negatives"
+MISSING = "_negatives_missing"  # int64: negatives of the row with no text in the corpus
+ROWS_MANIFEST = "_rows.json"
+
+_NEEDS_SCHEMA = pa.schema([
+    (C.QUERY_ID, pa.string()), (C.QUERY, pa.string()), (C.POSITIVE_ID, pa.string()),
+    (C.POSITIVE_IDS, pa.list_(pa.string())), (SLOT, pa.int32()), (C.DOC_ID, pa.string()),
+])
+_ROW_SCHEMA = pa.schema([
+    (C.QUERY_ID, pa.string()), (C.QUERY, pa.string()), (C.POSITIVE_ID, pa.string()), (C.POSITIVE, pa.string()),
+    (C.POSITIVE_IDS, pa.list_(pa.string())), (C.NEGATIVE_IDS, pa.list_(pa.string())),
+    (C.NEGATIVES, pa.list_(pa.string())), (STATUS, pa.string()), (MISSING, pa.int64()),
+])
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure batch steps (pyarrow in, pyarrow out)
+# ------------------------------------------------------------------------------------------------
+def explode_needs(batch: pa.Table) -> pa.Table:
+    """Mined rows → one row per (query, distinct positive, slot): slot 0 the positive, k the k-th negative."""
+    qids, queries = batch.column(C.QUERY_ID).to_pylist(), batch.column(C.QUERY).to_pylist()
+    pos_lists, neg_lists = batch.column(C.POSITIVE_IDS).to_pylist(), batch.column(C.NEGATIVE_IDS).to_pylist()
+    out: dict[str, list] = {f.name: [] for f in _NEEDS_SCHEMA}
+    for qid, query, pos, neg in zip(qids, queries, pos_lists, neg_lists, strict=True):
+        pos = list(dict.fromkeys(p for p in (pos or []) if p is not None))  # distinct, first-seen order
+        neg = [n for n in (neg or []) if n is not None]
+        for p in pos:
+            for slot, doc in enumerate([p, *neg]):
+                out[C.QUERY_ID].append(qid)
+                out[C.QUERY].append(query)
+                out[C.POSITIVE_ID].append(p)
+                out[C.POSITIVE_IDS].append(pos)
+                out[SLOT].append(slot)
+                out[C.DOC_ID].append(doc)
+    return pa.table(out, schema=_NEEDS_SCHEMA)
+
+
+def assemble_row(group: pa.Table, min_negatives: int) -> pa.Table:
+    """One (query, positive) group of joined slots → one training row (``_ROW_SCHEMA``), with its status."""
+    group = group.sort_by([(SLOT, "ascending")])
+    slots = group.column(SLOT).to_pylist()
+    ids, texts = group.column(C.DOC_ID).to_pylist(), group.column(C.PASSAGE).to_pylist()
+    first = {c: group.column(c)[0].as_py() for c in (C.QUERY_ID, C.QUERY, C.POSITIVE_ID, C.POSITIVE_IDS)}
+    pos_text = next((t for s, t in zip(slots, texts, strict=True) if s == 0), None)
+    negs = [(i, t) for s, i, t in zip(slots, ids, texts, strict=True) if s > 0 and t is not None]
+    missing = sum(1 for s, t in zip(slots, texts, strict=True) if s > 0 and t is None)
+    if pos_text is None:
+        status = "positive_missing"
+    elif len(negs) < min_negatives:
+        status = "too_few_negatives"
+    else:
+        status = "ok"
+    row = {**first, C.POSITIVE: pos_text, C.NEGATIVE_IDS: [i for i, _ in negs],
+           C.NEGATIVES: [t for _, t in negs], STATUS: status, MISSING: missing}
+    return pa.Table.from_pylist([row], schema=_ROW_SCHEMA)
+
+
+def corpus_passages(batch: pa.Table) -> pa.Table:
+    """Corpus batch → (DOC_ID, PASSAGE): the PASSAGE column when present, else passage_text(title, text)."""
+    if C.PASSAGE in batch.column_names:
+        return batch.select([C.DOC_ID, C.PASSAGE])
+    from raymine.ingest import passage_text
+
+    titles = batch.column(C.TITLE).to_pylist() if C.TITLE in batch.column_names else [None] * batch.num_rows
+    texts = batch.column(C.TEXT).to_pylist()
+    passages = [passage_text(t, x) if x is not None else None for t, x in zip(titles, texts, strict=True)]
+    return pa.table({C.DOC_ID: batch.column(C.DOC_ID), C.PASSAGE: pa.array(passages, pa.string())})
+
+
+def order_keys(seed: int, epoch: int, query_ids: list[str], positive_ids: list[str]) -> np.ndarray:
+    """int64 shuffle key per row: a hash of (seed, epoch, query id, positive id) — independent of row order."""
+    out = np.empty(len(query_ids), dtype=np.int64)
+    prefix = f"{seed}\x1f{epoch}\x1f".encode()
+    for i, (q, p) in enumerate(zip(query_ids, positive_ids, strict=True)):
+        h = hashlib.blake2b(prefix + f"{q}\x1f{p}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little", signed=True)
+    return out  # [N]
+
+
+class AddOrder:
+    """map_batches step: add this epoch's shuffle key column."""
+
+    def __init__(self, seed: int, epoch: int) -> None:
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = order_keys(self.seed, self.epoch, batch.column(C.QUERY_ID).to_pylist(),
+                          batch.column(C.POSITIVE_ID).to_pylist())
+        return batch.append_column(ORDER, pa.array(keys, pa.int64()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Data
+# ------------------------------------------------------------------------------------------------
+def _partitions(n: int) -> int:
+    """Hash partitions for the join and the groupby: about 50k slots each, 1..64."""
+    return max(1, min(64, n // 50_000 + 1))
+
+
+def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int) -> dict[str, Any]:
+    """Write the training rows of ``mined_uri`` × ``corpus_uri`` to ``out_uri`` (Parquet folder); return counts.
+
+    A finished folder (its ``_rows.json`` written last, same inputs and ``min_negatives``) is reused.
+    Counts: ``queries`` (mined), ``rows`` (kept), ``rows_too_few_negatives``, ``rows_positive_missing``,
+    ``negatives_missing_text``.
+    """
+    import ray
+    from ray.data.expressions import col
+
+    key = {"mined": mined_uri, "corpus": corpus_uri, "min_negatives": min_negatives}
+    manifest_uri = storage.join(out_uri, ROWS_MANIFEST)
+    if storage.exists(manifest_uri):
+        done = storage.read_json(manifest_uri)
+        if done.get("key") == key:
+            log.info("train rows: reusing %s (%d rows)", out_uri, done["counts"]["rows"])
+            return done["counts"]
+    storage.delete_dir(out_uri)
+    t0 = time.perf_counter()
+    mined = ray.data.read_parquet(mined_uri).select_columns([C.QUERY_ID, C.QUERY, C.POSITIVE_IDS, C.NEGATIVE_IDS])
+    n_queries = mined.count()
+    corpus = ray.data.read_parquet(corpus_uri)
+    names = set(corpus.schema().names)
+    if C.DOC_ID not in names or not ({C.PASSAGE} <= names or {C.TEXT} <= names):
+        raise ValueError(f"corpus {corpus_uri}: needs {C.DOC_ID} and {C.PASSAGE} (or {C.TEXT}); has {sorted(names)}")
+    wanted = [c for c in (C.DOC_ID, C.PASSAGE) if c in names] if C.PASSAGE in names else [
+        c for c in (C.DOC_ID, C.TITLE, C.TEXT) if c in names]
+    corpus = corpus.select_columns(wanted).map_batches(corpus_passages, batch_format="pyarrow")
+    needs = mined.map_batches(explode_needs, batch_format="pyarrow")
+    parts = _partitions(n_queries * 8)
+    joined = needs.join(corpus, join_type="left_outer", num_partitions=parts, on=(C.DOC_ID,))
+    rows = (joined.groupby([C.QUERY_ID, C.POSITIVE_ID], num_partitions=parts)
+            .map_groups(assemble_row, batch_format="pyarrow", fn_kwargs={"min_negatives": min_negatives})
+            .materialize())
+    by_status = {r[STATUS]: int(r["count()"]) for r in rows.groupby(STATUS).count().take_all()}
+    n_missing = int(rows.sum(MISSING) or 0) if rows.count() else 0
+    kept = rows.filter(expr=col(STATUS) == "ok").select_columns(list(C.TRAIN_ROW_COLUMNS))
+    kept.write_parquet(out_uri)
+    counts = {
+        "queries": int(n_queries),
+        "rows": by_status.get("ok", 0),
+        "rows_too_few_negatives": by_status.get("too_few_negatives", 0),
+        "rows_positive_missing": by_status.get("positive_missing", 0),
+        "negatives_missing_text": n_missing,
+        "build_s": round(time.perf_counter() - t0, 3),
+    }
+    storage.write_json(manifest_uri, {"key": key, "counts": counts})
+    log.info("train rows: %d queries → %d rows (%d with < %d negatives, %d positives without text, "
+             "%d negatives without text) in %.1f s", counts["queries"], counts["rows"],
+             counts["rows_too_few_negatives"], min_negatives, counts["rows_positive_missing"],
+             counts["negatives_missing_text"], counts["build_s"])
+    return counts
+
+
+def epoch_rows(rows_uri: str, seed: int, epoch: int):
+    """The training rows in this epoch's order (a Ray Dataset): sorted by (seeded hash key, query id, positive id)."""
+    import ray
+
+    ds = ray.data.read_parquet(rows_uri).select_columns(list(C.TRAIN_ROW_COLUMNS))
+    return ds.map_batches(AddOrder(seed, epoch), batch_format="pyarrow").sort([ORDER, C.QUERY_ID, C.POSITIVE_ID])
+
+
+def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str) -> str:
+    """Write this epoch's ordered rows to ``out_uri`` (Parquet files whose name order is the row order).
+
+    Written once per epoch (reused when ``_epoch.json`` says so); every worker then streams the same
+    files with :func:`iter_global_batches`, so the order does not depend on the number of workers,
+    the read's splits or task timing.
+    """
+    from ray.data import DataContext
+
+    key = {"rows": rows_uri, "seed": seed, "epoch": epoch}
+    marker = storage.join(out_uri, "_epoch.json")
+    if storage.exists(marker) and storage.read_json(marker) == key:
+        return out_uri
+    storage.delete_dir(out_uri)
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # blocks reach the writer in sort order
+    try:
+        epoch_rows(rows_uri, seed, epoch).write_parquet(out_uri)
+    finally:
+        ctx.execution_options.preserve_order = before
+    storage.write_json(marker, key)
+    return out_uri
+
+
+def iter_global_batches(epoch_uri: str, batch_rows: int, skip_batches: int = 0):
+    """Yield pyarrow tables of exactly ``batch_rows`` rows in the epoch's order (the last partial one dropped).
+
+    Reads the files of :func:`write_epoch` in name order with pyarrow (no Ray), checks that the order key
+    never decreases (a clear error if a writer did not keep the order), and skips the first
+    ``skip_batches`` batches without decoding them into tensors (resume mid-epoch).
+    """
+    import pyarrow.parquet as pq
+
+    fs, root = storage.resolve(epoch_uri)
+    files = sorted(f for f in storage.list_files(epoch_uri) if f.endswith(".parquet"))
+    buf: list[pa.Table] = []
+    have, emitted = 0, 0
+    last = (-(2**63), "", "")
+    for name in files:
+        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as f:
+            table = pq.read_table(f)
+        keys = list(zip(table.column(ORDER).to_pylist(), table.column(C.QUERY_ID).to_pylist(),
+                        table.column(C.POSITIVE_ID).to_pylist(), strict=True))
+        if keys and (keys[0] < last or any(a > b for a, b in zip(keys, keys[1:], strict=False))):
+            raise RuntimeError(f"{epoch_uri}: rows are not in epoch order (file {name}); delete the folder and rerun")
+        if keys:
+            last = keys[-1]
+        buf.append(table)
+        have += table.num_rows
+        while have >= batch_rows:
+            whole = pa.concat_tables(buf)
+            batch, rest = whole.slice(0, batch_rows), whole.slice(batch_rows)
+            buf, have = [rest], rest.num_rows
+            if emitted >= skip_batches:
+                yield batch
+            emitted += 1
