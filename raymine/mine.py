@@ -121,55 +121,40 @@ def _fingerprint(arr: pa.Array) -> np.ndarray:
     return key.astype(np.uint8)
 
 
-def _row_fingerprints(fp: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Flat fingerprints + lengths -> ``[nq, max(lens)]``; short rows padded with their first value (or 0)."""
-    nq = len(lens)
+def _row_listing(lens: np.ndarray) -> np.ndarray:
+    """Flat indices of each row's values ``[nq, max(lens)]`` (-1 padded) from per-row lengths."""
     width = max(1, int(lens.max(initial=0)))
-    starts = np.cumsum(lens) - lens
-    col = np.minimum(np.arange(width)[None, :], np.maximum(lens, 1)[:, None] - 1)  # [nq, width]
-    at = np.where(lens[:, None] > 0, starts[:, None] + col, 0)
-    return np.where(lens[:, None] > 0, fp[at], 0).astype(np.uint8) if fp.size else np.zeros((nq, width), np.uint8)
-
-
-def _padded_codes(codes: np.ndarray, lens: np.ndarray, fill: int) -> np.ndarray:
-    """Flat codes + lengths -> ``[nq, max(lens)]`` padded with ``fill``."""
-    nq = len(lens)
-    width = max(1, int(lens.max(initial=0)))
-    out = np.full((nq, width), fill, np.int64)
-    if codes.size:
-        row = np.repeat(np.arange(nq), lens)
-        out[row, np.arange(len(codes)) - (np.cumsum(lens) - lens)[row]] = codes
-    return out
+    col = np.arange(width)[None, :]
+    return np.where(col < lens[:, None], (np.cumsum(lens) - lens)[:, None] + col, -1)
 
 
 def _listed_hits(cand: pa.Array, fp: np.ndarray, starts: np.ndarray, in_row: np.ndarray | None,
                  listed: list[tuple[pa.Array, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each listed-id column (flat strings + lengths per query): the candidates (row, column) that equal
     an id listed for *their own* query. ``fp [nq, K]``: candidates' fingerprints (``in_row``: which are
-    real, None = all). Exact: fingerprints pre-filter, values decide."""
+    real, None = all). Exact: fingerprints pair a candidate with the few listed ids it might equal, and
+    those pairs are compared by value."""
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     hits = [empty for _ in listed]
-    live = [(i, flat, lens) for i, (flat, lens) in enumerate(listed) if len(flat)]
-    if not live or not len(cand):
+    if not len(cand):
         return hits
-    # a candidate may equal a listed id only if its fingerprint equals one of its row's listed fingerprints
-    maybe = None
-    for _, flat, lens in live:
-        lfp = _row_fingerprints(_fingerprint(flat), lens)  # [nq, P]
-        for j in range(lfp.shape[1]):
-            eq = fp == lfp[:, j: j + 1]  # [nq, K]
+    for i, (flat, lens) in enumerate(listed):
+        if not len(flat):
+            continue
+        lidx = _row_listing(lens)  # [nq, P] flat index of each listed id, -1 padded
+        lfp = np.where(lidx >= 0, _fingerprint(flat)[np.maximum(lidx, 0)], 0).astype(np.uint8)  # [nq, P]
+        maybe = None
+        for j in range(lidx.shape[1]):  # one [nq, K] compare per listed column
+            eq = fp == lfp[:, j: j + 1]
             maybe = eq if maybe is None else np.bitwise_or(maybe, eq, out=maybe)
-    r, c = np.nonzero(maybe if in_row is None else maybe & in_row)
-    if not r.size:
-        return hits
-    values = pc.unique(pa.concat_arrays([flat for _, flat, _ in live]))
-    code = pc.fill_null(pc.index_in(cand.take(pa.array(starts[r] + c)), value_set=values), -1).to_numpy(
-        zero_copy_only=False).astype(np.int64)  # [n maybe]
-    for i, flat, lens in live:
-        lc = pc.index_in(flat, value_set=values).to_numpy(zero_copy_only=False).astype(np.int64)
-        table = _padded_codes(lc, lens, -2)  # [nq, P]
-        hit = (table[r] == code[:, None]).any(axis=1) & (code >= 0)
-        hits[i] = (r[hit], c[hit])
+        r, c = np.nonzero(maybe if in_row is None else maybe & in_row)  # [n maybe]
+        if not r.size:
+            continue
+        s, j = np.nonzero((fp[r, c][:, None] == lfp[r]) & (lidx[r] >= 0))  # [n pairs] same fingerprint
+        same = pc.equal(cand.take(pa.array(starts[r[s]] + c[s], pa.int64())),
+                        flat.take(pa.array(lidx[r[s], j], pa.int64())))
+        s = np.unique(s[pc.fill_null(same, False).to_numpy(zero_copy_only=False)])
+        hits[i] = (r[s], c[s])
     return hits
 
 
