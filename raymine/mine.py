@@ -138,22 +138,29 @@ def _listed_hits(cand: pa.Array, fp: np.ndarray, starts: np.ndarray, in_row: np.
     hits = [empty for _ in listed]
     if not len(cand):
         return hits
+    live = []
+    maybe = None
     for i, (flat, lens) in enumerate(listed):
         if not len(flat):
             continue
         lidx = _row_listing(lens)  # [nq, P] flat index of each listed id, -1 padded
         lfp = np.where(lidx >= 0, _fingerprint(flat)[np.maximum(lidx, 0)], 0).astype(np.uint8)  # [nq, P]
-        maybe = None
+        live.append((i, flat, lidx, lfp))
         for j in range(lidx.shape[1]):  # one [nq, K] compare per listed column
             eq = fp == lfp[:, j: j + 1]
             maybe = eq if maybe is None else np.bitwise_or(maybe, eq, out=maybe)
-        r, c = np.nonzero(maybe if in_row is None else maybe & in_row)  # [n maybe]
-        if not r.size:
-            continue
-        s, j = np.nonzero((fp[r, c][:, None] == lfp[r]) & (lidx[r] >= 0))  # [n pairs] same fingerprint
+    if maybe is None:
+        return hits
+    r, c = np.nonzero(maybe if in_row is None else maybe & in_row)  # [n maybe]
+    if not r.size:
+        return hits
+    fpc = fp[r, c][:, None]  # [n maybe, 1]
+    for i, flat, lidx, lfp in live:
+        s, j = np.nonzero((fpc == lfp[r]) & (lidx[r] >= 0))  # [n pairs] same fingerprint, row-major
         same = pc.equal(cand.take(pa.array(starts[r[s]] + c[s], pa.int64())),
                         flat.take(pa.array(lidx[r[s], j], pa.int64())))
-        s = np.unique(s[pc.fill_null(same, False).to_numpy(zero_copy_only=False)])
+        s = s[pc.fill_null(same, False).to_numpy(zero_copy_only=False)]
+        s = s[np.concatenate([[True], s[1:] != s[:-1]])] if s.size else s  # sorted: drop repeats
         hits[i] = (r[s], c[s])
     return hits
 
