@@ -1,10 +1,24 @@
-"""Ingest: BEIR folders and Parquet tables → validated Arrow tables with the project's column names.
+"""Ingest: BEIR folders, Parquet tables and folders of many files → validated, partitioned Parquet.
 
-Layouts read (local paths or any pyarrow/fsspec URI):
+Input layout (``IngestConfig.data``: a local folder or any pyarrow/fsspec URI prefix). Each of the three
+tables is found as the first that exists of:
 
-* BEIR: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv`` — each plain or ``.gz``.
-* Parquet: ``corpus.parquet`` (doc_id, title?, text), ``queries.parquet`` (query_id, text),
-  ``qrels/<split>.parquet`` (query_id, doc_id, score) — each a file or a folder of files.
+======================= =================================================================================
+table                   accepted as
+======================= =================================================================================
+corpus                  ``corpus.parquet`` (a file, or a folder of parts), ``corpus.jsonl``,
+                        ``corpus.jsonl.gz``, or a folder ``corpus/`` of many ``*.jsonl``, ``*.jsonl.gz``
+                        and ``*.parquet`` files (doc_id, title?, text)
+queries                 the same with ``queries`` (query_id, text)
+qrels of split S        ``qrels/S.parquet`` (file or folder), ``qrels/S.tsv``, ``qrels/S.tsv.gz``, or a
+                        folder ``qrels/S/`` of ``*.tsv``, ``*.tsv.gz`` and ``*.parquet`` files
+                        (query_id, doc_id, score)
+======================= =================================================================================
+
+Inside a folder, files whose names start with ``_`` or ``.`` are ignored and the rest are ordered by
+name. BEIR jsonl rows are ``{"_id", "title"?, "text"}``; qrels tsv lines ``query-id corpus-id score``
+(BEIR, with a header) or ``qid iter docid rel`` (TREC); each file of a folder follows these rules on its
+own (a header line per file is allowed).
 
 Bad input never passes silently. The rules (``IngestConfig`` chooses where two are offered):
 
@@ -22,28 +36,57 @@ non-UTF-8 bytes                error with file, line and byte offset
 header-less qrels              read as data (3-column BEIR or 4-column TREC), reported
 malformed qrels line           error with file, line and what is wrong
 graded relevance               score > 0 is positive; 0 (or negative) is not, counted
+nothing usable (issue 14)      error naming the data path and the counts: an empty corpus or one
+                               whose every text is blank, no queries, no qrels left after the
+                               checks, no training query with a positive
 ============================== ================================================================
 
 A query "of a split" is one that appears in that split's qrels. Every such query ends up either
 with positives or in ``dropped`` with its reason.
+
+Determinism (no result depends on row order or on how files are split into read tasks):
+
+* "first" means first by (file name, line) — line = 1-based line of a jsonl/tsv file, row of a Parquet
+  file — never arrival order: the duplicate-id rule keeps that row, a query's positives keep that order
+  (the qrels order of a single file), repeated (query, doc) qrels count once;
+* ``max_queries`` keeps the first N training queries **by query id** (string order);
+* identical-text twins: docs whose ``normalize_text(passage)`` is equal (grouped by its 64-bit hash,
+  then compared as text, so a hash collision never makes twins); ``EXCLUDED_IDS`` sorted by id.
+
+Two readers share the parsers and the rules: :func:`read_beir` reads one split into Arrow tables in the
+calling process (evaluation holds an mteb task in one process by design), and :func:`ingest_stage` is a
+Ray Data job that reads one task per file, validates, normalises and hashes in the workers, finds
+duplicate ids and identical texts with hash-partitioned shuffles, joins qrels to docs and queries with
+Ray Data joins, and writes the tables below from the workers; the driver sums per-block counts only.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import io
 import json
 import logging
+import posixpath
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raymine import columns as C
 from raymine import storage
 from raymine.config import IngestConfig
+from raymine.errors import UserError
+
+if TYPE_CHECKING:
+    from raymine.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +95,36 @@ NO_POSITIVE = "no_positive"
 EMPTY_QUERY = "empty_query_text"
 UNKNOWN_QUERY = "unknown_query"  # in qrels but not in the queries file
 
+TABLE_EXTS = {
+    "corpus": (".parquet", ".jsonl", ".jsonl.gz"),
+    "queries": (".parquet", ".jsonl", ".jsonl.gz"),
+    "qrels": (".parquet", ".tsv", ".tsv.gz"),
+}
 
-class IngestError(ValueError):
+# working columns (never in an output table)
+_FILE = "_file"  # int32: index of the row's file in its table's file list (files ordered by name)
+_LINE = "_line"  # int64: 1-based line (jsonl/tsv) or row (Parquet) inside that file
+_HEADERLESS = "_headerless"  # int8 (qrels): the file's column count when it has no header line, else 0
+_DUP = "_dup"  # bool: a later definition of an id (not kept)
+_EMPTY = "_empty"  # bool: kept id whose text is blank
+_KNOWN = "_known"  # bool (qrels ⋈ docs): the doc exists (null after the join: unknown doc)
+_TWINS = "_twins"  # list<string>: other doc ids with the identical normalised passage
+_QTEXT = "_qtext"  # string (qrels ⋈ queries): the query's text (null: unknown query)
+_QEMPTY = "_qempty"  # bool: the query's text is blank
+_QCOUNTS = ("_n_qrels", "_n_kept", "_n_graded", "_n_nonpos", "_n_unknown_doc", "_n_unknown_query",
+            "_n_empty_query")
+
+
+class IngestError(UserError, ValueError):
     """Input that cannot be used; the message names the file, the line and the rule."""
 
     def __init__(self, file: str, line: int | None, rule: str, detail: str):
-        self.file, self.line, self.rule = file, line, rule
+        self.file, self.line, self.rule, self.detail = file, line, rule, detail
         where = f"{file}:{line}" if line is not None else file
         super().__init__(f"{where}: [{rule}] {detail}")
+
+    def __reduce__(self):  # raised inside Ray workers: must survive pickling
+        return IngestError, (self.file, self.line, self.rule, self.detail)
 
 
 @dataclass
@@ -121,16 +186,73 @@ class BeirData:
 
 
 # ------------------------------------------------------------------------------------------------
-# file helpers
+# finding the input files (metadata only)
 # ------------------------------------------------------------------------------------------------
-def _find(folder: str, stem: str, exts: tuple[str, ...]) -> str | None:
+def _info(uri: str) -> pafs.FileInfo:
+    fs, path = storage.resolve(uri)
+    return fs.get_file_info(path)
+
+
+def _folder_files(uri: str, exts: tuple[str, ...]) -> list[str]:
+    """URIs of the files directly in folder ``uri`` ending in one of ``exts``, ordered by name."""
+    fs, path = storage.resolve(uri)
+    names = sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))
+                   if i.type == pafs.FileType.File)
+    return [storage.join(uri, n) for n in names if n.endswith(exts) and not n.startswith(("_", "."))]
+
+
+def table_files(data: str, table: str, split: str = "train") -> list[str]:
+    """The files of one input table (``corpus``, ``queries`` or ``qrels``), ordered by name; [] if none.
+
+    See the module docstring for the layouts; the first one found wins."""
+    exts = TABLE_EXTS[table]
+    folder, stem = (storage.join(data, "qrels"), split) if table == "qrels" else (data, table)
     for ext in exts:
         uri = storage.join(folder, stem + ext)
-        if storage.exists(uri):
-            return uri
-    return None
+        kind = _info(uri).type
+        if kind == pafs.FileType.File:
+            return [uri]
+        if kind == pafs.FileType.Directory and ext == ".parquet":
+            files = _folder_files(uri, (".parquet",))
+            if files:
+                return files
+    uri = storage.join(folder, stem)
+    if _info(uri).type == pafs.FileType.Directory:
+        return _folder_files(uri, exts)
+    return []
 
 
+def _input_files(data: str, split: str) -> dict[str, list[str]]:
+    if not storage.exists(data):
+        raise IngestError(data, None, "missing_path", "data folder not found")
+    files = {t: table_files(data, t, split) for t in TABLE_EXTS}
+    for t, name in (("corpus", "corpus"), ("queries", "queries"), ("qrels", f"qrels/{split}")):
+        if not files[t]:
+            raise IngestError(data, None, "missing_file",
+                              f"no {name} file (.jsonl[.gz], .tsv[.gz] or .parquet, or a {name}/ folder of them)")
+    return files
+
+
+def input_fingerprint(data: str) -> str:
+    """Hash of the names, sizes and modification times of every file under ``data`` (one listing, no reads).
+
+    A corrected data file at the same path changes it, so ingest's stage key changes (issue 14). On object
+    stores the modification time is the object's last-modified time (a rewrite changes it)."""
+    fs, root = storage.resolve(data)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        raise IngestError(data, None, "missing_path", "data folder not found")
+    h = hashlib.sha256()
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    for i in sorted(infos, key=lambda i: i.path):
+        rel = i.path[len(root):].lstrip("/\\")
+        mtime = i.mtime_ns if i.mtime_ns is not None else -1
+        h.update(f"{rel}\0{i.size}\0{mtime}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# line-level parsers (shared by the driver reader and the Ray workers)
+# ------------------------------------------------------------------------------------------------
 def _lines(uri: str):
     """(line number, raw bytes) of a plain or gzip text file; decompression detected from the name."""
     fs, path = storage.resolve(uri)
@@ -161,16 +283,18 @@ def passage_text(title: str | None, text: str) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-# ------------------------------------------------------------------------------------------------
-# BEIR jsonl readers
-# ------------------------------------------------------------------------------------------------
-def _read_jsonl(uri: str, kind: str, cfg: IngestConfig, report: IngestReport) -> pa.Table:
-    """corpus (kind='doc') or queries (kind='query') jsonl → table, validated per the module rules."""
-    ids: list[str] = []
-    titles: list[str] = []
-    texts: list[str] = []
-    first_line: dict[str, int] = {}
-    empty_ids: list[str] = []
+def text_hash(passage: str) -> int:
+    """Signed 64-bit hash of ``normalize_text(passage)`` (blake2b: stable across processes and machines)."""
+    digest = hashlib.blake2b(normalize_text(passage).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _is_blank(kind: str, title: str | None, text: str | None) -> bool:
+    return not ((text or "").strip() or (kind == "doc" and (title or "").strip()))
+
+
+def _jsonl_records(uri: str, kind: str) -> Iterator[tuple[int, str, str, str]]:
+    """(line, id, title, text) of a BEIR jsonl file; format errors raise with file and line."""
     for n, raw in _lines(uri):
         if not raw.strip():
             continue
@@ -191,37 +315,13 @@ def _read_jsonl(uri: str, kind: str, cfg: IngestConfig, report: IngestReport) ->
             raise IngestError(uri, n, "bad_id", f"'_id' must be a non-empty string, got {rid!r}")
         if not isinstance(text, str) or not isinstance(title, str):
             raise IngestError(uri, n, "bad_field", "'text' and 'title' must be strings")
-        rid = str(rid)
-        if rid in first_line:
-            if cfg.on_duplicate_id == "error":
-                raise IngestError(uri, n, "duplicate_id",
-                                  f"{kind} id {rid!r} already defined at line {first_line[rid]}")
-            report.skip(f"duplicate_{kind}_id", f"{uri}:{n}")
-            continue
-        first_line[rid] = n
-        if not (text.strip() or (kind == "doc" and title.strip())):
-            if cfg.on_empty_text == "error":
-                raise IngestError(uri, n, "empty_text", f"{kind} {rid!r} has empty text")
-            report.skip(f"empty_{kind}_text", f"{uri}:{n}")
-            empty_ids.append(rid)
-            continue
-        ids.append(rid)
-        titles.append(title)
-        texts.append(text)
-    report.counts["docs_read" if kind == "doc" else "queries_read"] = len(ids)
-    if kind == "query":
-        report.empty_query_ids = set(empty_ids)
-    if kind == "doc":
-        return pa.table({C.DOC_ID: pa.array(ids, pa.string()), C.TITLE: pa.array(titles, pa.string()),
-                         C.TEXT: pa.array(texts, pa.string())})
-    return pa.table({C.QUERY_ID: pa.array(ids, pa.string()), C.TEXT: pa.array(texts, pa.string())})
+        yield n, str(rid), title, text
 
 
-def _read_qrels_tsv(uri: str, report: IngestReport) -> pa.Table:
-    """BEIR ``query-id corpus-id score`` (header) or TREC ``qid iter docid rel`` (no header)."""
-    qs: list[str] = []
-    ds: list[str] = []
-    scores: list[int] = []
+def _qrels_records(uri: str, info: dict[str, int]) -> Iterator[tuple[int, str, str, int]]:
+    """(line, query id, doc id, score) of a BEIR (header) or TREC (no header) qrels file.
+
+    ``info["headerless"]`` is set to the column count when the file has no header line."""
     ncols = None
     for n, raw in _lines(uri):
         line = _decode(uri, n, raw).rstrip("\r\n")
@@ -232,14 +332,13 @@ def _read_qrels_tsv(uri: str, report: IngestReport) -> pa.Table:
             if len(parts) != 3:
                 raise IngestError(uri, n, "qrels_header", f"header has {len(parts)} columns, expected 3")
             continue  # the BEIR header
-        if n == 1:
-            report.notes.append(f"{uri}: no header line; read as {len(parts)}-column qrels")
-            report.counts["qrels_files_without_header"] += 1
         if ncols is None:
             if len(parts) not in (3, 4):
                 raise IngestError(uri, n, "qrels_columns",
                                   f"{len(parts)} columns; expected 3 (query-id corpus-id score) or 4 (TREC)")
             ncols = len(parts)
+            if n == 1:
+                info["headerless"] = ncols
         elif len(parts) != ncols:
             raise IngestError(uri, n, "qrels_columns", f"{len(parts)} columns, earlier lines have {ncols}")
         q, d, s = (parts[0], parts[1], parts[2]) if ncols == 3 else (parts[0], parts[2], parts[3])
@@ -247,11 +346,7 @@ def _read_qrels_tsv(uri: str, report: IngestReport) -> pa.Table:
             raise IngestError(uri, n, "qrels_score", f"relevance {s!r} is not an integer")
         if not q or not d:
             raise IngestError(uri, n, "qrels_id", "empty query or doc id")
-        qs.append(q)
-        ds.append(d)
-        scores.append(int(s))
-    return pa.table({C.QUERY_ID: pa.array(qs, pa.string()), C.DOC_ID: pa.array(ds, pa.string()),
-                     C.SCORE: pa.array(scores, pa.int32())})
+        yield n, q, d, int(s)
 
 
 def _is_int(s: str) -> bool:
@@ -262,105 +357,151 @@ def _is_int(s: str) -> bool:
         return False
 
 
-# ------------------------------------------------------------------------------------------------
-# Parquet readers
-# ------------------------------------------------------------------------------------------------
-def _read_parquet_table(uri: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> pa.Table:
+_PARQUET_COLS = {
+    "doc": ((C.DOC_ID, C.TEXT), (C.TITLE,)),
+    "query": ((C.QUERY_ID, C.TEXT), ()),
+    "qrels": ((C.QUERY_ID, C.DOC_ID, C.SCORE), ()),
+}
+
+
+def _parquet_batches(uri: str, kind: str, rows: int = 65536) -> Iterator[tuple[int, pa.Table]]:
+    """(first row number, table) of a Parquet file, streamed; columns checked, ids cast to string."""
+    required, optional = _PARQUET_COLS[kind]
     fs, path = storage.resolve(uri)
     try:
-        table = pq.read_table(path, filesystem=fs)
+        f = pq.ParquetFile(fs.open_input_file(path))
+        names = f.schema_arrow.names
     except (pa.ArrowInvalid, OSError) as e:
         raise IngestError(uri, None, "parquet", f"cannot read Parquet: {e}") from None
-    missing = [c for c in required if c not in table.column_names]
+    missing = [c for c in required if c not in names]
     if missing:
-        raise IngestError(uri, None, "missing_field", f"required column(s) {missing} missing; has {table.column_names}")
-    cols = {c: table.column(c) for c in required}
-    for c in optional:
-        cols[c] = table.column(c) if c in table.column_names else pa.array([""] * table.num_rows, pa.string())
-    for c in (C.DOC_ID, C.QUERY_ID):
-        if c in cols and not pa.types.is_string(cols[c].type) and not pa.types.is_large_string(cols[c].type):
-            cols[c] = pc.cast(cols[c], pa.string())
-    out = pa.table(cols)
-    for c in required:
-        nulls = out.column(c).null_count
-        if nulls:
-            first = pc.index(pc.is_null(out.column(c)), True).as_py()
-            raise IngestError(uri, first + 1, "missing_field", f"column {c!r} is null in {nulls} row(s)")
-    return out
-
-
-def _validate_table(uri: str, table: pa.Table, kind: str, cfg: IngestConfig, report: IngestReport) -> pa.Table:
-    """Duplicate ids and empty texts for a Parquet corpus/queries table (row numbers are 1-based)."""
-    id_col = C.DOC_ID if kind == "doc" else C.QUERY_ID
-    ids = table.column(id_col).to_pylist()
-    seen: dict[str, int] = {}
-    keep = []
-    empty_ids = []
-    texts = table.column(C.TEXT).to_pylist()
-    titles = table.column(C.TITLE).to_pylist() if C.TITLE in table.column_names else [""] * len(ids)
-    for i, rid in enumerate(ids):
-        if rid in seen:
-            if cfg.on_duplicate_id == "error":
-                raise IngestError(uri, i + 1, "duplicate_id", f"{kind} id {rid!r} already defined at row {seen[rid]}")
-            report.skip(f"duplicate_{kind}_id", f"{uri}:{i + 1}")
-            continue
-        seen[rid] = i + 1
-        if not ((texts[i] or "").strip() or (kind == "doc" and (titles[i] or "").strip())):
-            if cfg.on_empty_text == "error":
-                raise IngestError(uri, i + 1, "empty_text", f"{kind} {rid!r} has empty text")
-            report.skip(f"empty_{kind}_text", f"{uri}:{i + 1}")
-            empty_ids.append(rid)
-            continue
-        keep.append(i)
-    if kind == "query":
-        report.empty_query_ids = set(empty_ids)
-    report.counts["docs_read" if kind == "doc" else "queries_read"] = len(keep)
-    return table.take(pa.array(keep, pa.int64())) if len(keep) != table.num_rows else table
+        raise IngestError(uri, None, "missing_field", f"required column(s) {missing} missing; has {names}")
+    if kind == "qrels" and not pa.types.is_integer(f.schema_arrow.field(C.SCORE).type):
+        raise IngestError(uri, None, "qrels_score",
+                          f"score column must be integer, is {f.schema_arrow.field(C.SCORE).type}")
+    have = [c for c in (*required, *optional) if c in names]
+    start = 1
+    try:
+        batches = f.iter_batches(batch_size=rows, columns=have)
+        for b in batches:
+            t = pa.Table.from_batches([b])
+            cols = {}
+            for c in (*required, *optional):
+                col = t.column(c) if c in names else pa.nulls(t.num_rows, pa.string())
+                if c in (C.DOC_ID, C.QUERY_ID, C.TITLE, C.TEXT) and not pa.types.is_string(col.type):
+                    col = pc.cast(col, pa.string())
+                cols[c] = col
+            if kind == "doc":
+                cols[C.TITLE] = pc.fill_null(cols[C.TITLE], "")
+            if kind == "qrels":
+                cols[C.SCORE] = pc.cast(cols[C.SCORE], pa.int32())
+            out = pa.table(cols)
+            for c in required:
+                nulls = out.column(c).null_count
+                if nulls:
+                    first = pc.index(pc.is_null(out.column(c)), True).as_py()
+                    raise IngestError(uri, start + first, "missing_field", f"column {c!r} is null in {nulls} row(s)")
+            yield start, out
+            start += t.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IngestError(uri, None, "parquet", f"cannot read Parquet: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
+# the driver-side reader (one split in one process: evaluation)
+# ------------------------------------------------------------------------------------------------
+def _at(names: list[str], f0: int, l0: int, f1: int) -> str:
+    """Where the first definition was, as seen from a later one in file ``f1``."""
+    return f"line {l0}" if f0 == f1 else f"{names[f0]}:{l0}"
+
+
+def _read_texts(files: list[str], kind: str, cfg: IngestConfig, report: IngestReport) -> pa.Table:
+    """corpus (kind='doc') or queries (kind='query') files → one table, validated per the module rules."""
+    ids: list[str] = []
+    titles: list[str] = []
+    texts: list[str] = []
+    first: dict[str, tuple[int, int]] = {}
+    empty_ids: list[str] = []
+    for f, uri in enumerate(files):
+        if uri.endswith(".parquet"):
+            records = ((start + i, rid, ti, te) for start, t in _parquet_batches(uri, kind)
+                       for i, (rid, ti, te) in enumerate(zip(
+                           t[C.DOC_ID if kind == "doc" else C.QUERY_ID].to_pylist(),
+                           t[C.TITLE].to_pylist() if kind == "doc" else [""] * t.num_rows,
+                           t[C.TEXT].to_pylist(), strict=True)))
+        else:
+            records = _jsonl_records(uri, kind)
+        for n, rid, title, text in records:
+            if rid in first:
+                if cfg.on_duplicate_id == "error":
+                    raise IngestError(uri, n, "duplicate_id",
+                                      f"{kind} id {rid!r} already defined at {_at(files, *first[rid], f)}")
+                report.skip(f"duplicate_{kind}_id", f"{uri}:{n}")
+                continue
+            first[rid] = (f, n)
+            if _is_blank(kind, title, text):
+                if cfg.on_empty_text == "error":
+                    raise IngestError(uri, n, "empty_text", f"{kind} {rid!r} has empty text")
+                report.skip(f"empty_{kind}_text", f"{uri}:{n}")
+                empty_ids.append(rid)
+                continue
+            ids.append(rid)
+            titles.append(title)
+            texts.append(text)
+    report.counts["docs_read" if kind == "doc" else "queries_read"] = len(ids)
+    if kind == "query":
+        report.empty_query_ids = set(empty_ids)
+    if kind == "doc":
+        return pa.table({C.DOC_ID: pa.array(ids, pa.string()), C.TITLE: pa.array(titles, pa.string()),
+                         C.TEXT: pa.array(texts, pa.string())})
+    return pa.table({C.QUERY_ID: pa.array(ids, pa.string()), C.TEXT: pa.array(texts, pa.string())})
+
+
+def _read_qrels(files: list[str], report: IngestReport) -> tuple[pa.Table, list[str]]:
+    """(QUERY_ID, DOC_ID, SCORE table, the "file:line" of each row) of the qrels files, in order."""
+    tables, where = [], []
+    for uri in files:
+        if uri.endswith(".parquet"):
+            for start, t in _parquet_batches(uri, "qrels"):
+                tables.append(t.select(list(C.QRELS_COLUMNS)))
+                where += [f"{uri}:{start + i}" for i in range(t.num_rows)]
+            continue
+        info: dict[str, int] = {}
+        qs, ds, ss = [], [], []
+        for n, q, d, s in _qrels_records(uri, info):
+            qs.append(q)
+            ds.append(d)
+            ss.append(s)
+            where.append(f"{uri}:{n}")
+        if info.get("headerless"):
+            report.notes.append(f"{uri}: no header line; read as {info['headerless']}-column qrels")
+            report.counts["qrels_files_without_header"] += 1
+        tables.append(pa.table({C.QUERY_ID: pa.array(qs, pa.string()), C.DOC_ID: pa.array(ds, pa.string()),
+                                C.SCORE: pa.array(ss, pa.int32())}))
+    return pa.concat_tables(tables), where
+
+
 def read_beir(path: str, split: str, cfg: IngestConfig | None = None) -> BeirData:
-    """Read a BEIR folder (jsonl/tsv, plain or .gz) or a Parquet folder; validate; return one split."""
+    """Read one split of a data folder (any layout of the module docstring) into Arrow tables; validate.
+
+    Holds the whole split in this process: for evaluation sets. Training data goes through
+    :func:`ingest_stage`, which applies the same rules in Ray workers."""
     cfg = cfg or IngestConfig()
     report = IngestReport()
-    if not storage.exists(path):
-        raise IngestError(path, None, "missing_path", "data folder not found")
-
-    corpus_uri = _find(path, "corpus", (".parquet", ".jsonl", ".jsonl.gz"))
-    queries_uri = _find(path, "queries", (".parquet", ".jsonl", ".jsonl.gz"))
-    qrels_uri = _find(storage.join(path, "qrels"), split, (".parquet", ".tsv", ".tsv.gz"))
-    for name, uri in (("corpus", corpus_uri), ("queries", queries_uri), (f"qrels/{split}", qrels_uri)):
-        if uri is None:
-            raise IngestError(path, None, "missing_file", f"no {name} file (.jsonl[.gz], .tsv[.gz] or .parquet)")
-    assert corpus_uri and queries_uri and qrels_uri
-
-    if corpus_uri.endswith(".parquet"):
-        corpus = _validate_table(corpus_uri, _read_parquet_table(corpus_uri, (C.DOC_ID, C.TEXT), (C.TITLE,)),
-                                 "doc", cfg, report)
-        corpus = corpus.select([C.DOC_ID, C.TITLE, C.TEXT])
-    else:
-        corpus = _read_jsonl(corpus_uri, "doc", cfg, report)
-    if queries_uri.endswith(".parquet"):
-        queries = _validate_table(queries_uri, _read_parquet_table(queries_uri, (C.QUERY_ID, C.TEXT)),
-                                  "query", cfg, report)
-    else:
-        queries = _read_jsonl(queries_uri, "query", cfg, report)
-    if qrels_uri.endswith(".parquet"):
-        qrels = _read_parquet_table(qrels_uri, (C.QUERY_ID, C.DOC_ID, C.SCORE))
-        if not pa.types.is_integer(qrels.column(C.SCORE).type):
-            raise IngestError(qrels_uri, None, "qrels_score", f"score column must be integer, is {qrels.column(C.SCORE).type}")
-        qrels = qrels.set_column(2, C.SCORE, pc.cast(qrels.column(C.SCORE), pa.int32()))
-    else:
-        qrels = _read_qrels_tsv(qrels_uri, report)
+    files = _input_files(path, split)
+    corpus = _read_texts(files["corpus"], "doc", cfg, report)
+    queries = _read_texts(files["queries"], "query", cfg, report)
+    qrels, where = _read_qrels(files["qrels"], report)
     report.counts["qrels_read"] = qrels.num_rows
-
-    qrels = _check_qrels(qrels_uri, qrels, corpus, queries, cfg, report)
+    qrels = _check_qrels(qrels, where, corpus, queries, cfg, report)
+    if corpus.num_rows == 0:
+        raise IngestError(path, None, "empty_corpus", f"no usable passage: {_count_line(report.counts, 'doc')}")
     log.info("ingest %s [%s]: %d docs, %d queries in file, %d qrels; %s", path, split, corpus.num_rows,
              queries.num_rows, qrels.num_rows, {k: v for k, v in report.counts.items() if k.startswith("skipped")})
     return BeirData(corpus=corpus, queries=queries, qrels=qrels, report=report, split=split)
 
 
-def _check_qrels(uri: str, qrels: pa.Table, corpus: pa.Table, queries: pa.Table, cfg: IngestConfig,
+def _check_qrels(qrels: pa.Table, where: list[str], corpus: pa.Table, queries: pa.Table, cfg: IngestConfig,
                  report: IngestReport) -> pa.Table:
     """Drop (and count) qrels pointing to unknown docs/queries; queries whose text was empty are dropped
     with their own reason; count graded / non-positive rows."""
@@ -373,17 +514,16 @@ def _check_qrels(uri: str, qrels: pa.Table, corpus: pa.Table, queries: pa.Table,
     if (bad_q or bad_d) and cfg.on_unknown_qrel == "error":
         i = min(bad_q + bad_d)
         what = "query" if i in set(bad_q) else "doc"
-        raise IngestError(uri, None, "unknown_id",
-                          f"qrels row {i + 1} names unknown {what} {qrels.column(C.QUERY_ID if what == 'query' else C.DOC_ID)[i].as_py()!r}")
+        raise _unknown_qrel(where[i], what, qrels.column(C.QUERY_ID if what == "query" else C.DOC_ID)[i].as_py())
     dropped_queries: dict[str, str] = {}
     for i in bad_q:
         q = qids[i]
         reason = EMPTY_QUERY if q in empty_q else UNKNOWN_QUERY
-        report.skip(f"qrel_{reason}", f"{uri} row {i + 1}")
+        report.skip(f"qrel_{reason}", where[i])
         dropped_queries.setdefault(q, reason)
     for i in bad_d:
         if known_q[i].as_py():
-            report.skip("qrel_unknown_doc", f"{uri} row {i + 1}")
+            report.skip("qrel_unknown_doc", where[i])
     keep = pc.and_(known_d, known_q)
     qrels = qrels.filter(keep)
     # a query whose every qrel was dropped is still an input query of the split: account for it
@@ -401,9 +541,22 @@ def _check_qrels(uri: str, qrels: pa.Table, corpus: pa.Table, queries: pa.Table,
     return qrels
 
 
-# ------------------------------------------------------------------------------------------------
+def _unknown_qrel(where: str, what: str, rid: str) -> IngestError:
+    file, _, line = where.rpartition(":")
+    return IngestError(file, int(line), "unknown_id", f"qrel names unknown {what} {rid!r}")
+
+
+def _count_line(counts: dict[str, int], kind: str) -> str:
+    read = counts.get(f"{'docs' if kind == 'doc' else 'queries'}_read", 0)
+    blank = counts.get(f"skipped_empty_{kind}_text", 0)
+    dup = counts.get(f"skipped_duplicate_{kind}_id", 0)
+    return f"{read + blank + dup} rows read, {blank} blank, {dup} duplicate ids"
+
+
 def identical_text_groups(corpus: pa.Table) -> dict[str, list[str]]:
-    """doc id → the other doc ids whose normalised passage text is identical (only docs that have twins)."""
+    """doc id → the other doc ids (sorted) whose normalised passage text is identical (docs with twins only).
+
+    In-process reference of the distributed twins step of :func:`ingest_stage`."""
     groups: dict[str, list[str]] = defaultdict(list)
     for d, t, x in zip(*(corpus.column(c).to_pylist() for c in (C.DOC_ID, C.TITLE, C.TEXT)), strict=False):
         groups[normalize_text(passage_text(t, x))].append(d)
@@ -411,7 +564,7 @@ def identical_text_groups(corpus: pa.Table) -> dict[str, list[str]]:
     for ids in groups.values():
         if len(ids) > 1:
             for d in ids:
-                out[d] = [o for o in ids if o != d]
+                out[d] = sorted(o for o in ids if o != d)
     return out
 
 
@@ -428,39 +581,495 @@ def positives_table(queries: pa.Table, positives: dict[str, list[str]], twins: d
     })
 
 
-def ingest_stage(cfg: IngestConfig, out_uri: str) -> dict[str, Any]:
-    """Validate the data once and write the tables every later stage reads:
+# ------------------------------------------------------------------------------------------------
+# Ray Data steps: pure functions over Arrow blocks (no Ray import), run inside the workers
+# ------------------------------------------------------------------------------------------------
+_STR = pa.string()
+_READ_SCHEMA = {
+    "doc": pa.schema([(C.DOC_ID, _STR), (C.TITLE, _STR), (C.TEXT, _STR), (_FILE, pa.int32()), (_LINE, pa.int64())]),
+    "query": pa.schema([(C.QUERY_ID, _STR), (C.TEXT, _STR), (_FILE, pa.int32()), (_LINE, pa.int64())]),
+    "qrels": pa.schema([(C.QUERY_ID, _STR), (C.DOC_ID, _STR), (C.SCORE, pa.int32()), (_FILE, pa.int32()),
+                        (_LINE, pa.int64()), (_HEADERLESS, pa.int8())]),
+}
+CORPUS_SCHEMA = pa.schema([(C.DOC_ID, _STR), (C.TITLE, _STR), (C.TEXT, _STR), (C.PASSAGE, _STR),
+                           (C.TEXT_HASH, pa.int64())])
+TRAIN_QUERIES_SCHEMA = pa.schema([(C.QUERY_ID, _STR), (C.TEXT, _STR), (C.POSITIVE_IDS, pa.list_(_STR)),
+                                  (C.EXCLUDED_IDS, pa.list_(_STR))])
+DROPPED_SCHEMA = pa.schema([(C.QUERY_ID, _STR), (C.REASON, _STR)])
+QRELS_SCHEMA = pa.schema([(C.QUERY_ID, _STR), (C.DOC_ID, _STR), (C.SCORE, pa.int32())])
 
-    ``corpus.parquet`` (DOC_ID, TITLE, TEXT), ``train_queries.parquet`` (QUERY_ID, TEXT, POSITIVE_IDS,
-    EXCLUDED_IDS), ``train_dropped.parquet`` (QUERY_ID, REASON), ``full_qrels_<split>.parquet``.
-    Skipped when a finished manifest with the same config and input exists.
+
+def read_files_batch(batch: pa.Table, kind: str, rows_per_block: int) -> Iterator[pa.Table]:
+    """Read task: each row of ``batch`` (``uri``, ``file`` index) is one file, streamed out in blocks of
+    ``_READ_SCHEMA[kind]``; format errors raise :class:`IngestError` with the file and line."""
+    schema = _READ_SCHEMA[kind]
+    for uri, f in zip(batch["uri"].to_pylist(), batch["file"].to_pylist(), strict=True):
+        yield schema.empty_table()  # an empty file still gives the dataset its schema
+        yield from _file_blocks(uri, f, kind, rows_per_block, schema)
+
+
+def _file_blocks(uri: str, f: int, kind: str, rows: int, schema: pa.Schema) -> Iterator[pa.Table]:
+    if uri.endswith(".parquet"):
+        for start, t in _parquet_batches(uri, kind, rows):
+            n = t.num_rows
+            cols = [t[c] for c in schema.names if not c.startswith("_")]
+            cols += [pa.array(np.full(n, f, np.int32)), pa.array(np.arange(start, start + n, dtype=np.int64))]
+            if kind == "qrels":
+                cols.append(pa.array(np.zeros(n, np.int8)))
+            yield pa.Table.from_arrays(cols, schema=schema)
+        return
+    buf: list[list[Any]] = [[] for _ in schema.names]
+    info: dict[str, int] = {}
+    records = _qrels_records(uri, info) if kind == "qrels" else _jsonl_records(uri, kind)
+    for rec in records:
+        n, values = rec[0], rec[1:]
+        if kind == "query":
+            values = (values[0], values[2])  # no title
+        for col, v in zip(buf, (*values, f, n), strict=False):
+            col.append(v)
+        if kind == "qrels":
+            buf[-1].append(info.get("headerless", 0))
+        if len(buf[0]) >= rows:
+            yield pa.Table.from_pydict(dict(zip(schema.names, buf, strict=True)), schema=schema)
+            buf = [[] for _ in schema.names]
+    if buf[0]:
+        yield pa.Table.from_pydict(dict(zip(schema.names, buf, strict=True)), schema=schema)
+
+
+def dedupe_block(block: pa.Table, kind: str, names: list[str], on_duplicate_id: str, on_empty_text: str) -> pa.Table:
+    """One hash partition of a corpus/queries table (every row of an id is in it): flag later definitions
+    of an id (``_DUP``; first = smallest (file, line)) and blank kept texts (``_EMPTY``); docs get their
+    PASSAGE and TEXT_HASH. Raises per ``on_duplicate_id`` / ``on_empty_text`` = 'error'."""
+    id_col = C.DOC_ID if kind == "doc" else C.QUERY_ID
+    t = block.sort_by([(id_col, "ascending"), (_FILE, "ascending"), (_LINE, "ascending")])
+    n = t.num_rows
+    ids, files, lines = (t[c].to_pylist() for c in (id_col, _FILE, _LINE))
+    texts = t[C.TEXT].to_pylist()
+    titles = t[C.TITLE].to_pylist() if kind == "doc" else [""] * n
+    dup = np.zeros(n, bool)  # [n]
+    empty = np.zeros(n, bool)  # [n]
+    first = 0
+    for i in range(n):
+        if i and ids[i] == ids[i - 1]:
+            dup[i] = True
+            if on_duplicate_id == "error":
+                raise IngestError(names[files[i]], lines[i], "duplicate_id",
+                                  f"{kind} id {ids[i]!r} already defined at {_at(names, files[first], lines[first], files[i])}")
+        else:
+            first = i
+            empty[i] = _is_blank(kind, titles[i], texts[i])
+    if on_empty_text == "error" and empty.any():
+        i = min(np.nonzero(empty)[0], key=lambda i: (files[i], lines[i]))
+        raise IngestError(names[files[i]], lines[i], "empty_text", f"{kind} {ids[i]!r} has empty text")
+    t = t.append_column(_DUP, pa.array(dup)).append_column(_EMPTY, pa.array(empty))
+    if kind == "doc":
+        kept = ~(dup | empty)
+        passages = [passage_text(ti, te) if k else None for ti, te, k in zip(titles, texts, kept, strict=True)]
+        hashes = [text_hash(p) if p is not None else None for p in passages]
+        t = t.append_column(C.PASSAGE, pa.array(passages, _STR)).append_column(C.TEXT_HASH, pa.array(hashes, pa.int64()))
+    return t
+
+
+def twins_block(block: pa.Table) -> pa.Table:
+    """One hash partition of the kept docs by TEXT_HASH → DOC_ID, ``_TWINS`` (the other ids with an identical
+    normalised passage, sorted; compared as text so a hash collision never makes twins), ``_KNOWN``."""
+    t = block.sort_by([(C.TEXT_HASH, "ascending"), (C.DOC_ID, "ascending")])
+    n = t.num_rows
+    ids = t[C.DOC_ID].to_pylist()
+    h = t[C.TEXT_HASH].to_numpy()  # [n]
+    twins: list[list[str]] = [[] for _ in range(n)]
+    if n:
+        starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])  # first row of each hash run
+        ends = np.r_[starts[1:], n]
+        passages = t[C.PASSAGE]
+        for s, e in zip(starts, ends, strict=True):
+            if e - s < 2:
+                continue
+            groups: dict[str, list[int]] = defaultdict(list)
+            for i in range(s, e):
+                groups[normalize_text(passages[i].as_py())].append(i)
+            for members in groups.values():
+                for i in members:
+                    twins[i] = [ids[j] for j in members if j != i]  # ids sorted within the run
+    return pa.table({C.DOC_ID: pa.array(ids, _STR), _TWINS: pa.array(twins, pa.list_(_STR)),
+                     _KNOWN: pa.array(np.ones(n, bool))})
+
+
+def per_query_block(block: pa.Table, names: list[str], on_unknown_qrel: str) -> pa.Table:
+    """One hash partition of the annotated qrels by QUERY_ID (every qrel of a query is in it) → one row per
+    query of the split: TEXT, POSITIVE_IDS (score > 0, first by (file, line), each once), EXCLUDED_IDS
+    (twins of the positives, sorted), REASON (null = a training query)."""
+    t = block.sort_by([(C.QUERY_ID, "ascending"), (_FILE, "ascending"), (_LINE, "ascending")])
+    qids, dids, scores, files, lines, known, twins, qtext, qempty = (
+        t[c].to_pylist() for c in (C.QUERY_ID, C.DOC_ID, C.SCORE, _FILE, _LINE, _KNOWN, _TWINS, _QTEXT, _QEMPTY))
+    out: dict[str, list[Any]] = {c: [] for c in (C.QUERY_ID, C.TEXT, C.POSITIVE_IDS, C.EXCLUDED_IDS, C.REASON)}
+    i, n = 0, t.num_rows
+    while i < n:
+        j = i
+        while j < n and qids[j] == qids[i]:
+            j += 1
+        q_ok = qempty[i] is False
+        if on_unknown_qrel == "error":
+            for k in range(i, j):
+                if qempty[k] is None or not known[k]:
+                    what, rid = ("query", qids[k]) if qempty[k] is None else ("doc", dids[k])
+                    raise IngestError(names[files[k]], lines[k], "unknown_id", f"qrel names unknown {what} {rid!r}")
+        pos: list[str] = []
+        excl: set[str] = set()
+        if q_ok:
+            for k in range(i, j):
+                if known[k] and scores[k] > 0 and dids[k] not in pos:
+                    pos.append(dids[k])
+                    excl.update(twins[k] or ())
+        reason = None if pos else (NO_POSITIVE if q_ok else (UNKNOWN_QUERY if qempty[i] is None else EMPTY_QUERY))
+        out[C.QUERY_ID].append(qids[i])
+        out[C.TEXT].append(qtext[i] if q_ok else None)
+        out[C.POSITIVE_IDS].append(pos)
+        out[C.EXCLUDED_IDS].append(sorted(excl - set(pos)))
+        out[C.REASON].append(reason)
+        i = j
+    return pa.table({C.QUERY_ID: pa.array(out[C.QUERY_ID], _STR), C.TEXT: pa.array(out[C.TEXT], _STR),
+                     C.POSITIVE_IDS: pa.array(out[C.POSITIVE_IDS], pa.list_(_STR)),
+                     C.EXCLUDED_IDS: pa.array(out[C.EXCLUDED_IDS], pa.list_(_STR)),
+                     C.REASON: pa.array(out[C.REASON], _STR)})
+
+
+def _flag_rows(block: pa.Table, flags: dict[str, pa.Array]) -> pa.Table:
+    """Per (block, file) summary: rows, the number of rows of each flag and the first (min) line of each."""
+    t = pa.table({_FILE: block[_FILE], _LINE: block[_LINE],
+                  **{f"n{k}": pc.cast(v, pa.int64()) for k, v in flags.items()},
+                  **{f"at{k}": pc.if_else(v, block[_LINE], None) for k, v in flags.items()}})
+    aggs = [(_LINE, "count")] + [(f"n{k}", "sum") for k in flags] + [(f"at{k}", "min") for k in flags]
+    return t.group_by(_FILE).aggregate(aggs)
+
+
+def text_summary_block(block: pa.Table) -> pa.Table:
+    """Counts of a deduplicated corpus/queries part, per file (duplicates, blank texts)."""
+    return _flag_rows(block, {"_dup": block[_DUP], "_blank": pc.and_(pc.invert(block[_DUP]), block[_EMPTY])})
+
+
+def qrels_summary_block(block: pa.Table) -> pa.Table:
+    """Counts of annotated qrels rows, per file: each skip rule, kept, graded, not positive, header."""
+    q_unknown = pc.is_null(block[_QEMPTY])
+    q_empty = pc.fill_null(block[_QEMPTY], False)
+    q_ok = pc.invert(pc.or_(q_unknown, q_empty))
+    d_ok = pc.fill_null(block[_KNOWN], False)
+    kept = pc.and_(q_ok, d_ok)
+    flags = {
+        "_qrel_unknown_query": q_unknown, "_qrel_empty_query_text": q_empty,
+        "_qrel_unknown_doc": pc.and_(q_ok, pc.invert(d_ok)), "_kept": kept,
+        "_graded": pc.and_(kept, pc.greater(block[C.SCORE], 1)),
+        "_nonpos": pc.and_(kept, pc.less_equal(block[C.SCORE], 0)),
+    }
+    t = _flag_rows(block, flags)
+    head = pa.table({_FILE: block[_FILE], _HEADERLESS: block[_HEADERLESS]}).group_by(_FILE).aggregate(
+        [(_HEADERLESS, "max")])
+    return t.join(head, _FILE)
+
+
+def split_summary_block(block: pa.Table) -> pa.Table:
+    """Counts of the per-query table: training queries, queries with excluded twins, drops per reason."""
+    if C.REASON not in block.column_names:  # a train_queries table: every row a training query
+        block = block.append_column(C.REASON, pa.nulls(block.num_rows, _STR))
+    reason = pc.fill_null(block[C.REASON], "")
+    has_excl = pc.greater(pc.list_value_length(block[C.EXCLUDED_IDS]), 0)
+    t = pa.table({C.REASON: reason, "_excl": pc.cast(pc.and_(pc.equal(reason, ""), has_excl), pa.int64())})
+    return t.group_by(C.REASON).aggregate([("_excl", "count"), ("_excl", "sum")])
+
+
+def select_block(block: pa.Table, rule: str) -> pa.Table:
+    """Filter and project a work table to one output table (``rule`` names which)."""
+    if rule == "corpus":
+        t = block.filter(pc.invert(pc.or_(block[_DUP], block[_EMPTY])))
+        return t.select(CORPUS_SCHEMA.names).cast(CORPUS_SCHEMA)
+    if rule == "all":
+        return block
+    if rule == "doc_hash":
+        t = block.filter(pc.invert(pc.or_(block[_DUP], block[_EMPTY])))
+        return t.select([C.DOC_ID, C.PASSAGE, C.TEXT_HASH])
+    if rule == "query_keys":
+        t = block.filter(pc.invert(block[_DUP]))
+        return pa.table({C.QUERY_ID: t[C.QUERY_ID], _QTEXT: t[C.TEXT], _QEMPTY: t[_EMPTY]})
+    if rule == "qrels":
+        ok = pc.and_(pc.fill_null(block[_KNOWN], False), pc.equal(pc.fill_null(block[_QEMPTY], True), False))
+        return block.filter(ok).select(QRELS_SCHEMA.names).cast(QRELS_SCHEMA)
+    if rule == "train":
+        return block.filter(pc.is_null(block[C.REASON])).select(TRAIN_QUERIES_SCHEMA.names).cast(TRAIN_QUERIES_SCHEMA)
+    if rule == "dropped":
+        return block.filter(pc.is_valid(block[C.REASON])).select(DROPPED_SCHEMA.names).cast(DROPPED_SCHEMA)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage (driver: orchestration and counts only)
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Re-raise an IngestError raised inside a Ray worker as itself (one clear line, no Ray wrapper)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unchanged unless it wraps an IngestError
+        err = _wrapped_ingest_error(e)
+        if err is None or err is e:
+            raise
+        raise IngestError(err.file, err.line, err.rule, err.detail) from None
+
+
+def _wrapped_ingest_error(e: BaseException) -> IngestError | None:
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x) is IngestError:
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def _partitions(cfg: IngestConfig, files: dict[str, list[str]]) -> int:
+    if cfg.partitions:
+        return cfg.partitions
+    size = sum(_info(u).size or 0 for fs in files.values() for u in fs)
+    return int(min(4096, max(1, size // (64 << 20))))
+
+
+def _read(files: list[str], kind: str, cfg: IngestConfig):
+    """One read task per file (listed on the driver: names only)."""
+    import ray.data
+
+    items = ray.data.from_arrow(pa.table({"uri": pa.array(files, _STR), "file": pa.array(range(len(files)), pa.int32())}))
+    if len(files) > 1:
+        items = items.repartition(len(files))
+    return items.map_batches(read_files_batch, batch_size=1, batch_format="pyarrow",
+                             fn_kwargs={"kind": kind, "rows_per_block": cfg.rows_per_block})
+
+
+def _parquet(uri: str, columns: list[str] | None = None):
+    import ray.data
+
+    ds = ray.data.read_parquet(uri)
+    return ds.select_columns(columns) if columns else ds
+
+
+_RULE_SCHEMA = {"corpus": CORPUS_SCHEMA, "train": TRAIN_QUERIES_SCHEMA, "dropped": DROPPED_SCHEMA, "qrels": QRELS_SCHEMA}
+
+
+def _parts_sink(outputs: dict[str, tuple[str, str]], summary: Any = None):
+    """A Ray Data sink whose write tasks write every block to several tables at once (``outputs``: name →
+    (folder, ``select_block`` rule)) and return ``summary(block)`` rows: one pass makes the tables and
+    their counts. Part names are ``part-<task>-<block>``: a retried task rewrites its own parts."""
+    from ray.data import Datasink
+
+    class _PartsSink(Datasink):
+        def __init__(self) -> None:
+            self.summaries: list[dict[str, Any]] = []
+
+        def write(self, blocks, ctx) -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = []
+            for j, block in enumerate(blocks):
+                if not isinstance(block, pa.Table):
+                    block = pa.Table.from_pandas(block, preserve_index=False)
+                for uri, rule in outputs.values():
+                    t = select_block(block, rule)
+                    if t.num_rows:
+                        fs, path = storage.resolve(storage.join(uri, f"part-{ctx.task_idx:05d}-{j:05d}.parquet"))
+                        pq.write_table(t, path, filesystem=fs)
+                if summary is not None:
+                    rows += summary(block).to_pylist()
+            return rows
+
+        def on_write_complete(self, write_result) -> None:
+            self.summaries = [r for rs in write_result.write_returns for r in rs]
+
+    return _PartsSink()
+
+
+def _execute(ds, outputs: dict[str, tuple[str, str]], summary: Any = None) -> list[dict[str, Any]]:
+    """Run ``ds`` into the ``outputs`` tables; the per-block summary rows (never per-row data) come back."""
+    for uri, _ in outputs.values():
+        storage.delete_dir(uri)
+        storage.makedirs(uri)
+    sink = _parts_sink(outputs, summary)
+    ds.write_datasink(sink)
+    for uri, rule in outputs.values():  # an empty table is still a readable table
+        if rule in _RULE_SCHEMA and not _folder_files(uri, (".parquet",)):
+            fs, path = storage.resolve(storage.join(uri, "part-00000-00000.parquet"))
+            pq.write_table(_RULE_SCHEMA[rule].empty_table(), path, filesystem=fs)
+    return sink.summaries
+
+
+def _by_file(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Sum per-(block, file) summaries by file: counts add up, first lines take the minimum."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        acc = out.setdefault(names[r[_FILE]], {})
+        for k, v in r.items():
+            if k == _FILE or v is None:
+                continue
+            if k.endswith("_min") or k.endswith("_max"):
+                pick = min if k.endswith("_min") else max
+                acc[k] = pick(acc[k], v) if k in acc else v
+            else:
+                acc[k] = acc.get(k, 0) + v
+    return out
+
+
+def _add_skips(report: IngestReport, per_file: dict[str, dict[str, Any]], rules: dict[str, str]) -> None:
+    """Totals of each skip rule and up to 5 file:line samples (the first skipped line of each file)."""
+    for flag, rule in rules.items():
+        for name in sorted(per_file):
+            c = per_file[name]
+            if c.get(f"n{flag}_sum"):
+                report.counts[f"skipped_{rule}"] += c[f"n{flag}_sum"]
+                if len(report.samples[rule]) < 5:
+                    report.samples[rule].append(f"{name}:{c[f'at{flag}_min']}")
+
+
+def _keyed(cfg: IngestConfig) -> IngestConfig:
+    """The config as it keys the stage: knobs that change how, not what, are left out."""
+    return dataclasses.replace(cfg, partitions=0, rows_per_block=1)
+
+
+def ingest_stage(cfg: IngestConfig, layout: Layout) -> dict[str, Any]:
+    """Validate the data once, as a Ray Data job, and write the tables every later stage reads
+    (folders of Parquet parts written by the workers):
+
+    ``layout.corpus`` (DOC_ID, TITLE, TEXT, PASSAGE, TEXT_HASH), ``layout.train_queries`` (QUERY_ID, TEXT,
+    POSITIVE_IDS, EXCLUDED_IDS), ``layout.train_dropped`` (QUERY_ID, REASON), ``layout.qrels`` (QUERY_ID,
+    DOC_ID, SCORE: the train split's kept rows). Skipped when a finished manifest with the same config and
+    the same input files (names, sizes, modification times: :func:`input_fingerprint`) exists.
+    Returns the manifest: counts as :func:`read_beir` reports them, plus ``files``: counts per input file.
+    Five Ray Data passes: corpus, queries, twins, qrels, per-query (a sixth sorts for ``max_queries``).
     """
-    key = storage.stage_key("ingest", cfg)
-    done = storage.completed(out_uri, key)
-    if done:
-        log.info("ingest: already done (%s)", out_uri)
+    files = _input_files(cfg.data, cfg.train_split)
+    fingerprint = input_fingerprint(cfg.data)
+    key = storage.stage_key("ingest", _keyed(cfg), fingerprint)
+    done, run = storage.begin(layout.ingest, "ingest", key, config=storage.config_hash(cfg))
+    if done is not None:
         return done
-    run = storage.StageRun(out_uri, "ingest", key, config=storage.config_hash(cfg))
-    data = read_beir(cfg.data, cfg.train_split, cfg)
-    queries, dropped = data.split_queries()
-    if cfg.max_queries and queries.num_rows > cfg.max_queries:
-        queries = queries.slice(0, cfg.max_queries)
-        run.counts["queries_limited_to"] = cfg.max_queries
-    twins = identical_text_groups(data.corpus)
-    table = positives_table(queries, data.positives(), twins)
-    storage.makedirs(out_uri)
-    for name, tbl in (("corpus", data.corpus), ("train_queries", table), ("train_dropped", dropped),
-                      (f"qrels_{cfg.train_split}", data.qrels)):
-        write_parquet(tbl, storage.join(out_uri, f"{name}.parquet"))
-    run.counts.update({
-        "docs": data.corpus.num_rows,
-        "train_queries": table.num_rows,
-        "train_queries_dropped": dropped.num_rows,
-        "docs_with_identical_text": len(twins),
-        "queries_with_excluded_twins": sum(1 for x in table.column(C.EXCLUDED_IDS).to_pylist() if x),
-        **data.report.counts,
-    })
-    return run.finish(report=data.report.to_dict(), data=cfg.data)
+    assert run is not None
+    work = layout.path("ingest", "_work")
+    try:
+        with _user_errors():
+            report = _run(cfg, layout, files, work, run.counts)
+    finally:
+        storage.delete_dir(work)
+    return run.finish(report=report.to_dict(), data=cfg.data, input_fingerprint=fingerprint)
+
+
+def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: str,
+         counts: dict[str, Any]) -> IngestReport:
+    parts = _partitions(cfg, files)
+    report = IngestReport()
+    per_file: dict[str, dict[str, int]] = {}
+    join_args = {"aggregator_ray_remote_args": {"num_cpus": 0.25}}
+    w = {name: storage.join(work, name) for name in ("doc_hash", "query_keys", "doc_keys", "qrels", "train")}
+
+    # 1-2. corpus and queries: read (a task per file) → hash-partition by id → first definition wins
+    for kind, table in (("doc", "corpus"), ("query", "queries")):
+        id_col = C.DOC_ID if kind == "doc" else C.QUERY_ID
+        ds = _read(files[table], kind, cfg).repartition(parts, keys=[id_col], sort=True)
+        ds = ds.map_batches(dedupe_block, batch_size=None, batch_format="pyarrow", fn_kwargs={
+            "kind": kind, "names": files[table], "on_duplicate_id": cfg.on_duplicate_id,
+            "on_empty_text": cfg.on_empty_text})
+        outputs = ({"corpus": (layout.corpus, "corpus"), "doc_hash": (w["doc_hash"], "doc_hash")} if kind == "doc"
+                   else {"query_keys": (w["query_keys"], "query_keys")})
+        summary = _by_file(_execute(ds, outputs, text_summary_block), files[table])
+        _add_skips(report, summary, {"_dup": f"duplicate_{kind}_id", "_blank": f"empty_{kind}_text"})
+        read = sum(c[f"{_LINE}_count"] for c in summary.values())
+        kept = read - sum(c["n_dup_sum"] + c["n_blank_sum"] for c in summary.values())
+        counts["docs_read" if kind == "doc" else "queries_read"] = kept
+        for name in files[table]:
+            c = summary.get(name, {})
+            rows, dup, blank = c.get(f"{_LINE}_count", 0), c.get("n_dup_sum", 0), c.get("n_blank_sum", 0)
+            per_file[name] = {"rows": rows, "duplicate_ids": dup, "blank": blank, "kept": rows - dup - blank}
+        if kept == 0:
+            what = "passage" if kind == "doc" else "query"
+            raise IngestError(cfg.data, None, "empty_corpus" if kind == "doc" else "no_queries",
+                              f"no usable {what} in {table}: {read} rows read, {read - kept} blank or duplicate "
+                              f"({_skip_line(report, kind)}); fix the {table} files")
+    counts["docs"] = counts["docs_read"]
+
+    # 3. each doc's identical-text twins (hash-partitioned by TEXT_HASH, compared as text)
+    ds = _parquet(w["doc_hash"]).repartition(parts, keys=[C.TEXT_HASH], sort=True).map_batches(
+        twins_block, batch_size=None, batch_format="pyarrow")
+    counts["docs_with_identical_text"] = sum(
+        r["n"] for r in _execute(ds, {"doc_keys": (w["doc_keys"], "all")}, _twin_count_block))
+
+    # 4. qrels joined to the docs (known? twins) and the queries (known? blank?)
+    qrels = _read(files["qrels"], "qrels", cfg)
+    qrels = qrels.join(_parquet(w["doc_keys"]), "left_outer", parts, on=(C.DOC_ID,), **join_args)
+    qrels = qrels.join(_parquet(w["query_keys"]), "left_outer", parts, on=(C.QUERY_ID,), **join_args)
+    summary = _by_file(_execute(qrels, {"work": (w["qrels"], "all"), "qrels": (layout.qrels, "qrels")},
+                                qrels_summary_block), files["qrels"])
+    _add_skips(report, summary, {f"_qrel_{r}": f"qrel_{r}" for r in ("unknown_query", "empty_query_text", "unknown_doc")})
+    counts["qrels_read"] = sum(c[f"{_LINE}_count"] for c in summary.values())
+    for k, flag in (("qrels_kept", "_kept"), ("qrels_graded_above_1", "_graded"), ("qrels_not_positive", "_nonpos")):
+        counts[k] = sum(c[f"n{flag}_sum"] for c in summary.values())
+    for name in files["qrels"]:
+        c = summary.get(name, {})
+        per_file[name] = {"rows": c.get(f"{_LINE}_count", 0), "kept": c.get("n_kept_sum", 0)}
+        if c.get(f"{_HEADERLESS}_max"):
+            report.notes.append(f"{name}: no header line; read as {c[f'{_HEADERLESS}_max']}-column qrels")
+            report.counts["qrels_files_without_header"] += 1
+    no_qrels = IngestError(cfg.data, None, "no_qrels",
+                           f"no usable qrels in qrels/{cfg.train_split}: {counts['qrels_read']} rows read, none "
+                           f"names a known query and doc ({_skip_line(report, 'qrel')})")
+    if counts["qrels_read"] == 0:
+        raise no_qrels
+
+    # 5. one row per query of the split (hash-partitioned by QUERY_ID): positives, twins, or a drop reason;
+    # with on_unknown_qrel=error it raises on the first unknown id it meets (file and line)
+    ds = _parquet(w["qrels"]).repartition(parts, keys=[C.QUERY_ID], sort=True).map_batches(
+        per_query_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"names": files["qrels"], "on_unknown_qrel": cfg.on_unknown_qrel})
+    limit = cfg.max_queries
+    train_uri = w["train"] if limit else layout.train_queries
+    rows = _execute(ds, {"train": (train_uri, "train"), "dropped": (layout.train_dropped, "dropped")},
+                    split_summary_block)
+    if counts["qrels_kept"] == 0:
+        raise no_qrels
+    reasons: dict[str, int] = defaultdict(int)
+    excluded = 0
+    for r in rows:
+        reasons[r[C.REASON]] += r["_excl_count"]
+        excluded += r["_excl_sum"]
+    train = reasons.pop("", 0)
+    if train == 0:
+        raise IngestError(cfg.data, None, "no_train_queries",
+                          f"no query of qrels/{cfg.train_split} has a positive: dropped {dict(reasons)}")
+    if limit and train > limit:  # the first N by query id: no row order involved
+        ds = _parquet(train_uri).sort(C.QUERY_ID).limit(limit)
+        excluded = sum(r["_excl_sum"] for r in _execute(ds, {"train": (layout.train_queries, "train")},
+                                                          split_summary_block))
+        counts["queries_limited_to"] = limit
+        train = limit
+    elif limit:
+        _execute(_parquet(train_uri), {"train": (layout.train_queries, "train")})
+    counts["train_queries"] = train
+    counts["train_queries_dropped"] = sum(reasons.values())
+    counts["train_queries_dropped_by_reason"] = dict(reasons)
+    counts["queries_with_excluded_twins"] = excluded
+    counts.update(report.counts)
+    counts["files"] = per_file
+    counts["partitions"] = parts
+    log.info("ingest %s [%s]: %d docs, %d training queries, %d dropped, %d qrels kept; %s", cfg.data,
+             cfg.train_split, counts["docs"], counts["train_queries"], counts["train_queries_dropped"],
+             counts["qrels_kept"], {k: v for k, v in report.counts.items() if k.startswith("skipped")})
+    return report
+
+
+def _twin_count_block(block: pa.Table) -> pa.Table:
+    n = pc.sum(pc.greater(pc.list_value_length(block[_TWINS]), 0)).as_py() or 0
+    return pa.table({"n": pa.array([n], pa.int64())})
+
+
+def _skip_line(report: IngestReport, kind: str) -> str:
+    skips = {k.removeprefix("skipped_"): v for k, v in report.counts.items()
+             if k.startswith("skipped_") and kind in k and v}
+    return ", ".join(f"{k}: {v}" for k, v in sorted(skips.items())) or "no rows skipped"
 
 
 def write_parquet(table: pa.Table, uri: str) -> None:
@@ -469,10 +1078,9 @@ def write_parquet(table: pa.Table, uri: str) -> None:
     pq.write_table(table, path, filesystem=fs)
 
 
-def corpus_dataset(out_uri: str, num_blocks: int | None = None):
-    """The ingested corpus as a Ray Dataset (streamed from Parquet; never collected on the driver)."""
+def corpus_dataset(corpus_uri: str, num_blocks: int | None = None):
+    """The ingested corpus (``layout.corpus``) as a Ray Dataset (streamed from Parquet; never collected)."""
     import ray.data
 
-    ds = ray.data.read_parquet(storage.join(out_uri, "corpus.parquet"))
+    ds = ray.data.read_parquet(corpus_uri)
     return ds.repartition(num_blocks) if num_blocks else ds
-

@@ -1,11 +1,17 @@
-"""Ingest: SciFact counts, both layouts, URIs, and one test per row of the bad-input table."""
+"""Ingest: SciFact counts, every layout, URIs, one test per row of the bad-input table, and the Ray Data stage:
+many files == one file, counts summed across files, errors naming file and line, results independent of
+how rows are split into files, blocks and partitions, degenerate inputs, the input fingerprint."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import random
+import re
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import SCIFACT
@@ -13,15 +19,22 @@ from conftest import SCIFACT
 from raymine import columns as C
 from raymine.config import IngestConfig
 from raymine.ingest import (
+    EMPTY_QUERY,
     NO_POSITIVE,
     UNKNOWN_QUERY,
     IngestError,
     identical_text_groups,
     ingest_stage,
+    input_fingerprint,
     normalize_text,
+    passage_text,
     positives_table,
     read_beir,
+    table_files,
+    text_hash,
+    twins_block,
 )
+from raymine.layout import Layout
 
 
 def make_beir(root: Path, corpus=None, queries=None, qrels=None, split="train", gz=False) -> str:
@@ -156,7 +169,7 @@ def test_qrels_to_unknown_docs_and_queries_are_counted(tmp_path):
 
 def test_unknown_qrel_error_mode(tmp_path):
     root = make_beir(tmp_path, qrels=["query-id\tcorpus-id\tscore", "q1\td1\t1", "q1\tnodoc\t1"])
-    with pytest.raises(IngestError, match=r"\[unknown_id\] qrels row 2 names unknown doc 'nodoc'"):
+    with pytest.raises(IngestError, match=r"train.tsv:3: \[unknown_id\] qrel names unknown doc 'nodoc'"):
         read_beir(root, "train", IngestConfig(on_unknown_qrel="error"))
 
 
@@ -246,14 +259,302 @@ def test_identical_text_twins_become_excluded_ids():
     assert table.column(C.EXCLUDED_IDS).to_pylist() == [["b"]]
 
 
-def test_ingest_stage_writes_tables_and_skips_rerun(tmp_path):
-    root = make_beir(tmp_path / "in", qrels=["query-id\tcorpus-id\tscore", "q1\td1\t1", "q2\td2\t0"])
-    out = str(tmp_path / "out")
-    m1 = ingest_stage(IngestConfig(data=root), out)
+# ------------------------------------------------------------------------------------------------
+# Multi-file layouts (driver reader) and the Ray Data stage
+# ------------------------------------------------------------------------------------------------
+DOCS = [
+    {"_id": "d1", "title": "Cats", "text": "cats purr"},
+    {"_id": "d2", "title": "", "text": "dogs bark"},
+    {"_id": "d3", "title": "cats", "text": "Cats  PURR"},  # identical passage to d1 once normalised
+    {"_id": "d4", "title": "", "text": "   "},  # blank: skipped
+    {"_id": "d5", "title": "Fish", "text": "fish swim"},
+    {"_id": "d2", "title": "", "text": "a second d2: skipped, the first is kept"},
+    {"_id": "d6", "title": "", "text": "cats\tcats purr"},  # a third twin
+    {"_id": "d7", "title": "Birds", "text": "birds fly"},
+    {"_id": "d5", "title": "", "text": " "},  # duplicate (blank, still a duplicate)
+    {"_id": "d8", "title": "Dogs", "text": "dogs bark"},  # "dogs dogs bark": not d2's twin
+    {"_id": "d9", "title": "", "text": "owls hoot at night"},
+    {"_id": "d10", "title": "Owls", "text": "hoot at night"},  # "Owls hoot at night": d9's twin
+    {"_id": "d11", "title": "", "text": "frogs croak"},
+]
+QUERIES = [
+    {"_id": "q1", "text": "what purrs"}, {"_id": "q2", "text": "who barks"}, {"_id": "q3", "text": "who flies"},
+    {"_id": "q3", "text": "duplicate q3: skipped"}, {"_id": "q4", "text": "blank doc"},
+    {"_id": "q5", "text": "only a zero grade"}, {"_id": "q6", "text": "dogs"}, {"_id": "q7", "text": "  "},
+    {"_id": "q8", "text": "cats again"}, {"_id": "q9", "text": "not in the train qrels"},
+]
+QRELS = [("q1", "d1", 1), ("q1", "d5", 0), ("q2", "d2", 2), ("q2", "nodoc", 1), ("q3", "d7", 1), ("q3", "d1", 1),
+         ("ghost", "d1", 1), ("q7", "d1", 1), ("q4", "d4", 1), ("q5", "d5", 0), ("q6", "d8", 1), ("q8", "d6", 1),
+         ("q8", "d9", 1), ("q8", "d6", 1)]
+QRELS_HEADER = "query-id\tcorpus-id\tscore"
+
+
+def _rows_to_file(path: Path, rows: list[dict], kind: str) -> None:
+    """jsonl, jsonl.gz or parquet by the file name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".parquet"):
+        idc = C.DOC_ID if kind == "doc" else C.QUERY_ID
+        cols = {idc: [r["_id"] for r in rows], C.TEXT: [r["text"] for r in rows]}
+        if kind == "doc":
+            cols[C.TITLE] = [r.get("title", "") for r in rows]
+        pq.write_table(pa.table(cols), path)
+        return
+    data = b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows)
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+
+
+def _qrels_to_file(path: Path, rows: list[tuple], header: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".parquet"):
+        pq.write_table(pa.table({C.QUERY_ID: [r[0] for r in rows], C.DOC_ID: [r[1] for r in rows],
+                                 C.SCORE: pa.array([r[2] for r in rows], pa.int32())}), path)
+        return
+    text = (QRELS_HEADER + "\n" if header else "") + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in rows)
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+
+
+def _split(rows: list, cuts: list[int]) -> list[list]:
+    bounds = [0, *cuts, len(rows)]
+    return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def make_multi(root: Path, docs=DOCS, queries=QUERIES, qrels=QRELS, doc_files=("a-000.jsonl", "a-001.jsonl.gz",
+               "a-002.parquet"), doc_cuts=(5, 11), query_files=("000.jsonl", "001.parquet"), query_cuts=(4,),
+               qrel_files=("000.tsv", "001.tsv"), qrel_cuts=(6,), headerless=(1,)) -> str:
+    """The same rows as ``make_beir`` would write, split over folders of files (names in reading order)."""
+    for name, part in zip(doc_files, _split(list(docs), list(doc_cuts)), strict=True):
+        _rows_to_file(root / "corpus" / name, part, "doc")
+    for name, part in zip(query_files, _split(list(queries), list(query_cuts)), strict=True):
+        _rows_to_file(root / "queries" / name, part, "query")
+    for i, (name, part) in enumerate(zip(qrel_files, _split(list(qrels), list(qrel_cuts)), strict=True)):
+        _qrels_to_file(root / "qrels" / "train" / name, part, header=i not in headerless)
+    (root / "corpus" / "_SUCCESS").write_text("")  # ignored: starts with "_"
+    return str(root)
+
+
+def make_single(root: Path) -> str:
+    return make_beir(root, corpus=DOCS, queries=QUERIES,
+                     qrels=[QRELS_HEADER] + [f"{q}\t{d}\t{s}" for q, d, s in QRELS])
+
+
+SKIP = IngestConfig(on_duplicate_id="skip")
+
+
+def test_folder_layout_reads_like_one_file(tmp_path):
+    one = read_beir(make_single(tmp_path / "one"), "train", SKIP)
+    many = read_beir(make_multi(tmp_path / "many"), "train", SKIP)
+    assert many.corpus.equals(one.corpus) and many.queries.equals(one.queries) and many.qrels.equals(one.qrels)
+    skips = {k: v for k, v in one.report.counts.items() if k != "qrels_files_without_header"}
+    assert {k: v for k, v in many.report.counts.items() if k != "qrels_files_without_header"} == skips
+    assert many.report.counts["qrels_files_without_header"] == 1
+
+
+def test_duplicate_across_files_names_both_files(tmp_path):
+    root = make_multi(tmp_path, docs=[{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}, {"_id": "d1", "text": "c"}],
+                      doc_files=("p0.jsonl", "p1.jsonl"), doc_cuts=(2,))
+    with pytest.raises(IngestError, match=r"corpus/p1.jsonl:1: \[duplicate_id\] doc id 'd1' already defined at "
+                                          r".*corpus/p0.jsonl:1"):
+        read_beir(root, "train")
+
+
+def test_table_files_layouts(tmp_path):
+    root = Path(make_multi(tmp_path))
+    assert [Path(f).name for f in table_files(str(root), "corpus")] == ["a-000.jsonl", "a-001.jsonl.gz", "a-002.parquet"]
+    assert [Path(f).name for f in table_files(str(root), "qrels", "train")] == ["000.tsv", "001.tsv"]
+    assert table_files(str(root), "qrels", "test") == []
+    # a single file wins over a folder; a `corpus.parquet` folder is read as its parts
+    _rows_to_file(root / "corpus.jsonl", DOCS[:2], "doc")
+    assert [Path(f).name for f in table_files(str(root), "corpus")] == ["corpus.jsonl"]
+    (root / "corpus.jsonl").unlink()
+    _rows_to_file(root / "corpus.parquet" / "part-1.parquet", DOCS[:2], "doc")
+    assert [Path(f).name for f in table_files(str(root), "corpus")] == ["part-1.parquet"]
+
+
+def test_twins_block_compares_text_not_only_hash():
+    """A forced hash collision (equal TEXT_HASH, different texts) never makes twins; lists sorted by id."""
+    t = pa.table({C.DOC_ID: ["b", "a", "c", "d"], C.PASSAGE: ["X  y", "x Y", "other", "solo"],
+                  C.TEXT_HASH: pa.array([7, 7, 7, 9], pa.int64())})
+    out = twins_block(t).to_pylist()
+    assert {r[C.DOC_ID]: r["_twins"] for r in out} == {"a": ["b"], "b": ["a"], "c": [], "d": []}
+    assert text_hash("X  y") == text_hash("x Y") != text_hash("x y z")
+
+
+def test_ingest_error_survives_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(IngestError("f.jsonl", 3, "json", "bad")))
+    assert isinstance(e, IngestError) and str(e) == "f.jsonl:3: [json] bad" and e.line == 3
+
+
+# ------------------------------------------------------------------------------------------------
+def _stage(data: str, out: Path, cfg: IngestConfig = SKIP) -> dict:
+    return ingest_stage(dataclasses.replace(cfg, data=data), Layout(str(out)))
+
+
+def _table(uri: str, key: str) -> list[dict]:
+    return pads.dataset(uri, format="parquet").to_table().sort_by([(key, "ascending")]).to_pylist()
+
+
+def _outputs(out: Path) -> dict[str, list[dict]]:
+    lay = Layout(str(out))
+    qrels = sorted(pads.dataset(lay.qrels, format="parquet").to_table().to_pylist(),
+                   key=lambda r: (r[C.QUERY_ID], r[C.DOC_ID], r[C.SCORE]))
+    return {"corpus": _table(lay.corpus, C.DOC_ID), "train_queries": _table(lay.train_queries, C.QUERY_ID),
+            "train_dropped": _table(lay.train_dropped, C.QUERY_ID), "qrels": qrels}
+
+
+@pytest.fixture(scope="module")
+def stage_runs(ray_local, tmp_path_factory):
+    """The same rows ingested from one file per table, from folders of files, and split differently again
+    (other cuts, rows shuffled where the order has no meaning, other partitions and block sizes)."""
+    root = tmp_path_factory.mktemp("stage")
+    runs = {}
+    runs["one"] = (_stage(make_single(root / "one"), root / "out_one"), _outputs(root / "out_one"))
+    runs["many"] = (_stage(make_multi(root / "many"), root / "out_many"), _outputs(root / "out_many"))
+    # shuffle the corpus and queries, keeping each duplicated id's definitions in their order
+    rng = random.Random(3)
+
+    def shuffled(rows):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        out = [rows[i] for i in order]
+        for rid in {r["_id"] for r in rows}:
+            slots = [k for k, r in enumerate(out) if r["_id"] == rid]
+            for k, r in zip(slots, [r for r in rows if r["_id"] == rid], strict=True):
+                out[k] = r
+        return out
+
+    data = make_multi(root / "other", docs=shuffled(DOCS), queries=shuffled(QUERIES),
+                      doc_files=("x0.parquet", "x1.jsonl", "x2.jsonl.gz", "x3.jsonl", "x4.jsonl"), doc_cuts=(1, 4, 9, 10),
+                      query_files=("q.jsonl.gz",), query_cuts=(), qrel_files=("a.tsv", "b.tsv.gz", "c.parquet"),
+                      qrel_cuts=(1, 9), headerless=())
+    runs["other"] = (_stage(data, root / "out_other", dataclasses.replace(SKIP, partitions=3, rows_per_block=1)),
+                     _outputs(root / "out_other"))
+    runs["reference"] = read_beir(str(root / "one"), "train", SKIP)
+    return runs
+
+
+def test_stage_matches_the_in_process_reference(stage_runs):
+    manifest, out = stage_runs["one"]
+    ref = stage_runs["reference"]
+    queries, dropped = ref.split_queries()
+    twins = identical_text_groups(ref.corpus)
+    expected = positives_table(queries, ref.positives(), twins)
+    corpus = ref.corpus.to_pylist()
+    for r in corpus:
+        r[C.PASSAGE] = passage_text(r[C.TITLE], r[C.TEXT])
+        r[C.TEXT_HASH] = text_hash(r[C.PASSAGE])
+    assert out["corpus"] == sorted(corpus, key=lambda r: r[C.DOC_ID])
+    # positives keep qrels order and count a repeated (query, doc) once; the reference repeats it
+    exp_q = sorted(expected.to_pylist(), key=lambda r: r[C.QUERY_ID])
+    for r in exp_q:
+        r[C.POSITIVE_IDS] = list(dict.fromkeys(r[C.POSITIVE_IDS]))
+    assert out["train_queries"] == exp_q
+    assert out["train_dropped"] == sorted(dropped.to_pylist(), key=lambda r: r[C.QUERY_ID])
+    assert out["qrels"] == sorted(ref.qrels.to_pylist(), key=lambda r: (r[C.QUERY_ID], r[C.DOC_ID], r[C.SCORE]))
+    # worked out by hand
+    rows = {r[C.QUERY_ID]: r for r in out["train_queries"]}
+    assert rows["q1"][C.EXCLUDED_IDS] == ["d3", "d6"] and rows["q3"][C.POSITIVE_IDS] == ["d7", "d1"]
+    assert rows["q8"][C.POSITIVE_IDS] == ["d6", "d9"] and rows["q8"][C.EXCLUDED_IDS] == ["d1", "d10", "d3"]
+    assert {r[C.QUERY_ID]: r[C.REASON] for r in out["train_dropped"]} == {
+        "ghost": UNKNOWN_QUERY, "q7": EMPTY_QUERY, "q4": NO_POSITIVE, "q5": NO_POSITIVE}
+    c = manifest["counts"]
+    for k, v in ref.report.counts.items():
+        assert c[k] == v, k
+    assert (c["docs"], c["train_queries"], c["train_queries_dropped"], c["docs_with_identical_text"],
+            c["queries_with_excluded_twins"]) == (10, 5, 4, 5, 3)
+    assert {r[C.DOC_ID]: r[C.TEXT] for r in out["corpus"]}["d2"] == "dogs bark"  # the first d2
+
+
+def test_many_files_equal_one_file(stage_runs):
+    assert stage_runs["many"][1] == stage_runs["one"][1]
+    assert stage_runs["other"][1] == stage_runs["one"][1]
+
+
+def test_counts_summed_across_files(stage_runs):
+    one, many, other = (stage_runs[k][0]["counts"] for k in ("one", "many", "other"))
+    ignore = {"files", "partitions", "qrels_files_without_header"}
+    assert {k: v for k, v in many.items() if k not in ignore} == {k: v for k, v in one.items() if k not in ignore}
+    assert {k: v for k, v in other.items() if k not in ignore} == {k: v for k, v in one.items() if k not in ignore}
+    assert many["qrels_files_without_header"] == 1 and "qrels_files_without_header" not in other
+    files = many["files"]
+    corpus = {k: v for k, v in files.items() if "/corpus/" in k}
+    assert [v["rows"] for _, v in sorted(corpus.items())] == [5, 6, 2]
+    assert sum(v["kept"] for v in corpus.values()) == one["docs_read"] == 10
+    assert sum(v["duplicate_ids"] for v in corpus.values()) == one["skipped_duplicate_doc_id"] == 2
+    assert sum(v["blank"] for v in corpus.values()) == one["skipped_empty_doc_text"] == 1
+    qrels = {k: v for k, v in files.items() if "/qrels/" in k}
+    assert sum(v["rows"] for v in qrels.values()) == one["qrels_read"] == len(QRELS)
+    assert sum(v["kept"] for v in qrels.values()) == one["qrels_kept"]
+    m = stage_runs["many"][0]
+    assert any("a-001.jsonl.gz:" in s for s in m["report"]["samples"]["duplicate_doc_id"])
+
+
+def test_stage_errors_name_file_and_line(ray_local, tmp_path):
+    docs = [*DOCS[:7], b'{"_id": "d99", "text": "truncated']
+    root = make_multi(tmp_path / "bad", docs=docs, doc_files=("p0.jsonl", "p1.jsonl"), doc_cuts=(5,))
+    with pytest.raises(IngestError, match=r"corpus/p1.jsonl:3: \[json\] not a JSON object") as e:
+        _stage(root, tmp_path / "out")
+    assert e.value.line == 3 and "Ray" not in str(e.value)
+    docs = [r for i, r in enumerate(DOCS) if i != 8]  # one duplicate only (d2): which one raises is then fixed
+    root = make_multi(tmp_path / "dup", docs=docs, doc_files=("p0.jsonl", "p1.parquet"), doc_cuts=(4,))
+    with pytest.raises(IngestError, match=r"corpus/p1.parquet:2: \[duplicate_id\] doc id 'd2' already defined at "
+                                          r".*corpus/p0.jsonl:2"):
+        _stage(root, tmp_path / "out", IngestConfig())
+    qrels = [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d7", 1), ("q2", "nodoc", 1)]  # one unknown id only
+    root = make_multi(tmp_path / "unk", qrels=qrels, qrel_files=("a.tsv", "b.tsv"), qrel_cuts=(2,), headerless=())
+    with pytest.raises(IngestError, match=r"qrels/train/b.tsv:3: \[unknown_id\] qrel names unknown doc 'nodoc'"):
+        _stage(root, tmp_path / "out", dataclasses.replace(SKIP, on_unknown_qrel="error"))
+
+
+@pytest.mark.parametrize("case", ["empty_corpus", "blank_corpus", "no_queries", "no_qrels", "no_positive"])
+def test_degenerate_inputs_are_clear_errors(ray_local, tmp_path, case):
+    kw: dict = {}
+    rule = {"empty_corpus": "empty_corpus", "blank_corpus": "empty_corpus", "no_queries": "no_queries",
+            "no_qrels": "no_qrels", "no_positive": "no_train_queries"}[case]
+    if case == "empty_corpus":
+        kw["corpus"] = []
+    elif case == "blank_corpus":
+        kw["corpus"] = [{"_id": "d1", "text": " "}, {"_id": "d2", "title": "", "text": "\t"}]
+    elif case == "no_queries":
+        kw["queries"] = [{"_id": "q1", "text": ""}]
+    elif case == "no_qrels":
+        kw["qrels"] = [QRELS_HEADER, "q1\tnodoc\t1", "ghost\td1\t1"]
+    else:
+        kw["qrels"] = [QRELS_HEADER, "q1\td1\t0", "q2\td2\t0"]
+    root = make_beir(tmp_path / "in", **kw)
+    with pytest.raises(IngestError, match=rf"{re.escape(root)}: \[{rule}\]") as e:
+        _stage(root, tmp_path / "out")
+    msg = str(e.value)
+    if case == "blank_corpus":
+        assert "2 rows read" in msg and "empty_doc_text: 2" in msg
+    if case == "no_qrels":
+        assert "2 rows read" in msg and "qrel_unknown_doc: 1" in msg and "qrel_unknown_query: 1" in msg
+    if case == "no_positive":
+        assert "no_positive" in msg
+
+
+def test_stage_skips_rerun_and_notices_changed_input(ray_local, tmp_path):
+    root = make_beir(tmp_path / "in", qrels=[QRELS_HEADER, "q1\td1\t1", "q2\td2\t0"])
+    m1 = _stage(root, tmp_path / "out", IngestConfig())
     assert m1["counts"]["train_queries"] == 1 and m1["counts"]["train_queries_dropped"] == 1
-    t = pq.read_table(Path(out) / "train_queries.parquet")
+    t = pads.dataset(Layout(str(tmp_path / "out")).train_queries, format="parquet").to_table()
     assert t.column(C.POSITIVE_IDS).to_pylist() == [["d1"]]
-    m2 = ingest_stage(IngestConfig(data=root), out)
-    assert m2["finished_at"] == m1["finished_at"]  # nothing re-ran
-    m3 = ingest_stage(IngestConfig(data=root, max_queries=5), out)
-    assert m3["key"] != m1["key"]
+    m2 = _stage(root, tmp_path / "out", IngestConfig(partitions=2))  # a knob of how, not what: still done
+    assert m2["finished_at"] == m1["finished_at"]
+    fp = input_fingerprint(root)
+    qrels = Path(root) / "qrels" / "train.tsv"
+    qrels.write_text(QRELS_HEADER + "\nq1\td1\t1\nq2\td2\t1\n")  # a corrected file at the same path
+    assert input_fingerprint(root) != fp
+    m3 = _stage(root, tmp_path / "out", IngestConfig())
+    assert m3["key"] != m1["key"] and m3["counts"]["train_queries"] == 2
+
+
+def test_max_queries_takes_the_first_by_id(ray_local, tmp_path):
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in (3, 1, 10, 2)]
+    qrels = [QRELS_HEADER] + [f"q{i}\td{1 + i % 3}\t1" for i in (3, 1, 10, 2)]
+    root = make_beir(tmp_path / "in", queries=queries, qrels=qrels)
+    m = _stage(root, tmp_path / "out", IngestConfig(max_queries=2))
+    got = _table(Layout(str(tmp_path / "out")).train_queries, C.QUERY_ID)
+    assert [r[C.QUERY_ID] for r in got] == ["q1", "q10"]  # string order
+    assert m["counts"]["train_queries"] == 2 and m["counts"]["queries_limited_to"] == 2
