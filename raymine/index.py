@@ -1,11 +1,11 @@
 """Sharded FAISS index on Ray actors: S shard actors over the corpus embeddings, each holding a FAISS
 index; a query batch fans out to every shard and the partial top-k lists merge
-(``raymine.topk.merge_topk_positions``) into the global top-k, equal to one brute-force search over the whole
-corpus for ``Flat``.
+(``raymine.topk.merge_topk_by_id``) into the global top-k, equal to one brute-force search over the whole
+corpus for ``Flat`` with ties broken by doc id (so no result depends on file layout or sharding).
 
 - The driver lists Parquet metadata only; every shard actor reads its own rows (files / row groups).
-- Global id of a document = its row in the corpus read in file-name order (shard offset + local row);
-  each shard maps its local rows back to the user's string doc ids.
+- Each shard keeps its rows sorted by doc id; the global int id of a document = shard offset + its
+  rank by id within the shard (shards are consecutive slices of the rows in file-name order).
 - Ceiling-aware search (positive-aware mining): exact indexes mask ``score >= ceiling`` inside the
   shard scan (torch matmul + top-k), so no depth is guessed. Indexes that cannot mask (IVF/PQ) are
   re-queried deeper (k doubling up to ``max_depth``) for the queries still short; the rest is counted.
@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raymine import storage
 from raymine.columns import DOC_ID, EMBEDDING
 from raymine.config import SearchConfig, to_dict
-from raymine.topk import MISSING_ID, merge_topk, merge_topk_positions, torch_search
+from raymine.topk import MISSING_ID, merge_topk, merge_topk_by_id, torch_search
 
 log = logging.getLogger(__name__)
 
@@ -202,38 +203,58 @@ class Shard:
             vectors = np.empty((n, dim), np.float32)  # [n, d]
         else:
             vectors = None  # codes only
-        train_rows = None
-        if not self.exact and n and not index.is_trained:
-            rng = np.random.default_rng(0)
-            train_rows = np.sort(rng.choice(n, min(n, self.cfg.train_sample), replace=False))  # [t]
-        sample: list[np.ndarray] = []
+        if vectors is None and _nlist(index) == 0:
+            raise ValueError(f"keep_vectors=False needs an IVF index (rows are added with ids), got "
+                             f"{self.cfg.index_factory!r}")
+        # rows are kept in doc-id order (ties at equal scores then break by id, not by file layout)
         ids: list[pa.Array] = []
-        for j, p in enumerate(self.pieces):
-            id_col, emb = self._read_piece(j, with_ids=True)  # [rows, d]
-            bad = ~np.isfinite(emb).all(axis=1)
-            if bad.any():
-                raise ValueError(f"{p.path} row group {p.row_group}: {int(bad.sum())} embeddings with NaN/inf")
+        for j, p in enumerate(self.pieces):  # pass 1: ids only
+            id_col = self._read_ids(j)
             if id_col.null_count:
                 raise ValueError(f"{p.path} row group {p.row_group}: null {DOC_ID}")
             ids.append(id_col.combine_chunks().cast(pa.string()))
+        file_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())  # [n] in file order
+        del ids
+        perm = pc.sort_indices(file_ids).to_numpy().astype(np.int64)  # [n] sorted row -> file row
+        inv = np.empty(n, np.int64)
+        inv[perm] = np.arange(n)  # [n] file row -> sorted row
+        self.doc_ids = file_ids.take(pa.array(perm))  # compact, not Python strs
+        del file_ids
+        train_rows = None  # [t] sorted rows sampled for IVF/PQ training (independent of the file layout)
+        if not self.exact and n and not index.is_trained:
+            rng = np.random.default_rng(0)
+            train_rows = np.sort(rng.choice(n, min(n, self.cfg.train_sample), replace=False))
+        sample = None
+        if vectors is None and train_rows is not None:
+            sample = np.empty((len(train_rows), dim), np.float32)  # [t, d]
+            train_file_rows = perm[train_rows]  # [t]
+        for j, p in enumerate(self.pieces):  # pass 2: vectors
+            emb = self._read_piece(j)  # [rows, d]
+            bad = ~np.isfinite(emb).all(axis=1)
+            if bad.any():
+                raise ValueError(f"{p.path} row group {p.row_group}: {int(bad.sum())} embeddings with NaN/inf")
             lo = self._starts[j]
             if vectors is not None:
-                vectors[lo : lo + len(emb)] = emb  # Flat: the index storage itself, the only copy
-            elif train_rows is not None:
-                sample.append(emb[train_rows[(train_rows >= lo) & (train_rows < lo + len(emb))] - lo])
+                vectors[inv[lo : lo + len(emb)]] = emb  # Flat: the index storage itself, the only copy
+            elif sample is not None:
+                sel = (train_file_rows >= lo) & (train_file_rows < lo + len(emb))
+                sample[sel] = emb[train_file_rows[sel] - lo]
             del emb
-        self.doc_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())  # compact, not Python strs
-        del ids
         self.vectors = vectors
+        # codes only: map sorted rows <-> file rows to re-read vectors (16 bytes/doc)
+        self._perm, self._inv = (perm, inv) if vectors is None else (None, None)
+        del perm, inv
         if not self.exact and n:
             if train_rows is not None:
-                index.train(vectors[train_rows] if vectors is not None else np.concatenate(sample))
+                index.train(vectors[train_rows] if vectors is not None else sample)
                 del sample
             if vectors is not None:
                 index.add(vectors)
-            else:  # second pass: add piece by piece, the raw vectors never all resident
+            else:  # pass 3: add piece by piece under the sorted rows as ids, never all vectors resident
                 for j in range(len(self.pieces)):
-                    index.add(self._read_piece(j, with_ids=False)[1])
+                    emb = self._read_piece(j)
+                    lo = self._starts[j]
+                    index.add_with_ids(emb, self._inv[lo : lo + len(emb)])
         pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
         self.index = index
         self.nlist = _nlist(index)
@@ -254,27 +275,32 @@ class Shard:
         self.build_s = time.time() - t0
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _read_piece(self, j: int, with_ids: bool) -> tuple[pa.ChunkedArray | None, np.ndarray]:
-        """(doc ids or None, embeddings float32 [rows, d]) of piece ``j``, read from Parquet."""
+    def _read_ids(self, j: int) -> pa.ChunkedArray:
+        """Doc ids of piece ``j`` (file order)."""
         p = self.pieces[j]
         fs, _ = storage.resolve(self.uri)
         with fs.open_input_file(p.path) as f:
-            pf = pq.ParquetFile(f)
-            # columns read separately: kept id arrays must not pin the row group's embedding buffers
-            id_col = pf.read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID).slice(p.lo, p.hi - p.lo) \
-                if with_ids else None
-            emb_col = pf.read_row_group(p.row_group, columns=[EMBEDDING]).column(EMBEDDING)
-        return id_col, _embeddings(emb_col.slice(p.lo, p.hi - p.lo), self.dim)
+            return pq.ParquetFile(f).read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID).slice(
+                p.lo, p.hi - p.lo)
+
+    def _read_piece(self, j: int) -> np.ndarray:
+        """Embeddings of piece ``j`` (file order) → float32 [rows, d], read from Parquet."""
+        p = self.pieces[j]
+        fs, _ = storage.resolve(self.uri)
+        with fs.open_input_file(p.path) as f:
+            emb_col = pq.ParquetFile(f).read_row_group(p.row_group, columns=[EMBEDDING]).column(EMBEDDING)
+        return _embeddings(emb_col.slice(p.lo, p.hi - p.lo), self.dim)
 
     def _vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """Exact vectors of shard rows ``[m]`` → float32 [m, d]: from RAM, or re-read from Parquet."""
         if self.vectors is not None:
             return self.vectors[rows]
         out = np.empty((len(rows), self.dim), np.float32)  # [m, d]
-        piece = np.searchsorted(self._starts, rows, side="right") - 1  # [m]
+        file_rows = self._perm[rows]  # [m]
+        piece = np.searchsorted(self._starts, file_rows, side="right") - 1  # [m]
         for j in np.unique(piece):
             sel = piece == j
-            out[sel] = self._read_piece(int(j), with_ids=False)[1][rows[sel] - self._starts[j]]
+            out[sel] = self._read_piece(int(j))[file_rows[sel] - self._starts[j]]
         return out
 
     def _torch_vectors(self):
@@ -312,10 +338,10 @@ class Shard:
         parts_s, parts_i = [], []
         above = np.zeros(q.shape[0], np.int64)
         for j in range(len(self.pieces)):  # codes-only: stream the shard's rows from Parquet
-            emb = np.array(self._read_piece(j, with_ids=False)[1])  # writable copy for torch  [rows, d]
+            emb = np.array(self._read_piece(j))  # writable copy for torch  [rows, d]
             s, i, a = torch_search(emb, q, kk, ceilings, return_above=True)
             parts_s.append(s)
-            parts_i.append(np.where(i >= 0, i + self._starts[j], MISSING_ID))
+            parts_i.append(np.where(i >= 0, self._inv[np.maximum(i, 0) + self._starts[j]], MISSING_ID))
             above += a
         s, i = merge_topk(parts_s, parts_i, kk)
         return s, i, above
@@ -513,13 +539,11 @@ class ShardedIndex:
             raise RuntimeError("the index is closed")
         qref = ray.put(q)
         parts = ray.get([a.search.remote(qref, k, ceilings, exact, nprobe) for a in self.actors])
-        scores = [p[0] for p in parts]
         gids = [np.where(p[1] >= 0, p[1] + off, MISSING_ID) for p, off in zip(parts, self.offsets, strict=True)]
-        s, g, pos = merge_topk_positions(scores, gids, k)
-        names = np.concatenate([p[2] for p in parts], axis=1)
-        out = np.full(g.shape, "", object)
-        hit = pos >= 0
-        out[hit] = np.take_along_axis(names, np.maximum(pos, 0), axis=1)[hit]
+        # ties by doc id: shards rank tied rows by id (rows sorted by id), the merge across shards too
+        s, out, pos = merge_topk_by_id([p[0] for p in parts], [p[2] for p in parts], k, return_positions=True)
+        g = np.where(pos >= 0, np.take_along_axis(np.concatenate(gids, axis=1), np.maximum(pos, 0), axis=1),
+                     MISSING_ID)  # [nq, k] global int ids
         above = np.sum([p[3] for p in parts], axis=0).astype(np.int64).reshape(nq)
         exhausted = np.any([p[4] for p in parts], axis=0).reshape(nq)
         return s, g, out, above, exhausted

@@ -96,15 +96,16 @@ def merge_topk(
 
 
 def merge_topk_by_id(
-    scores_list: Sequence[np.ndarray], ids_list: Sequence[np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
+    scores_list: Sequence[np.ndarray], ids_list: Sequence[np.ndarray], k: int, return_positions: bool = False
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge per-shard top lists keyed by the user's string ids: ties by the smaller id string.
 
     scores_list[i] float32 ``[nq, k_i]``, ids_list[i] object ``[nq, k_i]`` ("" = missing). Returns
     ``(scores [nq,k] float32, ids object [nq,k])`` sorted descending, ties by id (code-point order, what
     ``sorted`` gives), missing as ``(-inf, "")``. Equal to a top-k over the whole corpus with the same tie
     rule when every shard returned its own top-k under that rule; independent of row order and of how
-    the corpus was split into shards."""
+    the corpus was split into shards. ``return_positions``: also ``pos [nq,k]``, each result's column in
+    the column-wise concatenation of the inputs (-1 where missing), to gather side data."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if len(scores_list) != len(ids_list) or not scores_list:
@@ -127,10 +128,13 @@ def merge_topk_by_id(
     out_s[miss] = -np.inf
     out_i[miss] = ""
     pad = k - order.shape[1]
+    pos = np.where(miss, -1, order).astype(np.int64)
     if pad > 0:
         out_s = np.concatenate([out_s, np.full((nq, pad), -np.inf, np.float32)], axis=1)  # [nq, k]
         out_i = np.concatenate([out_i, np.full((nq, pad), "", object)], axis=1)  # [nq, k]
-    return out_s.astype(np.float32, copy=False), out_i.astype(object, copy=False)
+        pos = np.concatenate([pos, np.full((nq, pad), -1, np.int64)], axis=1)  # [nq, k]
+    out = out_s.astype(np.float32, copy=False), out_i.astype(object, copy=False)
+    return (*out, pos) if return_positions else out
 
 
 # ------------------------------------------------------------------------------------------------

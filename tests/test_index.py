@@ -150,3 +150,29 @@ def test_exhausted_queries_are_requeried_with_a_larger_nprobe(ray_local, cluster
         s, got, _, short, stats = index.search_batch(queries, 100, return_stats=True)
         assert 0 < short <= stats["exhausted"] and stats["requeried_nprobe"] == 0
         assert ((got == "").any(axis=1).sum()) == short  # short = the queries with missing results
+
+
+def test_ties_break_by_doc_id_whatever_the_file_layout(ray_local, tmp_path):
+    """Small-integer vectors (ties everywhere), ids unrelated to row order: one file and a shuffled
+    three-file copy, split into different shards, give the same lists — score descending, ties by id."""
+    rng = np.random.default_rng(3)
+    n, d, k = 300, 4, 25
+    emb = rng.integers(-1, 2, size=(n, d)).astype(np.float32)
+    ids = np.array([f"t{i:04d}" for i in rng.permutation(n)], object)
+    queries = rng.integers(-1, 2, size=(9, d)).astype(np.float32)
+    full = queries @ emb.T  # [nq, n] exact small integers
+    ceil = np.array([np.inf, 1.0, 2.0, 0.0, np.inf, 1.0, 3.0, 2.0, -5.0], np.float32)
+    perm = rng.permutation(n)
+    layouts = [(write_embeddings(tmp_path / "one", ids, emb, splits=(1.0,)), [n]),
+               (write_embeddings(tmp_path / "three", ids[perm], emb[perm], row_group=40), [120, 0, 180])]
+    for c in (None, ceil):
+        want = []
+        for q in range(len(queries)):
+            ok = [r for r in range(n) if c is None or full[q, r] < c[q]]
+            top = sorted(ok, key=lambda r, q=q: (-full[q, r], ids[r]))[:k]
+            want.append([ids[r] for r in top] + [""] * (k - len(top)))
+        for uri, sizes in layouts:
+            cfg = SearchConfig(num_shards=len(sizes), backend="torch")
+            with ShardedIndex.from_parquet(uri, cfg, shard_rows=sizes) as index:
+                _, got, _, _ = index.search_batch(queries, k, c)
+                assert got.tolist() == want
