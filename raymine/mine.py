@@ -167,20 +167,29 @@ def _listed_hits(cand: pa.Array, fp: np.ndarray, starts: np.ndarray, in_row: np.
 
 def _first_true(mask: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
     """Columns of each row's first ``width`` True entries ``[nq, width]`` (-1 padded); ``count [nq]``: True
-    entries per row. Scans a window from each row's first True (kept or dropped candidates come in runs:
-    a ceiling removes the top of a list), the whole row only where the window falls short."""
+    entries per row (an upper bound will do). Scans a window from each row's first True (kept or dropped
+    candidates come in runs: a ceiling removes the top of a list), the whole row only where the window
+    falls short."""
     nq, k = mask.shape
     idx = np.full((nq, width), -1, np.int64)
     if width <= 0 or not nq or not k:
         return idx
     p = min(k, width + 8)
     start = np.minimum(np.argmax(mask, axis=1), k - p)  # [nq] first True (window kept inside the row)
-    cols = start[:, None] + np.arange(p)[None, :]  # [nq, p]
-    sub = np.take_along_axis(mask, cols, axis=1)
-    rank = np.cumsum(sub, axis=1, dtype=np.int32)  # [nq, p] 1-based rank among True
+    if k >= width:  # common case: the run starts at column 0 and has no hole
+        head = (start == 0) & mask[:, :width].all(axis=1)
+        idx[head] = np.arange(width)
+        rows = np.nonzero(~head)[0]
+    else:
+        rows = np.arange(nq)
+    if not rows.size:
+        return idx
+    cols = start[rows, None] + np.arange(p)[None, :]  # [nr, p]
+    sub = mask[rows[:, None], cols]
+    rank = np.cumsum(sub, axis=1, dtype=np.int32)  # [nr, p] 1-based rank among True
     r, c = np.nonzero(sub & (rank <= width))
-    idx[r, rank[r, c] - 1] = cols[r, c]
-    more = np.nonzero(rank[:, -1] < np.minimum(count, width))[0]  # rows with True entries past the window
+    idx[rows[r], rank[r, c] - 1] = cols[r, c]
+    more = rows[np.nonzero(rank[:, -1] < np.minimum(count[rows], width))[0]]  # True entries past the window
     if more.size:
         full, _ = S.gather(mask[more], width)
         idx[more] = full
