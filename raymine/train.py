@@ -315,7 +315,25 @@ def _train_loop(config: dict[str, Any]) -> None:
     from raymine.loading import save_student
 
     save_student(wrapped, model, cfg, config["out_dir"], rank, world)
-    report(with_checkpoint=step > start_step, extra={"tokens_per_s": tok_s, "train_s": elapsed})
+    rss = torch.tensor([_peak_rss_mib()], dtype=torch.float64)  # host RAM high-water mark of this rank
+    if group is not None:
+        rss = torch.cat([t for t in _all_gather(rss, group, world)])
+    report(with_checkpoint=step > start_step,
+           extra={"tokens_per_s": tok_s, "train_s": elapsed, "peak_rss_mib_per_rank": rss.tolist()})
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _all_gather(x: torch.Tensor, group, world: int) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    out = [torch.zeros_like(x) for _ in range(world)]
+    dist.all_gather(out, x, group=group)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,6 +453,7 @@ def train_stage(
         **history,
         "loss_plot": plot,
         "tokens_per_s": float(m.get("tokens_per_s", 0.0)),
+        "peak_rss_mib_per_rank": list(m.get("peak_rss_mib_per_rank", [])),
         **counts,
         "rows_not_in_a_step_per_epoch": dropped,
         "steps_per_epoch": steps_per_epoch,
