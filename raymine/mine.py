@@ -369,7 +369,15 @@ def mine_batch(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: 
         u = S.uniforms(qseeds, 1, S.STREAM_TEACHER)[:, 0]
         codes = None
         if cfg.ensemble != "intra_sample_no_dedup" and nt > 1:
-            codes = _window_codes(res, width)
+            # ids as codes where they decide: every multi-teacher row for dedup; for cross_sample only rows
+            # where some teacher has fewer than n (a fill may follow; elsewhere the drawn teacher's n suffice)
+            need = usable.sum(axis=1) >= 2
+            if cfg.ensemble == "cross_sample":
+                need &= (usable & (lens < n)).any(axis=1)
+            rows = np.nonzero(need)[0]
+            codes = np.full((nq, nt, width), -1, np.int64)
+            if rows.size:
+                codes[rows] = _window_codes(res, width, rows=rows)
         pt, pp, cnt, redo = E.ensemble_arrays(cfg.ensemble, lens, n, u, codes, present=usable)
         pc_ = np.full(pt.shape, -1, np.int64)  # column in the teacher's padded row
         for ti, r in enumerate(res):
