@@ -345,3 +345,50 @@ def test_tiny_mistral_recipe_fsdp_three_steps(ray_local, tiny_mistral_path, tmp_
 
     merged = AutoModel.from_pretrained(res["model_dir"])
     assert merged.config.is_causal is False and not any("lora" in n for n, _ in merged.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# 7B loading path on 2 gloo processes (no Ray): weights read on rank 0 only, broadcast into FSDP shards
+# ------------------------------------------------------------------------------------------------
+def _fsdp_load_worker(rank: int, port: int, path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from raymine.loading import _student, build_student
+    from raymine.model import load_backbone
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = TrainConfig(model=path, strategy="fsdp", lora=True, dtype="bfloat16", bidirectional=True,
+                          gradient_checkpointing=True, seed=5)
+        model, wrapped = build_student(cfg, torch.device("cpu"), rank, 2)
+        full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
+        # reference, built independently in this process: pretrained weights + LoRA init with the same seed
+        ref = _student(*load_backbone(path, torch.bfloat16, True), cfg).state_dict()
+        bad = [k for k in ref if not torch.equal(full[k].float(), ref[k].float())]
+        dtypes = sorted({str(v.dtype) for k, v in full.items() if "lora_" not in k and v.is_floating_point()})
+        buffers_ok = all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in
+                         _student(*load_backbone(path, torch.bfloat16, True), cfg).named_buffers())
+        torch.save({"bad": bad, "n": len(ref), "keys_equal": set(full) == set(ref), "base_dtypes": dtypes,
+                    "buffers_ok": buffers_ok}, f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_lora_weights_read_on_rank0_and_broadcast(tiny_mistral_path, tmp_path):
+    """Rank 1 builds on the meta device and never reads the weights; after sharding and the broadcast,
+    both ranks' full state dicts equal the pretrained weights + the seeded LoRA init (bf16 base)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_load_worker, args=(port, tiny_mistral_path, str(tmp_path)), nprocs=2, start_method="spawn")
+    for r in range(2):
+        res = torch.load(tmp_path / f"r{r}.pt")
+        assert res["keys_equal"] and res["n"] > 20 and res["bad"] == [], (r, res["bad"][:5])
+        assert res["base_dtypes"] == ["torch.bfloat16"] and res["buffers_ok"]
