@@ -80,7 +80,9 @@ def _lengths(col: pa.Array) -> np.ndarray:
 
 
 def _combine(col: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # one chunk: no copy
+    return col
 
 
 def _flat_strings(col: pa.Array) -> pa.Array:

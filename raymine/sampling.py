@@ -80,11 +80,14 @@ def fnv1a64(ids: Sequence[str] | np.ndarray) -> np.ndarray:
     data = arr.buffers()[2]
     data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
+    if not data.size:
+        return h
+    last = len(data) - 1
     with np.errstate(over="ignore"):
-        for j in range(int(lengths.max(initial=0))):
+        for j in range(int(lengths.max(initial=0))):  # one pass per byte position, all ids at once
             act = lengths > j
-            idx = np.nonzero(act)[0]
-            h[idx] = (h[idx] ^ data[starts[idx] + j].astype(np.uint64)) * _FNV_PRIME
+            b = data[np.minimum(starts + j, last)].astype(np.uint64)
+            h = np.where(act, (h ^ b) * _FNV_PRIME, h)
     return h
 
 
