@@ -527,8 +527,11 @@ def _labels(bits: np.ndarray, teachers: list[str]) -> pa.Array:
     """``"+".join`` of the teachers set in each row of ``bits [rows, T]`` (teacher order)."""
     nrow, nt = bits.shape
     if nt <= 16:
-        code = (bits.astype(np.int64) << np.arange(nt)[None, :]).sum(axis=1) if nrow else np.zeros(0, np.int64)
-        uniq, inv = np.unique(code, return_inverse=True)
+        code = bits.astype(np.int64) @ (1 << np.arange(nt, dtype=np.int64)) if nrow else np.zeros(0, np.int64)
+        uniq = np.nonzero(np.bincount(code, minlength=1 << nt))[0]  # combinations present, ascending
+        lut = np.zeros(1 << nt, np.int64)
+        lut[uniq] = np.arange(len(uniq))
+        inv = lut[code]
         names = pa.array(["+".join(t for ti, t in enumerate(teachers) if (c >> ti) & 1) for c in uniq.tolist()],
                          pa.string())
         return names.take(pa.array(inv.astype(np.int64)))
