@@ -825,7 +825,16 @@ def _wrapped_ingest_error(e: BaseException) -> IngestError | None:
         if type(x) is IngestError:
             return x
         todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
-    return None
+    # a cause lost on the way back from a worker still has its line in Ray's message
+    m = _WORKER_ERROR.search(str(e))
+    if m is None:
+        return None
+    where, rule, detail = m.groups()
+    file, _, line = where.rpartition(":")
+    return IngestError(file, int(line), rule, detail) if file and line.isdigit() else IngestError(where, None, rule, detail)
+
+
+_WORKER_ERROR = re.compile(r"raymine\.ingest\.IngestError: (.+?): \[(\w+)\] ([^\n]*)")
 
 
 def _partitions(cfg: IngestConfig, files: dict[str, list[str]]) -> int:
@@ -867,10 +876,16 @@ def _parts_sink(outputs: dict[str, tuple[str, str]], summary: Any = None):
             self.summaries: list[dict[str, Any]] = []
 
         def write(self, blocks, ctx) -> list[dict[str, Any]]:
+            with _user_errors():  # in the worker: Ray's UserCodeException loses its cause when pickled
+                return self._write(blocks, ctx)
+
+        def _write(self, blocks, ctx) -> list[dict[str, Any]]:
             rows: list[dict[str, Any]] = []
             for j, block in enumerate(blocks):
                 if not isinstance(block, pa.Table):
                     block = pa.Table.from_pandas(block, preserve_index=False)
+                if block.num_rows == 0:  # an empty block may skip the UDF and lack its columns
+                    continue
                 for uri, rule in outputs.values():
                     t = select_block(block, rule)
                     if t.num_rows:
@@ -940,7 +955,8 @@ def ingest_stage(cfg: IngestConfig, layout: Layout) -> dict[str, Any]:
     POSITIVE_IDS, EXCLUDED_IDS), ``layout.train_dropped`` (QUERY_ID, REASON), ``layout.qrels`` (QUERY_ID,
     DOC_ID, SCORE: the train split's kept rows). Skipped when a finished manifest with the same config and
     the same input files (names, sizes, modification times: :func:`input_fingerprint`) exists.
-    Returns the manifest: counts as :func:`read_beir` reports them, plus ``files``: counts per input file.
+    Returns the manifest: ``counts`` as :func:`read_beir` reports them (ints only), ``files``: counts per
+    input file, ``report``: skip samples (file:line) and notes, ``input_fingerprint``.
     Five Ray Data passes: corpus, queries, twins, qrels, per-query (a sixth sorts for ``max_queries``).
     """
     files = _input_files(cfg.data, cfg.train_split)
@@ -953,14 +969,16 @@ def ingest_stage(cfg: IngestConfig, layout: Layout) -> dict[str, Any]:
     work = layout.path("ingest", "_work")
     try:
         with _user_errors():
-            report = _run(cfg, layout, files, work, run.counts)
+            report, per_file = _run(cfg, layout, files, work, run.counts)
     finally:
         storage.delete_dir(work)
-    return run.finish(report=report.to_dict(), data=cfg.data, input_fingerprint=fingerprint)
+    return run.finish(report=report.to_dict(), files=per_file, data=cfg.data, input_fingerprint=fingerprint,
+                      partitions=_partitions(cfg, files))
 
 
 def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: str,
-         counts: dict[str, Any]) -> IngestReport:
+         counts: dict[str, Any]) -> tuple[IngestReport, dict[str, dict[str, int]]]:
+    """The five passes; fills ``counts``; returns the report (skip samples, notes) and counts per file."""
     parts = _partitions(cfg, files)
     report = IngestReport()
     per_file: dict[str, dict[str, int]] = {}
@@ -1050,15 +1068,13 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
         _execute(_parquet(train_uri), {"train": (layout.train_queries, "train")})
     counts["train_queries"] = train
     counts["train_queries_dropped"] = sum(reasons.values())
-    counts["train_queries_dropped_by_reason"] = dict(reasons)
+    report.notes.append(f"train queries dropped by reason: {dict(sorted(reasons.items()))}")
     counts["queries_with_excluded_twins"] = excluded
     counts.update(report.counts)
-    counts["files"] = per_file
-    counts["partitions"] = parts
     log.info("ingest %s [%s]: %d docs, %d training queries, %d dropped, %d qrels kept; %s", cfg.data,
              cfg.train_split, counts["docs"], counts["train_queries"], counts["train_queries_dropped"],
              counts["qrels_kept"], {k: v for k, v in report.counts.items() if k.startswith("skipped")})
-    return report
+    return report, per_file
 
 
 def _twin_count_block(block: pa.Table) -> pa.Table:
