@@ -94,10 +94,12 @@ def main() -> None:
                       warmup_steps=0, lr=1e-4, save_merged=False, log_every=1, checkpoint_every=100)
     res = train_stage(mined, corpus, cfg, str(root / "model_out"), f"bench7b-{uuid.uuid4().hex[:6]}",
                       storage_path=str(root / "ray"))
-    rss = res["peak_rss_mib_per_rank"]
+    rss = res["peak_rss_mib_after_load_per_rank"]
     print(f"train stage: {res['steps']} step, loss {res['final_loss']:.4f}, {res['wall_s']:.0f} s")
-    for r, v in enumerate(rss):
-        print(f"  rank {r}: peak RSS {v:7.0f} MiB = {v * MIB / n_bytes:.2f} x the bf16 model ({n_bytes / MIB:.0f} MiB)")
+    for r, (v, w_) in enumerate(zip(rss, res["peak_rss_mib_per_rank"], strict=True)):
+        print(f"  rank {r}: peak RSS after loading {v:7.0f} MiB = {v * MIB / n_bytes:.2f} x the bf16 model "
+              f"({n_bytes / MIB:.0f} MiB); whole run {w_:7.0f} MiB (on CPU this includes FSDP's unsharded "
+              "layers during forward/backward, which live in GPU memory on a GPU node)")
 
     # reload the adapter onto the base and compare with the trained adapter tensors
     from peft import PeftModel

@@ -1,12 +1,19 @@
 """Train stage: InfoNCE fine-tuning of the bi-encoder student on Ray Train (TorchTrainer).
 
-Input: Parquet in the sentence-transformers layout (``anchor``, ``positive``, ``negative_1..n``; one row per
-(query, positive)). Each worker iterates its ``get_dataset_shard("train")``; tokenisation happens in the
-collate. DDP for small models (one forward per step: queries and passages concatenated), FSDP2
-(``fully_shard`` per decoder layer, bf16 compute over fp32 shards) for 7B. Checkpoints go through
-``ray.train.report`` every ``checkpoint_every`` steps; a re-run with the same ``run_name`` and
-``storage_path`` resumes from ``ray.train.get_checkpoint()``. Rank 0 saves a folder loadable by
-``transformers.AutoModel`` and ``SentenceTransformer``.
+Input: the mined table (ids) and the corpus. :mod:`raymine.train_data` joins them (Ray Data) into an
+internal id-carrying table — one row per (query, positive) with all positive ids of the query and the
+query's negatives (variable number) — and writes each epoch's seeded order once; every worker streams
+the same order and takes its slice of each global batch, so the data order is a function of the seed
+alone. The loss masks, for each row, every in-batch passage (any worker) that is a known positive of the
+row's query, and optionally the passages the student scores above the row's positive (positive-aware).
+
+DDP for small models (one forward per step: queries and passages concatenated); FSDP2 + LoRA for 7B
+(:mod:`raymine.loading`: weights read once on rank 0, bf16 frozen base, adapter-only save). LR schedule
+from ``transformers.get_scheduler``; loss, learning rate and masked counts recorded per step, plotted to
+``loss_curve.png`` in the model folder. Checkpoints go through ``ray.train.report`` every
+``checkpoint_every`` steps; a lost worker restarts the group from the last checkpoint (``FailureConfig``),
+and a re-run with the same ``run_name`` and ``storage_path`` resumes from it. Dropout is seeded per
+(step, rank), so a resumed run equals an uninterrupted one.
 
 Ray is imported inside functions only: the model and loss it uses run without Ray.
 """
@@ -225,6 +232,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, ctx.get_local_world_size())))
 
     model, wrapped = build_student(cfg, device, rank, world)
+    rss_loaded = _peak_rss_mib()  # host RAM high-water mark once the model is built (the loading path's peak)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg, total_steps)
@@ -315,11 +323,12 @@ def _train_loop(config: dict[str, Any]) -> None:
     from raymine.loading import save_student
 
     save_student(wrapped, model, cfg, config["out_dir"], rank, world)
-    rss = torch.tensor([_peak_rss_mib()], dtype=torch.float64)  # host RAM high-water mark of this rank
+    rss = torch.tensor([[rss_loaded, _peak_rss_mib()]], dtype=torch.float64)  # [1, 2] high-water marks, MiB
     if group is not None:
-        rss = torch.cat([t for t in _all_gather(rss, group, world)])
+        rss = torch.cat(_all_gather(rss, group, world))  # [world, 2]
     report(with_checkpoint=step > start_step,
-           extra={"tokens_per_s": tok_s, "train_s": elapsed, "peak_rss_mib_per_rank": rss.tolist()})
+           extra={"tokens_per_s": tok_s, "train_s": elapsed, "peak_rss_mib_after_load_per_rank": rss[:, 0].tolist(),
+                  "peak_rss_mib_per_rank": rss[:, 1].tolist()})
 
 
 def _peak_rss_mib() -> float:
@@ -453,6 +462,7 @@ def train_stage(
         **history,
         "loss_plot": plot,
         "tokens_per_s": float(m.get("tokens_per_s", 0.0)),
+        "peak_rss_mib_after_load_per_rank": list(m.get("peak_rss_mib_after_load_per_rank", [])),
         "peak_rss_mib_per_rank": list(m.get("peak_rss_mib_per_rank", [])),
         **counts,
         "rows_not_in_a_step_per_epoch": dropped,

@@ -283,10 +283,17 @@ def test_same_seed_same_model(minilm_run, minilm_path, minilm_data, tmp_path):
 
 
 def _train_worker_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """PIDs of this test session's Ray Train worker processes (descendants of this process only)."""
+    import psutil
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if "TrainWorker" in (a.class_name or "") and a.pid]
+    pids = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
 
 
 def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, minilm_path, minilm_data, tmp_path):
