@@ -45,7 +45,7 @@ def write_corpus(folder: str, n: int, dim: int, seed: int, rows_per_file: int = 
         m = min(rows_per_file, n - lo)
         x = rng.standard_normal((m, dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        t = pa.table({DOC_ID: pa.array([f"d{i}" for i in range(lo, lo + m)]),
+        t = pa.table({DOC_ID: pa.array([f"d{i:09d}" for i in range(lo, lo + m)]),  # id order = row order
                       EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)})
         pq.write_table(t, os.path.join(folder, f"part-{f:05d}.parquet"), row_group_size=8192)
 

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raymine import storage
+from raymine._deps import import_faiss
 from raymine.columns import DOC_ID, EMBEDDING
 from raymine.config import SearchConfig, to_dict
 from raymine.topk import MISSING_ID, merge_topk, merge_topk_by_id, torch_search
@@ -177,7 +178,7 @@ class Shard:
     (the client re-queries it with a larger nprobe)."""
 
     def __init__(self, uri: str, pieces: list[Piece], dim: int, cfg: dict[str, Any], threads: int) -> None:
-        import faiss
+        faiss = import_faiss()
         import torch
 
         from raymine.config import SearchConfig
@@ -315,7 +316,7 @@ class Shard:
             self.cfg.backend == "auto" and self.torch_device == "cuda" and self.gpu_index is None))
 
     def _set_nprobe(self, nprobe: int) -> None:
-        import faiss
+        faiss = import_faiss()
 
         if self.nlist and nprobe != self._nprobe_set:
             for ix in (self.index, self.gpu_index):
@@ -420,7 +421,7 @@ class Shard:
 
 def _nlist(index: Any) -> int:
     """IVF cells of a FAISS index (0 when it has no IVF level)."""
-    import faiss
+    faiss = import_faiss()
 
     try:
         return int(faiss.extract_index_ivf(index).nlist)

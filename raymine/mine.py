@@ -594,11 +594,14 @@ def _positives_lists(full_positives: Any) -> pa.Table:
 # Ray stage
 # ------------------------------------------------------------------------------------------------
 def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, out_uri: str,
-               ensemble: bool = True, full_positives: Any = None, mined_uri: str | None = None) -> dict:
+               ensemble: bool = True, full_positives: Any = None, mined_uri: str | None = None,
+               upstream: Any = None) -> dict:
     """Mine hard negatives for every query in the teachers' candidate tables; returns the manifest.
 
-    ``full_positives`` (analysis mode): complete qrels (table, Parquet URI or dict qid -> doc ids);
-    the report then gives the known-false-negative rate of the mined negatives.
+    ``full_positives`` (analysis mode): complete qrels (table, Parquet URI or dict qid -> doc ids; a
+    Parquet URI holding ``POSITIVE_IDS`` lists — the ingest stage's train queries — is read by Ray Data,
+    never collected on the driver); the report then gives the known-false-negative rate of the mined
+    negatives. ``upstream``: the keys of the stages whose output this run reads (a new search re-mines).
     Writes the manifest, report, plot and ``dropped.parquet`` under ``out_uri`` and the mined rows
     under ``mined_uri`` (default ``out_uri/mined``).
     """
@@ -609,7 +612,7 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     teachers = list(candidates)
     mined_uri = mined_uri or storage.join(out_uri, "mined")
     key = storage.stage_key("mine", to_dict(cfg), candidates, queries_uri, ensemble, mined_uri,
-                            None if full_positives is None else "full_positives")
+                            None if full_positives is None else "full_positives", upstream)
     done = storage.completed(out_uri, key)
     if done is not None and full_positives is None:
         log.info("mine: already done in %s", out_uri)
@@ -628,7 +631,11 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
         {C.TEXT: C.QUERY})
     ds = ds.join(queries, "left_outer", cfg.join_partitions, on=(C.QUERY_ID,), aggregator_ray_remote_args=agg_args)
     if full_positives is not None:
-        fp = ray.data.from_arrow(_positives_lists(full_positives))
+        if isinstance(full_positives, str) and C.POSITIVE_IDS in _dataset(full_positives).schema.names:
+            fp = ray.data.read_parquet(full_positives).select_columns([C.QUERY_ID, C.POSITIVE_IDS]).rename_columns(
+                {C.POSITIVE_IDS: _FULL_POS})
+        else:
+            fp = ray.data.from_arrow(_positives_lists(full_positives))
         ds = ds.join(fp, "left_outer", cfg.join_partitions, on=(C.QUERY_ID,), aggregator_ray_remote_args=agg_args)
     out = ds.map_batches(mine_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                          fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble}).materialize()

@@ -19,7 +19,7 @@ from typing import Any
 from raymine import columns as C
 from raymine import storage
 from raymine.config import Config, TeacherConfig, config_hash, to_dict
-from raymine.errors import UserError
+from raymine.errors import UserError, in_stage
 from raymine.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,11 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     storage.makedirs(cfg.output)
     with storage.RunLock(cfg.output):
         run = _Run(cfg, Layout(cfg.output))
-        steps = (run.embed, run.search, run.mine, run.train, run.evaluate)
-        run.ingest()
-        for step in steps[: upto + 1]:
-            step()
+        steps = (("ingest", run.ingest), ("embed", run.embed), ("search", run.search), ("mine", run.mine),
+                 ("train", run.train), ("evaluate", run.evaluate))
+        for name, step in steps[: upto + 2]:
+            with in_stage(name):
+                step()
         return _finish(run.report, cfg.output, t0)
 
 
@@ -129,7 +130,7 @@ class _Run:
         mined = mine_stage(candidates, L.train_queries, cfg.mine, L.mine, mined_uri=L.mined, full_positives=full,
                            upstream=upstream)
         self._done("mine", mined)
-        self._done("export", export_stage(cfg, L, upstream=mined["key"]))
+        self._done("export", export_stage(cfg, L))
 
     # ---- train ----------------------------------------------------------------------------------
     def train(self) -> None:
@@ -254,6 +255,12 @@ def render_report(report: dict[str, Any], out: str | None = None) -> str:
         tot = mine.get("totals", {})
         lines.append(f"| **after ensembling** | {tot.get('queries_out')} | | | | | | {tot.get('requested')} | "
                      f"{tot.get('delivered')} | {100 * tot.get('shortfall', 0):.2f}% | {tot.get('known_fn')} |")
+    recalls = [(n.split(":", 1)[1], m["index"]["factory"], m["recall"]) for n, m in report["stages"].items()
+               if n.startswith("search:") and isinstance(m, dict) and m.get("recall")]
+    if recalls:
+        lines += ["", "## Approximate search recall against exact search", "", "| teacher | index | recall |",
+                  "|---|---|---|"]
+        lines += [f"| {t} | {f} | {', '.join(f'{k} {v:.3f}' for k, v in r.items())} |" for t, f, r in recalls]
     figures = [(title, rel) for title, rel in (
         ("Teacher scores of positives, kept and dropped candidates", "mine/scores.png"),
         ("Training loss and learning rate", "model/loss_curve.png"),
