@@ -393,13 +393,13 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
         return done
     assert run is not None
     counts = dict.fromkeys(count_columns(plan), 0)
-    mined = ray.data.read_parquet(layout.mined, columns=list(C.MINED_COLUMNS))
+    mined = ray.data.read_parquet(layout.mined).select_columns(list(C.MINED_COLUMNS))
     if mined.count():  # Parquet metadata only
         parts = cfg.export.join_partitions
         agg = {"num_cpus": 0.25}
         names = _schema_names(corpus)
         cols = [C.DOC_ID, *([C.PASSAGE] if C.PASSAGE in names else [c for c in (C.TITLE, C.TEXT) if c in names])]
-        passages = ray.data.read_parquet(corpus, columns=cols).map_batches(corpus_passages, batch_format="pyarrow")
+        passages = ray.data.read_parquet(corpus).select_columns(cols).map_batches(corpus_passages, batch_format="pyarrow")
         ids = mined.map_batches(explode_ids, batch_format="pyarrow")
         joined = ids.join(passages, "left_outer", parts, on=(C.DOC_ID,), aggregator_ray_remote_args=agg)
         texts = joined.groupby(list(_KEYS), num_partitions=parts).map_groups(regroup_texts, batch_format="pyarrow")

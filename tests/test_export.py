@@ -186,11 +186,18 @@ def test_config_rejects_unknown_score_teacher_and_too_many_negatives(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The stage on Ray
+# The stage on Ray (three runs in all: Ray Data start-up dominates on 2 cores)
 # ------------------------------------------------------------------------------------------------
-def test_every_format_equals_the_reference_and_every_query_is_accounted_for(ray_local, tmp_path):
-    layout = _make_run(tmp_path, n_parts=2)
-    m = export_stage(_cfg(tmp_path), layout)
+@pytest.fixture(scope="module")
+def default_run(ray_local, tmp_path_factory) -> tuple[Layout, dict]:
+    """The default export config on a 2-file mined table and a 2-file corpus folder."""
+    root = tmp_path_factory.mktemp("export_default")
+    layout = _make_run(root, n_parts=2)
+    return layout, export_stage(_cfg(root), layout)
+
+
+def test_every_format_equals_the_reference_and_every_query_is_accounted_for(default_run):
+    layout, m = default_run
     c = m["counts"]
     assert c["mined_rows"] == len(MINED) and c["exported_rows"] == len(EXPORTED)
     assert c["dropped"] == {"no_query_text": 0, "no_positive_text": 1, "too_few_negatives": 2}
@@ -204,27 +211,41 @@ def test_every_format_equals_the_reference_and_every_query_is_accounted_for(ray_
     # exported and dropped partition the mined rows
     assert EXPORTED | set(DROPPED) == {r[0] for r in MINED} and not EXPORTED & set(DROPPED)
     # done: the same call is skipped
-    assert export_stage(_cfg(tmp_path), layout)["finished_at"] == m["finished_at"]
+    assert export_stage(_cfg(Path(layout.root)), layout)["finished_at"] == m["finished_at"]
+    # FlagEmbedding with unscored=null (default): every exported row is a line, null scores where the
+    # row's negatives come from several teachers or from a teacher other than score_teacher (minilm)
+    lines = _read(layout, "flagembedding")
+    assert {ln["query"] for ln in lines if ln["pos_scores"] is None} == {"heart disease", "bm25 only"}
 
 
-def test_result_is_independent_of_files_blocks_and_partitions(ray_local, tmp_path):
-    a = _make_run(tmp_path / "a", n_parts=1)
-    b = _make_run(tmp_path / "b", n_parts=3)
-    export_stage(_cfg(tmp_path / "a", join_partitions=1, rows_per_part=100), a)
-    export_stage(_cfg(tmp_path / "b", join_partitions=3, rows_per_part=1), b)
+def test_result_is_independent_of_files_blocks_and_partitions(default_run, tmp_path):
+    a, _ = default_run  # 2 files, 4 join partitions, one batch
+    b = _make_run(tmp_path, n_parts=1)
+    export_stage(_cfg(tmp_path, join_partitions=1, rows_per_part=1), b)  # 1 file, 1 partition, 1 row a batch
     for fmt in FORMATS:
         assert _canon(_read(a, fmt)) == _canon(_read(b, fmt)), fmt
     assert len(list((Path(b.exports) / "nemo").glob("*.jsonl"))) > 1  # several worker parts
 
 
-def test_scores_come_from_one_teacher_and_single_parquet_corpus_without_passage(ray_local, tmp_path):
-    """score_teacher=bm25, rows of other teachers dropped where scores are required; the corpus is the
-    single-file ingest output without a passage column (passage built from title + text)."""
-    layout = _make_run(tmp_path, corpus_folder=False)
-    cfg = _cfg(tmp_path, score_teacher="bm25", st_scores=True, unscored="drop", prompt="Given a claim: ",
-               data_type="normal")
-    c = export_stage(cfg, layout)["counts"]
-    for fmt in FORMATS:
+SCORED_FORMATS = tuple(f for f in FORMATS if f != "st_labeled_pair")
+
+
+@pytest.fixture(scope="module")
+def scored_run(ray_local, tmp_path_factory) -> tuple[Layout, dict]:
+    """score_teacher=bm25 with scores required everywhere; the corpus is the single-file ingest output
+    without a passage column (passage built from title + text); st_labeled_pair not asked for."""
+    root = tmp_path_factory.mktemp("export_scored")
+    layout = _make_run(root, corpus_folder=False)
+    cfg = _cfg(root, formats=SCORED_FORMATS, score_teacher="bm25", st_scores=True, unscored="drop",
+               prompt="Given a claim: ", data_type="normal")
+    return layout, export_stage(cfg, layout)
+
+
+def test_scores_come_from_one_teacher_and_single_parquet_corpus_without_passage(scored_run):
+    layout, m = scored_run
+    c = m["counts"]
+    assert not (Path(layout.exports) / "st_labeled_pair").exists() and set(c["formats"]) == set(SCORED_FORMATS)
+    for fmt in SCORED_FORMATS:
         want = _reference(fmt, score_teacher="bm25", st_scores=True, unscored="drop", prompt="Given a claim: ")
         assert _close(_read(layout, fmt), want), fmt
     # only q7 is wholly bm25 among the exported rows
@@ -232,22 +253,20 @@ def test_scores_come_from_one_teacher_and_single_parquet_corpus_without_passage(
     assert c["formats"]["nemo"]["no_teacher_scores"] == 0 and c["formats"]["nemo"]["rows"] == 4
     dropped = pads.dataset(str(Path(layout.exports) / "dropped"), format="parquet").to_table().to_pylist()
     assert {(r[C.QUERY_ID], r["format"]) for r in dropped if r[C.REASON] == "no_teacher_scores"} == {
-        (q, f) for q in ("q1", "q2", "q5") for f in ("flagembedding", "st_ntuple", "st_triplet", "st_labeled_pair",
-                                                      "st_labeled_list")}
+        (q, f) for q in ("q1", "q2", "q5") for f in ("flagembedding", "st_ntuple", "st_triplet", "st_labeled_list")}
 
 
-def test_flagembedding_lines_follow_its_data_format(ray_local, tmp_path):
+def test_flagembedding_lines_follow_its_data_format(scored_run, tmp_path):
     """FlagEmbedding's loader: datasets.load_dataset('json') over the folder's .jsonl files, then per line
     (AbsEmbedderTrainDataset.__getitem__): query str, pos/neg lists, and with knowledge distillation
     pos_scores/neg_scores numeric lists indexed like pos/neg; prompt str; type str."""
     import datasets
 
-    layout = _make_run(tmp_path)
-    export_stage(_cfg(tmp_path, unscored="drop"), layout)
+    layout, _ = scored_run
     files = sorted(str(p) for p in (Path(layout.exports) / "flagembedding").glob("*.jsonl"))
     ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     assert set(ds.column_names) == {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type"}
-    assert len(ds) == 2  # q1, q5: the rows wholly from minilm
+    assert ds["query"] == ["bm25 only"]  # q7: the one exported row wholly from bm25
     for row in ds:
         assert isinstance(row["query"], str) and row["query"]
         assert isinstance(row["pos"], list) and row["pos"] and all(isinstance(p, str) for p in row["pos"])
@@ -256,27 +275,20 @@ def test_flagembedding_lines_follow_its_data_format(ray_local, tmp_path):
         teacher_scores = [row["pos_scores"][0]] + [row["neg_scores"][j] for j in range(len(row["neg"]))]
         assert all(isinstance(s, (int, float)) for s in teacher_scores)
         assert max(row["neg_scores"]) < min(row["pos_scores"])  # one teacher's scale: negatives below positives
-        assert row["prompt"] == "" and row["type"] == "normal"
-    # with unscored=null every exported row is a line; scores are null where the row mixes teachers
-    export_stage(_cfg(tmp_path, unscored="null"), layout)
-    lines = _read(layout, "flagembedding")
-    assert len(lines) == len(EXPORTED)
-    assert {ln["query"] for ln in lines if ln["pos_scores"] is None} == {"heart disease", "bm25 only"}
+        assert row["prompt"] == "Given a claim: " and row["type"] == "normal"
 
 
-def test_nemo_lines_follow_the_customizer_embedding_format(ray_local, tmp_path):
-    layout = _make_run(tmp_path)
-    export_stage(_cfg(tmp_path, formats=("nemo",)), layout)
+def test_nemo_lines_follow_the_customizer_embedding_format(default_run):
+    layout, _ = default_run
     lines = _read(layout, "nemo")
     assert lines and all(set(ln) == {"query", "pos_doc", "neg_doc"} for ln in lines)
     for ln in lines:
         assert isinstance(ln["query"], str) and isinstance(ln["pos_doc"], str)
         assert isinstance(ln["neg_doc"], list) and len(ln["neg_doc"]) >= MIN_NEG
         assert all(isinstance(d, str) and d for d in ln["neg_doc"])
-    assert not (Path(layout.exports) / "st_ntuple").exists()  # formats chosen by config
 
 
-def test_sentence_transformers_loads_every_layout_and_trains_one_step(ray_local, tmp_path, minilm_path):
+def test_sentence_transformers_loads_every_layout_and_trains_one_step(default_run, tmp_path, minilm_path):
     """datasets.load_dataset('parquet') on each layout; one MultipleNegativesRankingLoss step on the n-tuple
     and the triplet exports with the packaged MiniLM (weights move, loss finite)."""
     import datasets
@@ -288,8 +300,7 @@ def test_sentence_transformers_loads_every_layout_and_trains_one_step(ray_local,
     )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    layout = _make_run(tmp_path)
-    export_stage(_cfg(tmp_path), layout)
+    layout, _ = default_run
     loaded = {}
     for fmt in ("st_ntuple", "st_triplet", "st_labeled_pair", "st_labeled_list"):
         files = sorted(str(p) for p in (Path(layout.exports) / fmt).glob("*.parquet"))
