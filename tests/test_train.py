@@ -211,7 +211,7 @@ def test_epoch_order_is_a_function_of_the_seed(ray_local, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def _minilm_cfg(minilm_path: str, **kw) -> TrainConfig:
     base = dict(model=minilm_path, num_workers=2, batch_size=2, grad_accum=1, num_hard_negatives=2,
-                query_max_length=24, passage_max_length=32, lr=1e-4, warmup_steps=1, max_steps=6,
+                query_max_length=24, passage_max_length=32, lr=1e-4, warmup_steps=1, max_steps=8,
                 checkpoint_every=3, log_every=1, temperature=0.05, seed=2, max_failures=1)
     return TrainConfig(**{**base, **kw})
 
@@ -246,8 +246,8 @@ def test_minilm_trains_records_and_loads_in_sentence_transformers(minilm_run, mi
     from raymine.train_data import order_keys
 
     res = minilm_run
-    assert res["rows"] == 18 and res["steps_per_epoch"] == 4 and res["steps"] == 6 and res["start_step"] == 0
-    assert len(res["losses"]) == len(res["lrs"]) == len(res["masked_same_query"]) == 6
+    assert res["rows"] == 18 and res["steps_per_epoch"] == 4 and res["steps"] == 8 and res["start_step"] == 0
+    assert len(res["losses"]) == len(res["lrs"]) == len(res["masked_same_query"]) == 8
     assert res["lrs"][0] == 0.0 and res["lrs"][1] == pytest.approx(1e-4)  # linear warm-up of 1 step, then decay
     # reference: each epoch's order recomputed here (python sort of the seeded keys); two sibling rows in one
     # global batch of 4 mask each other's positive: 2 masked (row, passage) pairs per pair
@@ -259,7 +259,7 @@ def test_minilm_trains_records_and_loads_in_sentence_transformers(minilm_run, mi
         for b in range(4):
             batch = order[4 * b: 4 * b + 4]
             expected.append(2 * (len(batch) - len({q for q, _ in batch})))
-    assert res["masked_same_query"] == expected[:6] and sum(expected[:6]) > 0
+    assert res["masked_same_query"] == expected and sum(expected) > 0
     assert Path(res["loss_plot"]).name == "loss_curve.png" and Path(res["loss_plot"]).stat().st_size > 1000
     out = res["model_dir"]
     ours = BiEncoder.from_config(TrainConfig(model=out))
@@ -297,7 +297,8 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, minilm_path, minilm_data, tmp_path):
-    """SIGKILL one training worker once the step-3 checkpoint exists (mid-epoch: 4 steps per epoch, 6 in all):
+    """SIGKILL one training worker once a checkpoint is committed (steps 3 and 6, both mid-epoch: 4 steps per
+    epoch, 8 in all):
     FailureConfig restarts the group from the checkpoint by itself; steps, losses and weights equal the
     uninterrupted run."""
     from raymine.train import train_stage
@@ -309,7 +310,8 @@ def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, mini
     def killer():
         deadline = time.time() + 400
         while time.time() < deadline and not state["done"]:
-            if list((Path(storage_path) / run).glob("checkpoint_*")):
+            # a checkpoint Ray Train has committed (what a restart resumes from)
+            if (Path(storage_path) / run / "checkpoint_manager_snapshot.json").exists():
                 pids = _train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
@@ -323,8 +325,8 @@ def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, mini
     state["done"] = True
     th.join(timeout=5)
     assert state["killed"] is not None, "no training worker was killed"
-    assert res["start_step"] == 3, res["start_step"]  # resumed mid-epoch from the checkpoint, not from scratch
-    assert res["steps"] == 6
+    assert res["start_step"] in (3, 6), res["start_step"]  # resumed mid-epoch from a checkpoint, not from scratch
+    assert res["steps"] == 8
     assert res["losses"] == pytest.approx(minilm_run["losses"], rel=1e-5, abs=1e-6)
     a, b = _weights(minilm_run["model_dir"]), _weights(res["model_dir"])
     for k in a:
