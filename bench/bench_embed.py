@@ -55,7 +55,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from raymine.config import EmbedConfig, TeacherConfig
-    from raymine.embed import embed_stage, read_embeddings
+    from raymine.embed import EmbedInput, embed_tables, read_embeddings
     from raymine.encoders import Encoder, resolve_model_path
 
     ids, texts = load_corpus(Path(args.corpus), args.limit)
@@ -81,7 +81,6 @@ def main() -> None:
     del enc
 
     # 3. Ray Data stage
-    import ray
 
     from raymine.raycluster import init_ray
 
@@ -91,12 +90,18 @@ def main() -> None:
     cfg = EmbedConfig(num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
                       rows_per_block=args.rows_per_block)
     with tempfile.TemporaryDirectory() as tmp:
-        ds = ray.data.from_items([{"doc_id": i, "text": t} for i, t in zip(ids, texts, strict=False)])
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"doc_id": ids, "text": texts}), f"{tmp}/corpus.parquet",
+                       row_group_size=args.rows_per_block)
         t0 = time.perf_counter()
-        manifest = embed_stage(ds, "doc_id", "text", teacher, cfg, "passage", f"{tmp}/emb",
-                               input_key=f"bench-{time.time()}")
+        manifest = embed_tables(teacher, cfg, [EmbedInput("passage", f"{tmp}/corpus.parquet", "doc_id", "text",
+                                                          f"{tmp}/emb/corpus")], f"{tmp}/emb", f"bench-{time.time()}")
         ray_s = time.perf_counter() - t0
-        ray_ids, ray_emb = read_embeddings(f"{tmp}/emb", "doc_id")
+        ray_ids, ray_emb = read_embeddings(f"{tmp}/emb/corpus", "doc_id")
+    print(f"Ray stage: {manifest['counts']['actors_used']} actors used, busy fraction "
+          f"{manifest['counts']['busy_fraction']}")
     assert list(ray_ids) == ids, "Ray output is not in input order"
 
     rate = {"sentence-transformers encode": n / st_s, "raymine Encoder (1 process)": n / enc_s,

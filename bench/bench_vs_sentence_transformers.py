@@ -15,7 +15,10 @@ Runs alternate A, B, A, B... in one process; prints each wall time, the median r
 raymine / sentence-transformers, negatives delivered vs requested for both, and the overlap of the
 two negative sets (per query, compared by passage text since sentence-transformers returns texts).
 
-    .venv/bin/python bench/bench_vs_sentence_transformers.py --max-queries 200 --max-docs 2000 --repeats 1
+Also times the bare in-process compute (encode + exact search + filter, no Ray) to show the orchestration
+overhead.
+
+    .venv/bin/python bench/bench_vs_sentence_transformers.py --max-queries 0 --max-docs 0 --repeats 3
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def subset(data: str, max_queries: int, max_docs: int, out: Path) -> dict:
 
     from raymine import columns as C
     from raymine.ingest import read_beir
-    from raymine.mine import passage_text
+    from raymine.ingest import passage_text
 
     d = read_beir(data, "train")
     pos = d.positives()
@@ -71,55 +74,65 @@ def subset(data: str, max_queries: int, max_docs: int, out: Path) -> dict:
 
 
 def run_raymine(data_dir: Path, out: Path, model: str, args) -> tuple[float, dict[str, list[str]], dict]:
-    """One raymine run into a fresh folder: (wall s, query id -> negative doc ids, stage wall times)."""
+    """One raymine run of the pipeline (ingest → embed → search → mine, as the job runs them) into a fresh
+    folder: (wall s, query id -> negative doc ids, stage wall times)."""
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-    import ray.data
 
     from raymine import columns as C
-    from raymine.config import EmbedConfig, IngestConfig, MineConfig, SearchConfig, TeacherConfig
-    from raymine.embed import embed_stage
-    from raymine.filters import required_depth, score_ceiling
-    from raymine.index import ShardedIndex
-    from raymine.ingest import ingest_stage
-    from raymine.mine import mine_stage
-    from raymine.pipeline import _passage_batch
-    from raymine.search import search_stage
+    from raymine.config import load_config
+    from raymine.layout import Layout
+    from raymine.pipeline import _Run
 
     shutil.rmtree(out, ignore_errors=True)
-    teacher = TeacherConfig(model=model, query_max_length=args.max_length, passage_max_length=args.max_length,
-                            batch_size=args.batch_size)
-    ecfg = EmbedConfig(num_actors=args.num_actors, rows_per_block=args.rows_per_block,
-                       num_cpus_per_actor=args.cpus_per_actor)
-    scfg = SearchConfig(num_shards=args.num_shards)
-    mcfg = MineConfig(method="percpos", perc=0.95, num_negatives=args.num_negatives, sampling="top",
-                      join_partitions=2)
+    cfg = load_config(None, [
+        f"output={out}", f"ingest.data={data_dir}", "teachers=minilm", f"teacher_defs.minilm.model={model}",
+        f"teacher_defs.minilm.query_max_length={args.max_length}",
+        f"teacher_defs.minilm.passage_max_length={args.max_length}", f"teacher_defs.minilm.batch_size={args.batch_size}",
+        f"embed.num_actors={args.num_actors}", f"embed.num_cpus_per_actor={args.cpus_per_actor}",
+        f"embed.rows_per_block={args.rows_per_block}", f"search.num_shards={args.num_shards}",
+        "mine.method=percpos", "mine.perc=0.95", f"mine.num_negatives={args.num_negatives}", "mine.sampling=top",
+        "mine.join_partitions=2",
+    ])
+    run = _Run(cfg, Layout(cfg.output))
     t = {}
     t0 = time.perf_counter()
-    ingest_stage(IngestConfig(data=str(data_dir)), str(out / "ingest"))
-    t["ingest"] = time.perf_counter() - t0
-    corpus_ds = ray.data.read_parquet(str(out / "ingest" / "corpus.parquet")).map_batches(
-        _passage_batch, batch_format="pyarrow")
+    for name, step in (("ingest", run.ingest), ("embed", run.embed), ("search", run.search)):
+        s = time.perf_counter()
+        step()
+        t[name] = time.perf_counter() - s
+    from raymine.mine import mine_stage
+
     s = time.perf_counter()
-    embed_stage(corpus_ds, C.DOC_ID, C.TEXT, teacher, ecfg, "passage", str(out / "emb_corpus"), input_key="c")
-    q_ds = ray.data.read_parquet(str(out / "ingest" / "train_queries.parquet")).select_columns([C.QUERY_ID, C.TEXT])
-    embed_stage(q_ds, C.QUERY_ID, C.TEXT, teacher, ecfg, "query", str(out / "emb_queries"), input_key="q")
-    t["embed"] = time.perf_counter() - s
-    s = time.perf_counter()
-    positives = pq.read_table(out / "ingest" / "train_queries.parquet")
-    with ShardedIndex.from_parquet(str(out / "emb_corpus"), scfg) as index:
-        search_stage(str(out / "emb_queries"), positives, index,
-                     lambda n: required_depth(mcfg, n) + scfg.depth_slack, lambda p: score_ceiling(mcfg, p),
-                     scfg, str(out / "search"), "minilm")
-    t["search"] = time.perf_counter() - s
-    s = time.perf_counter()
-    mine_stage({"minilm": str(out / "search")}, str(out / "ingest" / "train_queries.parquet"), mcfg,
-               str(out / "mine"))
+    L = run.layout
+    mine_stage({"minilm": L.search("minilm")}, L.train_queries, cfg.mine, L.mine, mined_uri=L.mined)
     t["mine"] = time.perf_counter() - s
     wall = time.perf_counter() - t0
-    mined = pads.dataset(str(out / "mine" / "mined"), format="parquet").to_table(
-        columns=[C.QUERY_ID, C.NEGATIVE_IDS]).to_pylist()
+    mined = pads.dataset(L.mined, format="parquet").to_table(columns=[C.QUERY_ID, C.NEGATIVE_IDS]).to_pylist()
     return wall, {r[C.QUERY_ID]: r[C.NEGATIVE_IDS] for r in mined}, t
+
+
+def run_bare(sub: dict, model_path: str, args) -> float:
+    """The same compute in this process with no Ray: encode corpus + queries, exact top-k with the PercPos
+    ceiling (one matmul), the PercPos filter. The floor raymine's orchestration is measured against."""
+    import numpy as np
+
+    from raymine.config import TeacherConfig
+    from raymine.encoders import Encoder
+
+    t0 = time.perf_counter()
+    enc = Encoder(TeacherConfig(model=model_path, query_max_length=args.max_length,
+                                passage_max_length=args.max_length, batch_size=args.batch_size, device="cpu"))
+    ids = list(sub["texts"])
+    d = enc.encode([sub["texts"][i] for i in ids], "passage")  # [n, dim]
+    q = enc.encode([sub["qtext"][x] for x in sub["qids"]], "query")  # [nq, dim]
+    s = q @ d.T  # [nq, n]
+    row = {x: i for i, x in enumerate(ids)}
+    for j, x in enumerate(sub["qids"]):
+        pos = [row[p] for p in sub["positives"][x] if p in row]
+        ceil = 0.95 * s[j, pos].min() if s[j, pos].min() > 0 else s[j, pos].min() * 1.05
+        cand = np.where(s[j] < ceil)[0]
+        cand[np.argsort(-s[j, cand], kind="stable")[: args.num_negatives]]
+    return time.perf_counter() - t0
 
 
 def run_st(sub: dict, model_path: str, args) -> tuple[float, dict[str, list[str]]]:
@@ -185,18 +198,21 @@ def main() -> None:
     init_ray()
     print(f"ray.init: {time.perf_counter() - t0:.1f} s (once, not in raymine's times)")
 
-    times: dict[str, list[float]] = {"raymine": [], "st": []}
+    times: dict[str, list[float]] = {"raymine": [], "st": [], "bare": []}
     rm_negs: dict[str, list[str]] = {}
     st_negs: dict[str, list[str]] = {}
     for r in range(args.repeats):
-        order = ("raymine", "st") if r % 2 == 0 else ("st", "raymine")
+        order = ("raymine", "st", "bare") if r % 2 == 0 else ("st", "raymine", "bare")
         for which in order:
             if which == "raymine":
                 w, rm_negs, stages = run_raymine(work / "data", work / "rm", model_path, args)
                 detail = " ".join(f"{k}={v:.1f}" for k, v in stages.items())
-            else:
+            elif which == "st":
                 w, st_negs = run_st(sub, model_path, args)
                 detail = f"use_faiss={args.st_faiss}"
+            else:
+                w = run_bare(sub, model_path, args)
+                detail = "encode + matmul + filter in this process, no Ray"
             times[which].append(w)
             print(f"  run {r} {which:8s} {w:7.1f} s  ({detail})", flush=True)
 
@@ -224,6 +240,9 @@ def main() -> None:
           f"| {sum(len(v) == args.num_negatives for v in st_negs.values())} |")
     print()
     print(f"wall-time ratio raymine / sentence-transformers: {rm_t / st_t:.2f}")
+    bare = statistics.median(times["bare"])
+    print(f"orchestration overhead: raymine {rm_t:.1f} s vs bare in-process compute {bare:.1f} s "
+          f"(+{100 * (rm_t / bare - 1):.0f}%; goal <= 10%)")
     print(f"overlap of negative sets: {inter} shared of {union} distinct (pooled Jaccard {inter / max(union, 1):.3f}, "
           f"mean per-query Jaccard {statistics.fmean(jac) if jac else 0:.3f}); "
           f"{inter / max(st_n, 1):.1%} of sentence-transformers' negatives are also raymine's")
