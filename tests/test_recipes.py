@@ -57,6 +57,7 @@ def test_recipe_files_describe_the_paper_recipe():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # two full runs, ~15 min each on a busy 2-core machine (the suite's limit is 900 s)
 def test_both_7b_recipe_files_run_end_to_end_with_tiny_models(ray_local, tmp_path):
     teacher = build_tiny_sp_mistral(tmp_path / "tiny_e5_mistral", seed=1)
     student = build_tiny_decoder(tmp_path / "tiny_mistral_student", "mistral", seed=2)
