@@ -793,6 +793,8 @@ def select_block(block: pa.Table, rule: str) -> pa.Table:
     if rule == "qrels":
         ok = pc.and_(pc.fill_null(block[_KNOWN], False), pc.equal(pc.fill_null(block[_QEMPTY], True), False))
         return block.filter(ok).select(QRELS_SCHEMA.names).cast(QRELS_SCHEMA)
+    if rule == "train" and C.REASON not in block.column_names:  # already a train_queries table
+        return block.select(TRAIN_QUERIES_SCHEMA.names).cast(TRAIN_QUERIES_SCHEMA)
     if rule == "train":
         return block.filter(pc.is_null(block[C.REASON])).select(TRAIN_QUERIES_SCHEMA.names).cast(TRAIN_QUERIES_SCHEMA)
     if rule == "dropped":

@@ -75,39 +75,37 @@ def bad_beir(tmp_path_factory) -> Path:
 
 
 def test_every_query_is_mined_or_dropped_with_reason(ray_local, bad_beir, tmp_path):
-    from raymine.filters import required_depth, score_ceiling
     from raymine.ingest import ingest_stage
-    from raymine.mine import mine_stage, passage_text
-    from raymine.search import bm25_search_stage
+    from raymine.layout import Layout
+    from raymine.mine import mine_stage
+    from raymine.search import SearchSpec, open_index, search_teacher
 
     icfg = IngestConfig(data=str(bad_beir), on_duplicate_id="skip", on_empty_text="skip", on_unknown_qrel="skip")
-    im = ingest_stage(icfg, str(tmp_path / "ingest"))
+    layout = Layout(str(tmp_path))
+    im = ingest_stage(icfg, layout)
     counts = im["counts"]
     assert counts["skipped_duplicate_doc_id"] == 1 and counts["skipped_duplicate_query_id"] == 1
     assert counts["skipped_empty_doc_text"] == 1 and counts["skipped_empty_query_text"] == 1
 
-    queries = pq.read_table(tmp_path / "ingest" / "train_queries.parquet")
+    queries = pads.dataset(layout.train_queries, format="parquet").to_table()
     # a query whose positive the searched corpus lacks (e.g. embeddings of an older corpus)
     extra = pa.table({C.QUERY_ID: ["qs"], C.TEXT: ["spaghetti water moons"], C.POSITIVE_IDS: [["d_stale"]],
                       C.EXCLUDED_IDS: [[]]}, schema=queries.schema)
-    queries = pa.concat_tables([queries, extra])
+    queries = pa.concat_tables([queries, extra]).sort_by(C.QUERY_ID)
     queries_uri = str(tmp_path / "queries_plus.parquet")
     pq.write_table(queries, queries_uri)
     assert dict(zip(queries[C.QUERY_ID].to_pylist(), queries[C.TEXT].to_pylist(), strict=True))["q2"] == QUERIES[1]["text"]
 
-    corpus = pq.read_table(tmp_path / "ingest" / "corpus.parquet")
-    texts = [passage_text(t, x) for t, x in zip(corpus[C.TITLE].to_pylist(), corpus[C.TEXT].to_pylist(), strict=True)]
-    corpus = pa.table({C.DOC_ID: corpus[C.DOC_ID], C.TEXT: pa.array(texts, pa.string())})
     mine = MineConfig(method="percpos", num_negatives=2, sampling="top", join_partitions=2)
-    scfg = SearchConfig()
-    sm = bm25_search_stage(queries.select([C.QUERY_ID, C.TEXT]), corpus, queries, TeacherConfig(kind="bm25"),
-                           lambda n: required_depth(mine, n) + scfg.depth_slack,
-                           lambda s: score_ceiling(mine, s), scfg, str(tmp_path / "search"), "bm25")
+    scfg = SearchConfig(search_tasks=1)
+    spec = SearchSpec("bm25", queries_uri, None, str(tmp_path / "search"), mine, scfg, 64)
+    with open_index(TeacherConfig(kind="bm25"), scfg, layout.corpus, None) as index:
+        sm = search_teacher(index, spec, im["key"], dense=False)
     assert sm["counts"]["positives_not_found"] == 1 and sm["counts"]["queries"] == queries.num_rows
     mm = mine_stage({"bm25": str(tmp_path / "search")}, queries_uri, mine, str(tmp_path / "mine"))
 
     mined = pads.dataset(str(tmp_path / "mine" / "mined"), format="parquet").to_table()
-    dropped_ingest = pq.read_table(tmp_path / "ingest" / "train_dropped.parquet")
+    dropped_ingest = pads.dataset(layout.train_dropped, format="parquet").to_table()
     dropped_mine = pq.read_table(tmp_path / "mine" / "dropped.parquet")
     seen: list[tuple[str, str]] = [(q, "mined") for q in mined[C.QUERY_ID].to_pylist()]
     for t in (dropped_ingest, dropped_mine):
