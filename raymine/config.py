@@ -57,7 +57,7 @@ class IngestConfig:
     )
     max_queries: int = _f(0, "use only the first N training queries by query id (0 = all); for quick runs")
     partitions: int = _f(0, "hash partitions of ingest's id / text-hash shuffles; 0 = one per 64 MiB of input, "
-                            "at least 4")
+                            "at least 1")
     rows_per_block: int = _f(16384, "rows per block a read task yields (a file streams through in blocks)")
 
 
@@ -147,6 +147,8 @@ class SearchConfig:
     threads_per_shard: int = _f(0, "BLAS/OpenMP threads per shard actor; 0 = node cores // num_shards (at least 1)")
     num_gpus_per_shard: float = _f(0.0, "GPUs per shard actor")
     query_batch_size: int = _f(1024, "queries per search batch sent to every shard")
+    search_tasks: int = _f(2, "query workers (Ray Data actors) that fan query pieces out to the shards in parallel")
+    num_cpus_per_task: float = _f(0.25, "CPUs reserved per query worker (they mostly wait on the shards)")
     recall_sample: int = _f(1000, "queries sampled to report approximate-search recall@k against exact")
 
 
@@ -208,11 +210,21 @@ class TrainConfig:
     num_hard_negatives: int = _f(1, "hard negatives per query used in the loss (stage 1: 1, stage 2: 5)")
     in_batch_negatives: bool = _f(True, "use other queries' passages (all workers) as negatives")
     mask_duplicate_passages: bool = _f(True, "mask in-batch passages identical to the query's positive")
+    mask_same_query: bool = _f(True, "mask in-batch passages that are known positives of the row's query (by id)")
+    positive_aware: Literal["none", "perc", "margin", "mine"] = _f(
+        "none", "mask in-batch passages the student scores above the row's positive: 'perc' (pos - |pos|*(1-p)), "
+        "'margin' (pos + m), 'mine' (the mining method's rule: percpos or marginpos)")
+    positive_aware_perc: float = _f(0.95, "'perc': p of the positive-aware in-batch ceiling")
+    positive_aware_margin: float = _f(0.1, "'margin': m of the positive-aware in-batch ceiling (Qwen3-Embedding: 0.1)")
     batch_size: int = _f(32, "queries per worker per step")
     grad_accum: int = _f(1, "gradient accumulation steps")
     lr: float = _f(2e-5, "AdamW learning rate")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_steps: int = _f(10, "linear warm-up steps")
+    lr_scheduler: str = _f("linear", "transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...")
+    max_failures: int = _f(2, "Ray Train FailureConfig: worker-group restarts from the last checkpoint")
+    save_merged: bool = _f(True, "LoRA: also write the merged model (AutoModel/SentenceTransformer folder) beside "
+                                 "the adapter; the base is loaded in the compute dtype on rank 0")
     epochs: int = _f(1, "passes over the mined data")
     max_steps: int = _f(0, "stop after this many optimiser steps (0 = epochs decide)")
     num_workers: int = _f(2, "Ray Train workers")
