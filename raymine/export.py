@@ -76,6 +76,10 @@ JSONL_FORMATS = ("flagembedding", "nemo")
 FORMATS = ST_FORMATS + JSONL_FORMATS
 ROW_REASONS = ("no_query_text", "no_positive_text", "too_few_negatives")
 NO_TEACHER_SCORES = "no_teacher_scores"
+# CPUs reserved per shuffle aggregator actor (2 joins + 1 groupby, join_partitions each). Ray's own sizing
+# (up to 25% of the cluster's CPUs per shuffle) left too little for the 1-CPU read tasks on a 2-CPU node:
+# the job hung. The aggregators mostly hold blocks until their partition is complete; memory is sized apart.
+AGGREGATOR_CPUS = 0.05
 DROPPED = "dropped"  # exports/dropped/: QUERY_ID, TEACHER, REASON, FORMAT (null for row-level reasons)
 FORMAT = "format"
 DOCUMENT, DOCUMENTS, LABEL, LABELS, SCORE, SCORES = "document", "documents", "label", "labels", "score", "scores"
@@ -365,6 +369,13 @@ def _schema_names(uri: str) -> list[str]:
     return pads.dataset(path, filesystem=fs, format="parquet").schema.names
 
 
+def _count_rows(uri: str) -> int:
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+
 def _upstream(stage_dir: str) -> Any:
     """The key and finish time of the stage that wrote an input (None when it has no manifest)."""
     uri = storage.join(stage_dir, storage.MANIFEST)
@@ -393,22 +404,13 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
         return done
     assert run is not None
     counts = dict.fromkeys(count_columns(plan), 0)
-    mined = ray.data.read_parquet(layout.mined).select_columns(list(C.MINED_COLUMNS))
-    if mined.count():  # Parquet metadata only
-        parts = cfg.export.join_partitions
-        agg = {"num_cpus": 0.25}
-        names = _schema_names(corpus)
-        cols = [C.DOC_ID, *([C.PASSAGE] if C.PASSAGE in names else [c for c in (C.TITLE, C.TEXT) if c in names])]
-        passages = ray.data.read_parquet(corpus).select_columns(cols).map_batches(corpus_passages, batch_format="pyarrow")
-        ids = mined.map_batches(explode_ids, batch_format="pyarrow")
-        joined = ids.join(passages, "left_outer", parts, on=(C.DOC_ID,), aggregator_ray_remote_args=agg)
-        texts = joined.groupby(list(_KEYS), num_partitions=parts).map_groups(regroup_texts, batch_format="pyarrow")
-        full = mined.join(texts, "left_outer", parts, on=_KEYS, aggregator_ray_remote_args=agg)
-        out = full.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.export.rows_per_part,
-                               fn_kwargs={"plan": plan, "root": layout.exports})
-        for row in out.take_all():  # one row per worker batch
-            for k in counts:
-                counts[k] += int(row[k])
+    ctx = ray.data.DataContext.get_current()  # every Dataset built below copies it (the groupby's shuffle)
+    saved, ctx.hash_shuffle_operator_actor_num_cpus_override = (ctx.hash_shuffle_operator_actor_num_cpus_override,
+                                                                AGGREGATOR_CPUS)
+    try:
+        _run_export(cfg, layout, plan, corpus, counts)
+    finally:
+        ctx.hash_shuffle_operator_actor_num_cpus_override = saved
     dropped = {r: counts[r] for r in ROW_REASONS}
     if counts["exported_rows"] + sum(dropped.values()) != counts["mined_rows"]:
         raise RuntimeError(f"export: accounting mismatch {counts}")
@@ -421,3 +423,26 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
                           "path": storage.join(layout.exports, fmt)} for fmt in plan.formats},
     }
     return run.finish(dropped_path=storage.join(layout.exports, DROPPED))
+
+
+def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, counts: dict[str, int]) -> None:
+    """The Ray Data job; adds the workers' per-batch counts (one row per batch) into ``counts``."""
+    import ray.data
+
+    if not _count_rows(layout.mined):  # Parquet footers only, read on the driver (no Ray job for a count)
+        return
+    parts = cfg.export.join_partitions
+    agg = {"num_cpus": AGGREGATOR_CPUS}
+    names = _schema_names(corpus)
+    cols = [C.DOC_ID, *([C.PASSAGE] if C.PASSAGE in names else [c for c in (C.TITLE, C.TEXT) if c in names])]
+    passages = ray.data.read_parquet(corpus).select_columns(cols).map_batches(corpus_passages, batch_format="pyarrow")
+    mined = ray.data.read_parquet(layout.mined).select_columns(list(C.MINED_COLUMNS))
+    ids = mined.map_batches(explode_ids, batch_format="pyarrow")
+    joined = ids.join(passages, "left_outer", parts, on=(C.DOC_ID,), aggregator_ray_remote_args=agg)
+    texts = joined.groupby(list(_KEYS), num_partitions=parts).map_groups(regroup_texts, batch_format="pyarrow")
+    full = mined.join(texts, "left_outer", parts, on=_KEYS, aggregator_ray_remote_args=agg)
+    out = full.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.export.rows_per_part,
+                           fn_kwargs={"plan": plan, "root": layout.exports})
+    for row in out.take_all():
+        for k in counts:
+            counts[k] += int(row[k])
