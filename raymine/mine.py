@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,6 @@ from raymine import filters as F
 from raymine import sampling as S
 from raymine import storage
 from raymine.config import MineConfig, to_dict
-from raymine.ingest import passage_text
 
 log = logging.getLogger(__name__)
 
@@ -776,103 +775,3 @@ def _dataset(uri: str):
 
     fs, path = storage.resolve(uri)
     return pads.dataset(path, filesystem=fs, format="parquet")
-
-
-def _texts_for(corpus_uri: str, needed: set[str], batch_size: int = 65_536) -> dict[str, str]:
-    """Passage texts of only the needed ids, streaming the corpus once (never all of it in memory)."""
-    want = pa.array(sorted(needed), pa.string())
-    texts: dict[str, str] = {}
-    cols = [C.DOC_ID, C.TEXT] + ([C.TITLE] if C.TITLE in _dataset(corpus_uri).schema.names else [])
-    for b in _dataset(corpus_uri).to_batches(columns=cols, batch_size=batch_size):
-        ids = pc.cast(b.column(C.DOC_ID), pa.string())
-        hit = pc.is_in(ids, value_set=want)
-        if not pc.any(hit).as_py():
-            continue
-        sub = pa.Table.from_batches([b]).filter(hit)
-        titles = sub[C.TITLE].to_pylist() if C.TITLE in cols else [None] * sub.num_rows
-        for d, ti, te in zip(pc.cast(sub[C.DOC_ID], pa.string()).to_pylist(), titles, sub[C.TEXT].to_pylist(), strict=False):
-            texts[d] = passage_text(ti, te)
-    return texts
-
-
-def _needed_ids(mined_uri: str) -> set[str]:
-    needed: set[str] = set()
-    for b in _dataset(mined_uri).to_batches(columns=[C.POSITIVE_IDS, C.NEGATIVE_IDS]):
-        for c in (C.POSITIVE_IDS, C.NEGATIVE_IDS):
-            needed.update(b.column(c).flatten().to_pylist())
-    return needed
-
-
-def _mined_rows(mined_uri: str) -> Iterable[dict[str, Any]]:
-    cols = [C.QUERY_ID, C.QUERY, C.POSITIVE_IDS, C.NEGATIVE_IDS]
-    for b in _dataset(mined_uri).to_batches(columns=cols):
-        yield from b.to_pylist()
-
-
-def export_sentence_transformers(mined_uri: str, corpus_uri: str, out_uri: str, num_negatives: int) -> dict:
-    """Parquet ``anchor, positive, negative_1..n``: one row per (query, positive).
-
-    A query with fewer than ``num_negatives`` negatives cannot fill the fixed columns: its rows are
-    left out and counted (``short_rows``), never padded; ids missing from the corpus likewise
-    (``missing_text_rows``). Returns the counts.
-    """
-    import pyarrow.parquet as pq
-
-    texts = _texts_for(corpus_uri, _needed_ids(mined_uri))
-    schema = pa.schema([(C.ANCHOR, pa.string()), (C.POSITIVE, pa.string())]
-                       + [(C.negative_column(i + 1), pa.string()) for i in range(num_negatives)])
-    counts = {"rows": 0, "queries": 0, "short_rows": 0, "missing_text_rows": 0}
-    fs, path = storage.resolve(out_uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent and parent != path:
-        fs.create_dir(parent, recursive=True)
-    buf: list[dict[str, str]] = []
-    with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for r in _mined_rows(mined_uri):
-            negs = r[C.NEGATIVE_IDS][:num_negatives]
-            npos = len(r[C.POSITIVE_IDS])
-            if len(negs) < num_negatives:
-                counts["short_rows"] += npos
-                continue
-            if any(d not in texts for d in negs):
-                counts["missing_text_rows"] += npos
-                continue
-            counts["queries"] += 1
-            for p in r[C.POSITIVE_IDS]:
-                if p not in texts:
-                    counts["missing_text_rows"] += 1
-                    continue
-                row = {C.ANCHOR: r[C.QUERY], C.POSITIVE: texts[p]}
-                row.update({C.negative_column(i + 1): texts[d] for i, d in enumerate(negs)})
-                buf.append(row)
-            if len(buf) >= 4096:
-                writer.write_table(pa.Table.from_pylist(buf, schema=schema))
-                counts["rows"] += len(buf)
-                buf = []
-        if buf:
-            writer.write_table(pa.Table.from_pylist(buf, schema=schema))
-            counts["rows"] += len(buf)
-    log.info("sentence-transformers export %s: %s", out_uri, counts)
-    return counts
-
-
-def export_flagembedding(mined_uri: str, corpus_uri: str, out_path: str) -> dict:
-    """FlagEmbedding jsonl, one line per query: ``{"query", "pos": [...], "neg": [...]}`` (all its negatives)."""
-    texts = _texts_for(corpus_uri, _needed_ids(mined_uri))
-    counts = {"queries": 0, "missing_texts": 0, "no_positive_text": 0}
-    fs, path = storage.resolve(out_path)
-    parent = path.rsplit("/", 1)[0]
-    if parent and parent != path:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as sink:
-        for r in _mined_rows(mined_uri):
-            pos = [texts[d] for d in r[C.POSITIVE_IDS] if d in texts]
-            neg = [texts[d] for d in r[C.NEGATIVE_IDS] if d in texts]
-            counts["missing_texts"] += len(r[C.POSITIVE_IDS]) + len(r[C.NEGATIVE_IDS]) - len(pos) - len(neg)
-            if not pos:
-                counts["no_positive_text"] += 1
-                continue
-            counts["queries"] += 1
-            sink.write((json.dumps({"query": r[C.QUERY], "pos": pos, "neg": neg}, ensure_ascii=False) + "\n").encode())
-    log.info("FlagEmbedding export %s: %s", out_path, counts)
-    return counts

@@ -85,9 +85,11 @@ def by_qid(table, teacher=None):
 
 
 def test_passage_text():
-    assert M.passage_text("Title", "body") == "Title body"
-    assert M.passage_text("", "body") == "body" and M.passage_text(None, "body") == "body"
-    assert M.passage_text("  ", "body") == "body"
+    from raymine.ingest import passage_text
+
+    assert passage_text("Title", "body") == "Title body"
+    assert passage_text("", "body") == "body" and passage_text(None, "body") == "body"
+    assert passage_text("  ", "body") == "body"
 
 
 def test_mine_batch_hand_computed_ensemble_and_batching():
@@ -197,20 +199,6 @@ def test_mine_stage_ray(ray_local, tmp_path):
     assert rep["dropped_reasons"] == {"no_negatives": 1, "unknown_query": 1}
     assert (tmp_path / "mine" / "scores.png").stat().st_size > 1000
     assert json.loads((tmp_path / "mine" / "report.json").read_text())["totals"] == rep["totals"]
-
-    # exports: texts joined by streaming the corpus; short queries left out of the fixed-width ST table
-    st_counts = M.export_sentence_transformers(str(tmp_path / "mine" / "mined"), str(tmp_path / "corpus.parquet"),
-                                               str(tmp_path / "st.parquet"), 2)
-    st_rows = pq.read_table(tmp_path / "st.parquet").to_pylist()
-    assert st_counts["short_rows"] == 1  # q2: one positive, one negative
-    assert len(st_rows) == 3  # q1 x 2 positives + q4 x 1
-    q1 = [r for r in st_rows if r[C.ANCHOR] == "one"]
-    assert sorted(r[C.POSITIVE] for r in q1) == ["T1 text 1", "text 2"]
-    assert q1[0][C.negative_column(1)] == "T5 text 5" and q1[0][C.negative_column(2)] == "text 6"
-    fe = M.export_flagembedding(str(tmp_path / "mine" / "mined"), str(tmp_path / "corpus.parquet"),
-                                str(tmp_path / "fe.jsonl"))
-    lines = [json.loads(x) for x in (tmp_path / "fe.jsonl").read_text().splitlines()]
-    assert fe["queries"] == 3 and {"query": "two", "pos": ["text 7"], "neg": ["text 9"]} in lines
 
 
 # ------------------------------------------------------------------------------------------------

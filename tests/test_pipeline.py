@@ -142,9 +142,9 @@ def test_job_submit_kill_during_training_and_resume(tmp_path):
     assert train["steps"] == 6
     assert train["start_step"] >= 2 or "train: done" not in logs
     # the documented layout
-    for rel in ("ingest/corpus.parquet", "mined", "mine/dropped.parquet", "exports/sentence_transformers.parquet",
-                "exports/flagembedding.jsonl", "model/config.json", "model/modules.json", "evaluate/evaluation.json",
-                "report.json", "report.md"):
+    for rel in ("ingest/corpus", "ingest/train_queries", "mined", "mine/dropped.parquet", "exports/st_ntuple",
+                "exports/flagembedding", "exports/nemo", "model/config.json", "model/modules.json",
+                "model/loss_curve.png", "evaluate/evaluation.json", "report.json", "report.md"):
         assert (out / rel).exists(), rel
     mined = pq.read_table(str(out / "mined"))
     for col in (C.QUERY_ID, C.POSITIVE_IDS, C.NEGATIVE_IDS, C.NEGATIVE_SCORES):
