@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from raymine import columns as C
 from raymine import ensemble as E
@@ -613,7 +614,7 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     key = storage.stage_key("mine", to_dict(cfg), candidates, queries_uri, ensemble, mined_uri,
                             None if full_positives is None else "full_positives", upstream)
     done = storage.completed(out_uri, key)
-    if done is not None and full_positives is None:
+    if done is not None and full_positives is None and storage.exists(mined_uri):
         log.info("mine: already done in %s", out_uri)
         return done
     run = storage.StageRun(out_uri, "mine", key, config=to_dict(cfg))
@@ -643,10 +644,22 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     report = _report_and_dropped(out, cfg, teachers, ensemble, out_uri, full_positives is not None)
     storage.delete_dir(mined_uri)
     out.map_batches(_mined_only, batch_format="pyarrow").write_parquet(mined_uri)
+    if not storage.exists(mined_uri):  # every query dropped: an empty table, not a missing one
+        fs, path = storage.resolve(storage.join(mined_uri, "part-00000.parquet"))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(MINED_SCHEMA.empty_table(), path, filesystem=fs)
     run.counts.update(report["totals"])
     manifest = run.finish(report=report, teachers=teachers, ensemble=ensemble, candidates=candidates,
                           mined=mined_uri, dropped=storage.join(out_uri, "dropped.parquet"))
     return manifest
+
+
+MINED_SCHEMA = pa.schema([
+    (C.QUERY_ID, pa.string()), (C.QUERY, pa.string()), (C.POSITIVE_IDS, pa.list_(pa.string())),
+    (C.POSITIVE_SCORES, pa.list_(pa.float32())), (C.NEGATIVE_IDS, pa.list_(pa.string())),
+    (C.NEGATIVE_SCORES, pa.list_(pa.float32())), (C.TEACHER, pa.string()), (C.METHOD, pa.string()),
+    (C.NUM_SHORT, pa.int32()),
+])
 
 
 def _mined_only(batch: pa.Table) -> pa.Table:

@@ -130,6 +130,10 @@ class _Run:
         mined = mine_stage(candidates, L.train_queries, cfg.mine, L.mine, mined_uri=L.mined, full_positives=full,
                            upstream=upstream)
         self._done("mine", mined)
+        if not mined["counts"].get("mined"):
+            reasons = (mined.get("report") or {}).get("dropped_reasons")
+            log.warning("mine: every query was dropped (%s); the exports are empty and there is nothing to train on",
+                        reasons)
         self._done("export", export_stage(cfg, L))
 
     # ---- train ----------------------------------------------------------------------------------
@@ -137,6 +141,13 @@ class _Run:
         from raymine.train import train_stage
 
         cfg, L = self.cfg, self.layout
+        mined = self.report["stages"]["mine"]
+        if not mined["counts"].get("mined"):
+            reasons = (mined.get("report") or {}).get("dropped_reasons") or {}
+            raise PipelineError(
+                f"train: no training rows — every one of the {sum(reasons.values())} queries was dropped in mining "
+                f"({', '.join(f'{k}: {v}' for k, v in reasons.items()) or 'no reasons recorded'}); see "
+                f"{L.mine}/dropped.parquet and loosen mine.* (method, thresholds) or check the teachers")
         key = storage.stage_key("train", to_dict(cfg.train), self.keys["mine"])
         done, run = storage.begin(L.model, "train", key, config=to_dict(cfg.train), resume=True)
         if run is None:

@@ -116,7 +116,8 @@ class SearchSpec:
 
 
 COUNTS = ("queries", "positives_not_found", "queries_with_positive_not_found", "ceiling_nan", "queries_short",
-          "candidates", "short_below_ceiling_at_max_depth", "above_ceiling", "hidden_positives")
+          "candidates", "short_below_ceiling_at_max_depth", "above_ceiling", "hidden_positives",
+          "depth_capped_at_corpus")
 
 
 def _query_payload(spec: SearchSpec, i: int, table: pa.Table, dense: bool):
@@ -153,6 +154,9 @@ def search_piece(index: Any, spec: SearchSpec, i: int, piece: dict, dense: bool)
         counts["queries_with_positive_not_found"] += int((missing > 0).sum())
         depth, ceil = search_plan(spec.mine, spec.search, pos_scores,
                                   np.fromiter((len(a) + len(b) for a, b in zip(p, e, strict=True)), np.int64, nq))
+        capped = depth > index.num_docs  # a corpus smaller than the depth: every doc is a candidate
+        counts["depth_capped_at_corpus"] += int(capped.sum())
+        depth = np.minimum(depth, index.num_docs)
         counts["ceiling_nan"] += int(np.isnan(ceil).sum())
         use = spec.search.use_ceiling
         scores, ids, above, short = index.search_batch(payload, int(depth.max(initial=0)),
@@ -280,6 +284,13 @@ def _recall(index: Any, spec: SearchSpec) -> dict[str, float] | None:
 def open_index(teacher: TeacherConfig, search: SearchConfig, corpus_uri: str, corpus_emb_uri: str | None):
     """The started index client of one teacher: sharded FAISS over its corpus embeddings (dense), or
     sharded BM25 over the corpus passages. Use as a context manager (frees the shard actors)."""
+    from dataclasses import replace
+
+    docs = sum(n for *_, n in parts.row_groups(corpus_emb_uri if teacher.kind == "dense" else corpus_uri))
+    if search.num_shards > max(1, docs):
+        log.warning("search: %d shards requested for %d documents; using %d (lower search.num_shards)",
+                    search.num_shards, docs, max(1, docs))
+        search = replace(search, num_shards=max(1, docs))
     if teacher.kind == "dense":
         from raymine.index import ShardedIndex
 

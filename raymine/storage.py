@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raymine.config import config_hash
+from raymine.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -315,5 +316,5 @@ class RunLock:
         self.release()
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError):
     """The output folder belongs to another live run."""

@@ -192,3 +192,23 @@ def test_job_cli_rejects_unknown_stage_and_key():
     r = subprocess.run([*job, "mine.nosuch=1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown config key 'mine.nosuch'" in r.stderr
     assert set(STAGES) == {"embed", "search", "mine", "train", "evaluate"}
+
+
+def test_every_query_dropped_reports_and_stops_before_training(tmp_path):
+    """Degenerate mining (issue 14): every candidate over the ceiling → mining writes its report and dropped
+    table, the exports are empty, and the requested train stage stops with exit 2 naming the reasons."""
+    job = [sys.executable, str(ROOT / "jobs" / "mine_and_train.py"), "--config", str(ROOT / TINY),
+           "--output", str(tmp_path / "out"), "--stages", "train", "teachers=bm25", "mine.method=abs",
+           "mine.abs_threshold=-5"]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run(job, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert last and "train: no training rows" in last[-1] and "no_negatives: 40" in last[-1], r.stderr[-2000:]
+    dropped = pq.read_table(tmp_path / "out" / "mine" / "dropped.parquet")
+    assert dropped.num_rows == 40 and set(dropped.column(C.REASON).to_pylist()) == {"no_negatives"}
+    assert pq.read_table(tmp_path / "out" / "mined").num_rows == 0
+    export = read_json(str(tmp_path / "out" / "exports" / MANIFEST))
+    assert export["counts"]["mined_rows"] == 0 and export["counts"]["exported_rows"] == 0
+    assert not (tmp_path / "out" / "model" / "config.json").exists()
