@@ -12,8 +12,10 @@ Layout of ``OUTPUT``: see :mod:`raymine.layout`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from raymine import columns as C
@@ -154,7 +156,10 @@ class _Run:
             self._done("train", done)
             return
         # the run name carries the key: a re-run of the same config resumes from its checkpoint
-        result = train_stage(L.mined, L.corpus, cfg.train, L.model, run_name=f"train-{key}",
+        tcfg = cfg.train
+        if "://" not in tcfg.model and os.path.exists(tcfg.model):  # a local student (stage 2): absolute for workers
+            tcfg = replace(tcfg, model=os.path.abspath(tcfg.model))
+        result = train_stage(L.mined, L.corpus, tcfg, L.model, run_name=f"train-{key}",
                              storage_path=_abs(L.train_checkpoints), mine_cfg=cfg.mine)
         run.counts = {k: v for k, v in result.items() if k not in ("losses", "lrs")}
         self._done("train", run.finish(losses=result.get("losses"), lrs=result.get("lrs")))
@@ -216,8 +221,6 @@ def _passages_by_id(corpus_uri: str) -> dict[str, str]:
 
 
 def _abs(uri: str) -> str:
-    import os
-
     return uri if "://" in uri else os.path.abspath(uri)
 
 
