@@ -47,8 +47,7 @@ def subset(data: str, max_queries: int, max_docs: int, out: Path) -> dict:
     import pyarrow.parquet as pq
 
     from raymine import columns as C
-    from raymine.ingest import read_beir
-    from raymine.ingest import passage_text
+    from raymine.ingest import passage_text, read_beir
 
     d = read_beir(data, "train")
     pos = d.positives()
