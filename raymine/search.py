@@ -214,9 +214,19 @@ def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArr
 # ------------------------------------------------------------------------------------------------
 # The stage
 # ------------------------------------------------------------------------------------------------
+# mining keys that do not change what is searched (depth and ceiling come from the others)
+_NOT_SEARCHED = ("batch_size", "join_partitions", "report_sample", "ensemble", "exclude_identical_text",
+                 "sample_weighting", "sample_temperature")
+
+
 def stage_key(spec: SearchSpec, upstream: Any) -> str:
-    """The search stage's key for one teacher: its spec plus the keys of the stages it reads."""
-    return storage.stage_key(STAGE, spec.teacher, to_dict(spec.search), to_dict(spec.mine), spec.queries_uri,
+    """The search stage's key for one teacher: its spec plus the keys of the stages it reads. Mining keys
+    that do not change the search are left out (a new mining seed re-mines without re-searching; the seed
+    counts only when it chooses hidden positives)."""
+    mine = {k: v for k, v in to_dict(spec.mine).items() if k not in _NOT_SEARCHED}
+    if spec.mine.hide_positive_fraction == 0:
+        mine.pop("seed", None)
+    return storage.stage_key(STAGE, spec.teacher, to_dict(spec.search), mine, spec.queries_uri,
                              spec.query_emb_uri, spec.rows_per_piece, upstream)
 
 
