@@ -65,7 +65,7 @@ def test_missing_data_folder_exits_2(ray_local, tmp_path, capsys):
     missing = tmp_path / "no_such_data"
     assert cli.main(["run", "--data", str(missing), "--output", str(tmp_path / "out")]) == 2
     line = _stderr_lines(capsys)[-1]
-    assert line.startswith(f"error: {missing}: [missing_path] data folder not found"), line
+    assert line.startswith(f"error: stage ingest: {missing}: [missing_path] data folder not found"), line
 
 
 def test_malformed_corpus_line_names_file_and_line(ray_local, tmp_path, capsys):
