@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from raymine._deps import from_pretrained_quiet
 from raymine.pooling import Pooling, pool, prompt_pool_mask
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def load_backbone(
     model_cls = AutoModel._model_mapping.get(type(config), None) if not trust_remote_code else None
     if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
         kwargs["add_pooling_layer"] = False
-    model = AutoModel.from_pretrained(path, **kwargs)
+    model = from_pretrained_quiet(AutoModel, path, **kwargs)  # no "pooler UNEXPECTED/MISSING" report
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # decoders (Mistral/Llama) ship without a pad token
         if tok.eos_token is None and tok.unk_token is None:
