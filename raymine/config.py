@@ -109,12 +109,8 @@ class EmbedConfig:
     num_actors: int = _f(2, "encoder actors (one model each)")
     num_gpus_per_actor: float = _f(0.0, "GPUs per actor (1 on GPU clusters)")
     num_cpus_per_actor: float = _f(0.5, "CPUs reserved per actor (fractional on small machines, see RAY-NOTES)")
-    rows_per_block: int = _f(1024, "texts per Ray Data block sent to an actor")
-    num_blocks: int = _f(
-        -1, "repartition the input into N blocks first; -1 = ceil(rows / rows_per_block) (an all-to-all step, "
-        "fine up to a few million rows); 0 = keep the input's blocks (web scale: feed many files)"
-    )
-    rows_per_file: int = _f(100_000, "embedding rows per output Parquet file")
+    rows_per_block: int = _f(256, "texts per piece sent to an embed actor (and queries per search piece): small enough "
+                             "that every actor stays busy to the end, large enough to amortise a task")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +372,7 @@ DOMAINS: dict[str, dict[str, Domain]] = {
     },
     "EmbedConfig": {
         "num_actors": COUNT, "num_gpus_per_actor": NON_NEGATIVE, "num_cpus_per_actor": NON_NEGATIVE,
-        "rows_per_block": COUNT, "num_blocks": at_least(-1), "rows_per_file": COUNT,
+        "rows_per_block": COUNT,
     },
     "SearchConfig": {
         "num_shards": COUNT, "index_factory": NON_EMPTY, "nprobe": COUNT, "train_sample": COUNT,

@@ -95,7 +95,7 @@ def test_shipped_yaml_loads(path):
         ("mine.hide_positive_fraction=1", False), ("mine.hide_positive_fraction=0.5", True),
         ("search.num_shards=0", False), ("search.num_shards=1", True), ("search.nprobe=0", False),
         ("search.depth=-1", False), ("search.depth=0", True), ("search.index_factory=", False),
-        ("embed.num_actors=0", False), ("embed.num_blocks=-1", True), ("embed.num_blocks=-2", False),
+        ("embed.num_actors=0", False), ("embed.rows_per_block=1", True), ("embed.rows_per_block=0", False),
         ("train.lr=0", False), ("train.lr=1e-5", True), ("train.lr=.inf", False), ("train.temperature=0", False),
         ("train.temperature=-0.05", False), ("train.batch_size=0", False), ("train.num_workers=0", False),
         ("train.lora_dropout=1", False), ("train.grad_accum=0", False), ("train.num_hard_negatives=0", True),
