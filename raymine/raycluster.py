@@ -63,7 +63,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     log.info("starting local Ray with %d logical CPUs on %d cores", num_cpus, cores)
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("log_to_driver", True)
-    ctx = ray.init(num_cpus=num_cpus, **kwargs)
+    # address="local": always a new instance here; a bare ray.init() would attach to whatever local cluster is
+    # up (another user's `ray start`, a test's head) and fail on num_cpus. Clusters: RAY_ADDRESS / --address.
+    ctx = ray.init(address="local", num_cpus=num_cpus, **kwargs)
     from ray.data import DataContext
 
     dctx = DataContext.get_current()
