@@ -333,6 +333,7 @@ def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, mini
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; the FSDP+LoRA loading itself stays in CI (test_fsdp_lora_weights_read_on_rank0_and_broadcast)
 def test_tiny_mistral_recipe_fsdp_three_steps(ray_local, tiny_mistral_path, tmp_path):
     from raymine.train import train_stage
 
