@@ -27,7 +27,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +38,7 @@ from raymine import storage
 from raymine._deps import import_faiss
 from raymine.columns import DOC_ID, EMBEDDING
 from raymine.config import SearchConfig, to_dict
+from raymine.parts import Piece, list_parquet  # noqa: F401 (re-exported: the index's Parquet layout)
 from raymine.topk import MISSING_ID, merge_topk, merge_topk_by_id, torch_search
 
 log = logging.getLogger(__name__)
@@ -48,38 +48,6 @@ GPU_MAX_K = 2048  # faiss-gpu selection limit (GPU_MAX_SELECTION_K)
 # ------------------------------------------------------------------------------------------------
 # Parquet layout (driver side: metadata only)
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Piece:
-    """Rows ``[lo, hi)`` of one row group of one Parquet file (path inside the URI's filesystem)."""
-
-    path: str
-    row_group: int
-    lo: int
-    hi: int
-
-
-def list_parquet(uri: str) -> list[str]:
-    """Parquet files under ``uri`` (a file or a folder), in name order; ``_``/``.`` files skipped."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: no such file or folder")
-    if info.type == pafs.FileType.File:
-        return [path]
-    files = [
-        f.path
-        for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if f.type == pafs.FileType.File
-        and f.path.endswith(".parquet")
-        and not any(p.startswith(("_", ".")) for p in os.path.relpath(f.path, path).split(os.sep))
-    ]
-    if not files:
-        raise FileNotFoundError(f"{uri}: no .parquet files")
-    return sorted(files)
-
-
 def embedding_layout(uri: str, id_column: str = DOC_ID) -> tuple[int, list[tuple[str, int, int]]]:
     """(dim, [(path, row_group, num_rows)...]) of an embedding table, from Parquet metadata only."""
     fs, _ = storage.resolve(uri)
