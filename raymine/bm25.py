@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from raymine import storage
 from raymine.columns import DOC_ID, PASSAGE, TEXT, TITLE
 from raymine.config import SearchConfig, TeacherConfig, to_dict
+from raymine.index import ShardActors
 from raymine.topk import merge_topk_by_id
 
 log = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ class BM25Shard:
 # ================================================================================================
 # Driver-side handle (picklable: actor handles + metadata; every call is stateless)
 # ================================================================================================
-class ShardedBM25:
+class ShardedBM25(ShardActors):
     """S BM25 shard actors over one corpus, scores equal to one bm25s index over the whole corpus.
 
     Same client interface as :class:`raymine.index.ShardedIndex` (``search_batch``, ``lookup_scores``,
@@ -535,23 +536,6 @@ class ShardedBM25:
         log.info("bm25: %d shards %s of %d docs, %d terms; counted in %.1f s, built in %.1f s", len(actors), sizes,
                  total, sum(i["terms"] for i in infos), t1 - t0, time.time() - t1)
         return cls(actors, sizes, teacher_cfg, cfg, corpus_uri, infos, stats_ref)
-
-    @property
-    def num_docs(self) -> int:
-        return int(sum(self.sizes))
-
-    def __enter__(self) -> ShardedBM25:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
 
     def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
         return tokenize(texts, self.teacher_cfg.bm25_stopwords)

@@ -400,7 +400,32 @@ def _nlist(index: Any) -> int:
 # ------------------------------------------------------------------------------------------------
 # Driver-side handle
 # ------------------------------------------------------------------------------------------------
-class ShardedIndex:
+class ShardActors:
+    """What every sharded index client shares: its shard actors (``self.actors``), their sizes
+    (``self.sizes``), and freeing them (``close`` / context manager)."""
+
+    actors: list
+    sizes: list[int]
+
+    @property
+    def num_docs(self) -> int:
+        return int(sum(self.sizes))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+class ShardedIndex(ShardActors):
     """S shard actors over one corpus embedding table; search merges their top-k exactly.
 
     Use :meth:`from_parquet`; call :meth:`close` (or use as a context manager) to free the actors.
@@ -451,23 +476,6 @@ class ShardedIndex:
                  dim, cfg.index_factory, time.time() - t0)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         return cls(actors, offsets, sizes, dim, cfg, uri, infos)
-
-    @property
-    def num_docs(self) -> int:
-        return int(sum(self.sizes))
-
-    def __enter__(self) -> ShardedIndex:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
 
     def memory_mb(self) -> list[dict[str, float]]:
         """Current and peak resident memory of each shard actor (MiB)."""
