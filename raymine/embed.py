@@ -177,8 +177,10 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     todo: list[dict[str, Any]] = []
     expected: dict[str, int] = {}
     kept = 0
+    planned: list[list[parts.Piece]] = []
     for which, spec in enumerate(inputs):
         pieces = parts.plan_pieces(spec.table_uri, cfg.rows_per_block)
+        planned.append(pieces)
         missing = [c for c in (spec.id_column,) if c not in pq.read_schema(pieces[0].path, filesystem=storage.resolve(
             spec.table_uri)[0]).names] if pieces else []
         if missing:
@@ -218,9 +220,9 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
                 actors[int(b["actor"][j])] = actors.get(int(b["actor"][j]), 0.0) + float(b["busy_s"][j])
                 nodes.add(str(b["node"][j]))
     wall = max(time.time() - t_map, 1e-9)
-    for spec in inputs:
+    for spec, pieces in zip(inputs, planned, strict=True):
         n_written = sum(storage.parquet_rows(storage.join(spec.out_uri, parts.part_name(i))) or 0
-                        for i in range(len(parts.plan_pieces(spec.table_uri, cfg.rows_per_block))))
+                        for i in range(len(pieces)))
         if n_written != expected[spec.side]:
             raise RuntimeError(f"embed {spec.side}: {n_written} rows written, the input has {expected[spec.side]}")
         if per_side[spec.side]["truncated"]:
