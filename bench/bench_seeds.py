@@ -7,7 +7,10 @@ of nDCG@10 on SciFact test, and the same under two variants:
 * ``pos_aware``: positive-aware masking of in-batch negatives on (``train.positive_aware=mine``).
 
 Each (variant, method) shares one output folder, so ingest, embed and search run once and each further
-seed re-runs mine → train → evaluate only (≈ 5 min per seed on 2 cores).
+seed re-runs mine → train → evaluate only (≈ 5 min per seed on 2 cores). ``--reuse RUN`` copies the ingest and
+embed stages of a finished default run (e.g. ``runs/scifact_minilm``) into each new folder first; their stage
+keys still decide: a stage whose key differs is redone, so a wrong folder costs time, never correctness.
+Every score is appended to ``WORK/scores.jsonl``; the table covers all scores recorded there.
 
     .venv/bin/python bench/bench_seeds.py --seeds 13,14,15 --variants base,one_positive,pos_aware
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,27 +44,52 @@ def main() -> None:
     ap.add_argument("--variants", default="base,one_positive,pos_aware")
     ap.add_argument("--methods", default="naive,percpos")
     ap.add_argument("--work", default="runs/bench_seeds")
+    ap.add_argument("--reuse", help="a finished run folder whose ingest and embed stages seed each new folder")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
+    log = Path(args.work) / "scores.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(","):
         for method in args.methods.split(","):
-            scores = []
+            out = Path(args.work) / variant / method
+            if args.reuse and not out.exists():
+                for stage in ("ingest", "embed"):
+                    shutil.copytree(Path(args.reuse) / stage, out / stage)
             for seed in seeds:
-                scores.append(run(Path(args.work) / variant / method, method, seed, VARIANTS[variant]))
-                print(f"{variant:13s} {method:8s} seed {seed}: nDCG@10 {100 * scores[-1]:.2f}", flush=True)
-            sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            rows.append((variant, method, statistics.fmean(scores), sd, scores))
+                score = run(out, method, seed, VARIANTS[variant])
+                with log.open("a") as f:
+                    f.write(json.dumps({"variant": variant, "method": method, "seed": seed, "ndcg_at_10": score}) + "\n")
+                print(f"{variant:13s} {method:8s} seed {seed}: nDCG@10 {100 * score:.2f}", flush=True)
+    table(log)
+
+
+def table(log: Path) -> None:
+    """mean ± std per (variant, method) over every score in ``log`` (the latest score of each seed)."""
+    latest: dict[tuple[str, str, int], float] = {}
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["variant"], r["method"], r["seed"])] = r["ndcg_at_10"]
+    rows = []
+    for variant, method in dict.fromkeys((v, m) for v, m, _ in latest):
+        scores = [s for (v, m, _), s in sorted(latest.items()) if (v, m) == (variant, method)]
+        sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        rows.append((variant, method, statistics.fmean(scores), sd, scores))
     print("\n| variant | method | nDCG@10 mean ± std | seeds |\n|---|---|---:|---|")
     for variant, method, mean, sd, scores in rows:
         print(f"| {variant} | {method} | {100 * mean:.2f} ± {100 * sd:.2f} | "
               f"{', '.join(f'{100 * s:.2f}' for s in scores)} |")
     by = {(v, m): (mu, sd) for v, m, mu, sd, _ in rows}
-    for variant in args.variants.split(","):
-        if (variant, "naive") in by and (variant, "percpos") in by:
-            (a, sa), (b, sb) = by[(variant, "naive")], by[(variant, "percpos")]
-            print(f"{variant}: PercPos - naive = {100 * (b - a):+.2f} points; noise (std) {100 * sa:.2f} / "
-                  f"{100 * sb:.2f}: {'outside' if abs(b - a) > 2 * max(sa, sb) else 'inside'} 2 std")
+
+    def compare(label: str, x: tuple[str, str], y: tuple[str, str]) -> None:
+        if x in by and y in by:
+            (a, sa), (b, sb) = by[x], by[y]
+            print(f"{label} = {100 * (b - a):+.2f} points; noise (std) {100 * sa:.2f} / {100 * sb:.2f}: "
+                  f"{'outside' if abs(b - a) > 2 * max(sa, sb) else 'inside'} 2 std")
+
+    for variant in dict.fromkeys(v for v, _ in by):
+        compare(f"{variant}: PercPos - naive", (variant, "naive"), (variant, "percpos"))
+    for method in ("naive", "percpos"):
+        compare(f"{method}: positive-aware masking on - off", ("base", method), ("pos_aware", method))
 
 
 if __name__ == "__main__":

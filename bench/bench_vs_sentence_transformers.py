@@ -16,7 +16,10 @@ raymine / sentence-transformers, negatives delivered vs requested for both, and 
 two negative sets (per query, compared by passage text since sentence-transformers returns texts).
 
 Also times the bare in-process compute (encode + exact search + filter, no Ray) to show the orchestration
-overhead.
+overhead. With ``--fast KEY=VALUE`` a fourth arm runs raymine with an optional faster encoding of the teacher
+(``teacher_defs.minilm.KEY=VALUE``: ``dtype=bfloat16`` on a CPU with AVX512-BF16/AMX, or ``quantize=int8``) and
+reports its drift against the fp32 run: cosine of each passage's and query's embedding, and the overlap of the
+mined negatives.
 
     .venv/bin/python bench/bench_vs_sentence_transformers.py --max-queries 0 --max-docs 0 --repeats 3
 """
@@ -72,7 +75,8 @@ def subset(data: str, max_queries: int, max_docs: int, out: Path) -> dict:
     return {"texts": texts, "qtext": qtext, "positives": {q: pos[q] for q in qids}, "qids": qids}
 
 
-def run_raymine(data_dir: Path, out: Path, model: str, args) -> tuple[float, dict[str, list[str]], dict]:
+def run_raymine(data_dir: Path, out: Path, model: str, args, extra: tuple[str, ...] = ()
+                ) -> tuple[float, dict[str, list[str]], dict]:
     """One raymine run of the pipeline (ingest → embed → search → mine, as the job runs them) into a fresh
     folder: (wall s, query id -> negative doc ids, stage wall times)."""
     import pyarrow.dataset as pads
@@ -90,7 +94,7 @@ def run_raymine(data_dir: Path, out: Path, model: str, args) -> tuple[float, dic
         f"embed.num_actors={args.num_actors}", f"embed.num_cpus_per_actor={args.cpus_per_actor}",
         f"embed.rows_per_block={args.rows_per_block}", f"search.num_shards={args.num_shards}",
         "mine.method=percpos", "mine.perc=0.95", f"mine.num_negatives={args.num_negatives}", "mine.sampling=top",
-        "mine.join_partitions=2",
+        "mine.join_partitions=2", *extra,
     ])
     run = _Run(cfg, Layout(cfg.output))
     t = {}
@@ -179,6 +183,8 @@ def main() -> None:
     ap.add_argument("--rows-per-block", type=int, default=256)
     ap.add_argument("--num-shards", type=int, default=2)
     ap.add_argument("--st-faiss", action="store_true", help="sentence-transformers with use_faiss=True")
+    ap.add_argument("--fast", help="KEY=VALUE of teacher_defs.minilm for a fourth, faster arm (drift reported), "
+                    "e.g. dtype=bfloat16 or quantize=int8")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -197,15 +203,22 @@ def main() -> None:
     init_ray()
     print(f"ray.init: {time.perf_counter() - t0:.1f} s (once, not in raymine's times)")
 
-    times: dict[str, list[float]] = {"raymine": [], "st": [], "bare": []}
+    times: dict[str, list[float]] = {"raymine": [], "st": [], "bare": [], "fast": []}
     rm_negs: dict[str, list[str]] = {}
     st_negs: dict[str, list[str]] = {}
+    fast_negs: dict[str, list[str]] = {}
     for r in range(args.repeats):
         order = ("raymine", "st", "bare") if r % 2 == 0 else ("st", "raymine", "bare")
+        if args.fast:
+            order = (*order, "fast") if r % 2 == 0 else ("fast", *order)
         for which in order:
             if which == "raymine":
                 w, rm_negs, stages = run_raymine(work / "data", work / "rm", model_path, args)
                 detail = " ".join(f"{k}={v:.1f}" for k, v in stages.items())
+            elif which == "fast":
+                w, fast_negs, stages = run_raymine(work / "data", work / "rm_fast", model_path, args,
+                                                 (f"teacher_defs.minilm.{args.fast}",))
+                detail = f"{args.fast}: " + " ".join(f"{k}={v:.1f}" for k, v in stages.items())
             elif which == "st":
                 w, st_negs = run_st(sub, model_path, args)
                 detail = f"use_faiss={args.st_faiss}"
@@ -245,7 +258,39 @@ def main() -> None:
     print(f"overlap of negative sets: {inter} shared of {union} distinct (pooled Jaccard {inter / max(union, 1):.3f}, "
           f"mean per-query Jaccard {statistics.fmean(jac) if jac else 0:.3f}); "
           f"{inter / max(st_n, 1):.1%} of sentence-transformers' negatives are also raymine's")
+    if args.fast:
+        fast_t = statistics.median(times["fast"])
+        print(f"with {args.fast}: raymine {fast_t:.1f} s, ratio to sentence-transformers {fast_t / st_t:.2f} "
+              f"(goal <= 0.8); {fast_t / rm_t:.2f}x the fp32 raymine run")
+        drift(args.fast, work / "rm", work / "rm_fast", rm_negs, fast_negs, args.num_negatives)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def drift(label: str, fp32_out: Path, fast_out: Path, fp32_negs: dict, fast_negs: dict, num_negatives: int) -> None:
+    """Cosine between the fp32 and the fast arm's embedding of every passage and query (joined by id), and how
+    many of the fp32 run's mined negatives the fast run also mined."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from raymine import columns as C
+    from raymine.embed import arrow_to_embeddings
+    from raymine.layout import Layout
+
+    for side, id_col in (("corpus", C.DOC_ID), ("queries", C.QUERY_ID)):
+        vec = []
+        for out in (fp32_out, fast_out):
+            t = pads.dataset(Layout(str(out)).embed("minilm", side), format="parquet").to_table()
+            t = t.sort_by(id_col)
+            vec.append(arrow_to_embeddings(t.column(C.EMBEDDING)).astype(np.float64))
+        cos = (vec[0] * vec[1]).sum(1) / np.linalg.norm(vec[0], axis=1) / np.linalg.norm(vec[1], axis=1)
+        print(f"{label} drift, {side}: cosine to fp32 mean {cos.mean():.4f}, min {cos.min():.4f}, "
+              f"5th percentile {np.percentile(cos, 5):.4f} over {len(cos)} texts")
+    same = sum(len(set(fp32_negs.get(q, [])) & set(v)) for q, v in fast_negs.items())
+    total = sum(len(v) for v in fp32_negs.values())
+    exact = sum(fp32_negs.get(q) == v for q, v in fast_negs.items())
+    print(f"{label} drift, mined negatives: {same} of the fp32 run's {total} also mined ({same / max(total, 1):.1%}); "
+          f"{exact} of {len(fp32_negs)} queries with the identical list; "
+          f"{sum(len(v) for v in fast_negs.values())} / {num_negatives * len(fp32_negs)} delivered")
 
 
 if __name__ == "__main__":

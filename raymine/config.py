@@ -81,6 +81,11 @@ class TeacherConfig:
         "auto", "compute dtype; 'auto' = bf16 on GPU, fp32 on CPU"
     )
     device: str = _f("auto", "'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1'")
+    quantize: Literal["none", "int8"] = _f(
+        "none", "optional faster CPU encoding: 'int8' = torch dynamic int8 quantisation of every Linear layer "
+        "(inference only, CPU only; its drift against fp32 is measured by bench/bench_vs_sentence_transformers.py "
+        "--int8)"
+    )
     batch_size: int = _f(64, "texts per forward pass")
     trust_remote_code: bool = _f(False, "allow model repos that ship their own code")
     storage_dtype: Literal["float16", "float32"] = _f("float32", "dtype of stored embeddings")
@@ -410,6 +415,10 @@ def _cross_checks(cfg: Config) -> None:
     if m.sampling != "top" and m.sample_top_k < m.num_negatives:
         raise ConfigError(f"mine.sample_top_k: {m.sample_top_k} must be >= mine.num_negatives ({m.num_negatives}) "
                           f"with mine.sampling={m.sampling!r}")
+    for tname, t in cfg.teacher_defs.items():
+        if t.quantize != "none" and (t.kind != "dense" or t.device.startswith("cuda")):
+            raise ConfigError(f"teacher_defs.{tname}.quantize: {t.quantize!r} is for dense teachers on the CPU "
+                              f"(kind={t.kind!r}, device={t.device!r}); on a GPU use dtype=bfloat16")
     e = cfg.export
     if e.score_teacher and e.score_teacher not in cfg.teachers:
         raise ConfigError(f"export.score_teacher: {e.score_teacher!r} is not one of teachers {list(cfg.teachers)}")

@@ -47,6 +47,24 @@ def check_texts(texts: Sequence[str]) -> None:
             )
 
 
+def quantize_int8(bi: BiEncoder, device: torch.device) -> int:
+    """Replace every ``nn.Linear`` of ``bi``'s backbone by torch's dynamic int8 version (weights int8 per
+    output channel, activations quantised per batch): inference only, CPU only. Returns the layers replaced."""
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"quantize='int8' runs on the CPU only (device is {device}); on a GPU use dtype=bfloat16")
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    n = sum(isinstance(m, torch.nn.Linear) for m in bi.backbone.modules())
+    with warnings.catch_warnings():  # torch marks the eager int8 API deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        # per output channel: on MiniLM the mean cosine to fp32 is 0.98 (per tensor: 0.92), at the same speed
+        bi.backbone = quantize_dynamic(bi.backbone, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    log.info("int8 dynamic quantisation: %d Linear layers replaced", n)
+    return n
+
+
 class Encoder:
     """One dense encoder loaded once: ``encode(texts, side)`` → float32 [n, dim].
 
@@ -63,6 +81,8 @@ class Encoder:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.bi = BiEncoder.from_teacher(cfg, self.device)
+        if cfg.quantize == "int8":
+            quantize_int8(self.bi, self.device)
         self.model = self.bi.backbone
         self.tokenizer = self.bi.tokenizer
         self.truncated = 0
@@ -70,7 +90,8 @@ class Encoder:
         self.last_truncated = np.zeros(0, dtype=bool)
         log.info(
             "loaded %s (%s) on %s as %s, pooling=%s, bidirectional=%s, eos appended=%s", cfg.model,
-            getattr(self.model.config, "model_type", ""), self.device, self.dtype, cfg.pooling, cfg.bidirectional,
+            getattr(self.model.config, "model_type", ""), self.device,
+            "int8 (dynamic)" if cfg.quantize == "int8" else self.dtype, cfg.pooling, cfg.bidirectional,
             self.bi.eos_id is not None,
         )
 

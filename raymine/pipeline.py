@@ -193,7 +193,8 @@ class _Run:
         if "local" not in self.cfg.evaluate.tasks:
             return None
         L = self.layout
-        same = ("pooling", "normalize", "passage_prompt", "passage_max_length", "dtype", "trust_remote_code")
+        same = ("pooling", "normalize", "passage_prompt", "passage_max_length", "dtype", "quantize",
+                "trust_remote_code")
         folder = None
         for name in self.cfg.teachers:
             t = self.cfg.teacher(name)

@@ -242,3 +242,28 @@ def test_append_eos_rules(tiny_sp_mistral_path, minilm_path):
     assert Encoder(TeacherConfig(model=minilm_path, pooling="last_token")).bi.eos_id is None  # BERT: no EOS token
     with pytest.raises(ValueError, match="no eos token"):
         Encoder(TeacherConfig(model=minilm_path, pooling="last_token", append_eos="always"))
+
+
+def test_int8_backend_replaces_every_linear_and_stays_close_to_fp32(minilm, minilm_path):
+    """quantize='int8' swaps all 36 Linear layers of MiniLM (6 layers x Q, K, V, O, up, down) for torch's dynamic
+    int8 ones; the vectors move, but stay close to fp32 (cosine > 0.95 per text)."""
+    import torch
+
+    q = Encoder(TeacherConfig(model=minilm_path, batch_size=2, quantize="int8"))
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    assert sum(isinstance(m, Int8Linear) for m in q.bi.backbone.modules()) == 36
+    assert not any(type(m) is torch.nn.Linear for m in q.bi.backbone.modules())
+    a, b = minilm.encode(TEXTS, "passage"), q.encode(TEXTS, "passage")
+    cos = (a * b).sum(1)
+    assert cos.min() > 0.95, cos
+    assert np.abs(a - b).max() > 1e-4  # really quantised, not the fp32 path again
+
+
+def test_int8_backend_is_cpu_and_dense_only(minilm_path):
+    from raymine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="quantize"):
+        load_config(None, ["teacher_defs.minilm.quantize=int8", "teacher_defs.minilm.device=cuda"])
+    with pytest.raises(ConfigError, match="quantize"):
+        load_config(None, ["teacher_defs.bm25.quantize=int8"])
