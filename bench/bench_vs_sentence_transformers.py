@@ -59,9 +59,10 @@ def subset(data: str, max_queries: int, max_docs: int, out: Path) -> dict:
         qids = qids[:max_queries]
     keep_docs = {p for q in qids for p in pos[q]}
     doc_ids = d.corpus.column(C.DOC_ID).to_pylist()
+    extra = [x for x in doc_ids if x not in keep_docs]
     if max_docs:
-        extra = [x for x in doc_ids if x not in keep_docs][: max(0, max_docs - len(keep_docs))]
-        keep_docs |= set(extra)
+        extra = extra[: max(0, max_docs - len(keep_docs))]
+    keep_docs |= set(extra)  # max_docs = 0: the whole corpus
     mask = pa.array([x in keep_docs for x in doc_ids])
     corpus = d.corpus.filter(mask)
     queries = d.queries.filter(pa.array([q in set(qids) for q in d.queries.column(C.QUERY_ID).to_pylist()]))
