@@ -64,7 +64,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raymine import columns as C
-from raymine import storage
+from raymine import joins, storage
 from raymine.config import Config, to_dict
 from raymine.ingest import passage_text
 from raymine.layout import Layout
@@ -438,9 +438,10 @@ def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, coun
     passages = ray.data.read_parquet(corpus).select_columns(cols).map_batches(corpus_passages, batch_format="pyarrow")
     mined = ray.data.read_parquet(layout.mined).select_columns(list(C.MINED_COLUMNS))
     ids = mined.map_batches(explode_ids, batch_format="pyarrow")
-    joined = ids.join(passages, "left_outer", parts, on=(C.DOC_ID,), aggregator_ray_remote_args=agg)
+    local = joins.is_small([layout.mined, corpus])
+    joined = joins.join(ids, passages, "left_outer", parts, (C.DOC_ID,), local, aggregator_ray_remote_args=agg)
     texts = joined.groupby(list(_KEYS), num_partitions=parts).map_groups(regroup_texts, batch_format="pyarrow")
-    full = mined.join(texts, "left_outer", parts, on=_KEYS, aggregator_ray_remote_args=agg)
+    full = joins.join(mined, texts, "left_outer", parts, _KEYS, local, aggregator_ray_remote_args=agg)
     out = full.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.export.rows_per_part,
                            fn_kwargs={"plan": plan, "root": layout.exports})
     for row in out.take_all():

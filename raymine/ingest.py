@@ -81,7 +81,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raymine import columns as C
-from raymine import storage
+from raymine import joins, storage
 from raymine.config import IngestConfig
 from raymine.errors import UserError
 
@@ -1020,8 +1020,9 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
 
     # 4. qrels joined to the docs (known? twins) and the queries (known? blank?)
     qrels = _read(files["qrels"], "qrels", cfg)
-    qrels = qrels.join(_parquet(w["doc_keys"]), "left_outer", parts, on=(C.DOC_ID,), **join_args)
-    qrels = qrels.join(_parquet(w["query_keys"]), "left_outer", parts, on=(C.QUERY_ID,), **join_args)
+    local = joins.is_small([*files["qrels"], w["doc_keys"], w["query_keys"]])
+    qrels = joins.join(qrels, _parquet(w["doc_keys"]), "left_outer", parts, (C.DOC_ID,), local, **join_args)
+    qrels = joins.join(qrels, _parquet(w["query_keys"]), "left_outer", parts, (C.QUERY_ID,), local, **join_args)
     summary = _by_file(_execute(qrels, {"work": (w["qrels"], "all"), "qrels": (layout.qrels, "qrels")},
                                 qrels_summary_block), files["qrels"])
     _add_skips(report, summary, {f"_qrel_{r}": f"qrel_{r}" for r in ("unknown_query", "empty_query_text", "unknown_doc")})

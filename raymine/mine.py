@@ -52,8 +52,8 @@ import pyarrow.parquet as pq
 from raymine import columns as C
 from raymine import ensemble as E
 from raymine import filters as F
+from raymine import joins, storage
 from raymine import sampling as S
-from raymine import storage
 from raymine.config import MineConfig, to_dict
 
 log = logging.getLogger(__name__)
@@ -619,24 +619,28 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
         return done
     run = storage.StageRun(out_uri, "mine", key, config=to_dict(cfg))
     agg_args = {"num_cpus": 0.25}
+    local = joins.is_small([*candidates.values(), queries_uri, *([full_positives] if isinstance(full_positives, str)
+                                                                 else [])])
     ds = None
     for t in teachers:
         # ABOVE_CEILING is optional: candidates written before it existed are still mined
         extra = [C.ABOVE_CEILING] if C.ABOVE_CEILING in _dataset(candidates[t]).schema.names else []
         d = ray.data.read_parquet(candidates[t]).select_columns([C.QUERY_ID, *_IN_COLS, *extra])
         d = d.rename_columns({c: _tcol(c, t) for c in (*_IN_COLS, *extra)})
-        ds = d if ds is None else ds.join(d, "full_outer", cfg.join_partitions, on=(C.QUERY_ID,),
-                                          aggregator_ray_remote_args=agg_args)
+        ds = d if ds is None else joins.join(ds, d, "full_outer", cfg.join_partitions, (C.QUERY_ID,), local,
+                                             aggregator_ray_remote_args=agg_args)
     queries = ray.data.read_parquet(queries_uri).select_columns([C.QUERY_ID, C.TEXT]).rename_columns(
         {C.TEXT: C.QUERY})
-    ds = ds.join(queries, "left_outer", cfg.join_partitions, on=(C.QUERY_ID,), aggregator_ray_remote_args=agg_args)
+    ds = joins.join(ds, queries, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
+                    aggregator_ray_remote_args=agg_args)
     if full_positives is not None:
         if isinstance(full_positives, str) and C.POSITIVE_IDS in _dataset(full_positives).schema.names:
             fp = ray.data.read_parquet(full_positives).select_columns([C.QUERY_ID, C.POSITIVE_IDS]).rename_columns(
                 {C.POSITIVE_IDS: _FULL_POS})
         else:
             fp = ray.data.from_arrow(_positives_lists(full_positives))
-        ds = ds.join(fp, "left_outer", cfg.join_partitions, on=(C.QUERY_ID,), aggregator_ray_remote_args=agg_args)
+        ds = joins.join(ds, fp, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
+                        aggregator_ray_remote_args=agg_args)
     out = ds.map_batches(mine_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                          fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble}).materialize()
 

@@ -218,9 +218,10 @@ def test_every_format_equals_the_reference_and_every_query_is_accounted_for(defa
     assert {ln["query"] for ln in lines if ln["pos_scores"] is None} == {"heart disease", "bm25 only"}
 
 
-def test_result_is_independent_of_files_blocks_and_partitions(default_run, tmp_path):
-    a, _ = default_run  # 2 files, 4 join partitions, one batch
+def test_result_is_independent_of_files_blocks_and_partitions(default_run, tmp_path, monkeypatch):
+    a, _ = default_run  # 2 files, 4 join partitions, one batch, joins in one task (small inputs)
     b = _make_run(tmp_path, n_parts=1)
+    monkeypatch.setenv("RAYMINE_LOCAL_JOIN_BYTES", "0")  # b: Ray Data's distributed joins
     export_stage(_cfg(tmp_path, join_partitions=1, rows_per_part=1), b)  # 1 file, 1 partition, 1 row a batch
     for fmt in FORMATS:
         assert _canon(_read(a, fmt)) == _canon(_read(b, fmt)), fmt

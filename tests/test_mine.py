@@ -169,7 +169,9 @@ def test_hide_positives_seeded_and_keeps_one():
     assert M.hide_positives(qrels, 0.0, 3)[1].num_rows == 0
 
 
-def test_mine_stage_ray(ray_local, tmp_path):
+@pytest.mark.parametrize("join_limit", ["0", str(64 << 20)], ids=["distributed_join", "one_task_join"])
+def test_mine_stage_ray(ray_local, tmp_path, monkeypatch, join_limit):
+    monkeypatch.setenv("RAYMINE_LOCAL_JOIN_BYTES", join_limit)  # both join paths give the same mined table
     paths = {}
     for name, t in (("A", A), ("B", B)):
         paths[name] = str(tmp_path / f"cand_{name}.parquet")
