@@ -76,7 +76,9 @@ def test_both_7b_recipe_files_run_end_to_end_with_tiny_models(ray_local, tmp_pat
     s2 = load_config(STAGE2)
     assert s2.train.model == "runs/nv_retriever_v1_mistral7b/model"  # the shipped stage-1 output folder
     assert s2.mine.num_negatives >= 5 and s2.train.num_hard_negatives == 5
-    cfg2 = load_config(STAGE2, [*_tiny(teacher, str(model1), tmp_path / "stage2")])
+    # 12 passages leave few queries with 5 negatives below the PercPos ceiling (2 of 7 with these seeds):
+    # one row per worker fills a step there, and 2 steps run over 2 epochs
+    cfg2 = load_config(STAGE2, [*_tiny(teacher, str(model1), tmp_path / "stage2"), "train.batch_size=1"])
     rep2 = run_pipeline(cfg2, STAGES)
     for rep in (rep1, rep2):
         assert set(rep["stages"]) >= {"ingest", "embed", "search", "mine", "train", "evaluate"}, list(rep["stages"])
