@@ -304,8 +304,10 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _driver(paths: dict[str, str], out: Path) -> subprocess.Popen:
+def _driver(paths: dict[str, str], out: Path, distributed_join: bool = False) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if distributed_join:  # Ray Data's hash joins (their shuffle actors take seconds to start) even on small inputs
+        env["RAYMINE_LOCAL_JOIN_BYTES"] = "0"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     script = DRIVER.format(tests=str(TESTS), root=str(ROOT), paths=paths, out=str(out))
@@ -334,9 +336,11 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def test_driver_killed_mid_mining_resumes_identical(reference, synthetic, tmp_path):
     """Run 1 is SIGKILLed one second into the mining stage's Ray job (search finished, mining not);
     run 2 skips the finished search (its manifest is unchanged) and writes mined output equal to
-    the undisturbed reference run."""
+    the undisturbed reference run. Run 1 takes the distributed joins, so the kill lands inside the mining job
+    (a one-task join on this small input can finish within the second); the reference and run 2 join in one
+    task, so the equality also holds across the two join paths."""
     out = tmp_path / "run"
-    p = _driver(synthetic, out)
+    p = _driver(synthetic, out, distributed_join=True)
     lines = []
     deadline = time.time() + 150
     try:
