@@ -7,9 +7,10 @@ of nDCG@10 on SciFact test, and the same under two variants:
 * ``pos_aware``: positive-aware masking of in-batch negatives on (``train.positive_aware=mine``).
 
 Each (variant, method) shares one output folder, so ingest, embed and search run once and each further
-seed re-runs mine → train → evaluate only (≈ 5 min per seed on 2 cores). ``--reuse RUN`` copies the ingest and
-embed stages of a finished default run (e.g. ``runs/scifact_minilm``) into each new folder first; their stage
-keys still decide: a stage whose key differs is redone, so a wrong folder costs time, never correctness.
+seed re-runs mine → train → evaluate only (≈ 8 min per seed on 2 cores). ``--reuse RUN`` copies the ingest stage
+of a finished run of the same data files (e.g. ``runs/scifact_minilm``) into each new folder first; its stage
+key still decides (it hashes the data files' names, sizes and modification times), so a wrong folder costs
+time, never correctness. The embed stage is not copied: its key names its input tables' paths.
 Every score is appended to ``WORK/scores.jsonl``; the table covers all scores recorded there.
 
     .venv/bin/python bench/bench_seeds.py --seeds 13,14,15 --variants base,one_positive,pos_aware
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--variants", default="base,one_positive,pos_aware")
     ap.add_argument("--methods", default="naive,percpos")
     ap.add_argument("--work", default="runs/bench_seeds")
-    ap.add_argument("--reuse", help="a finished run folder whose ingest and embed stages seed each new folder")
+    ap.add_argument("--reuse", help="a finished run folder whose ingest stage seeds each new folder")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     log = Path(args.work) / "scores.jsonl"
@@ -53,8 +54,7 @@ def main() -> None:
         for method in args.methods.split(","):
             out = Path(args.work) / variant / method
             if args.reuse and not out.exists():
-                for stage in ("ingest", "embed"):
-                    shutil.copytree(Path(args.reuse) / stage, out / stage)
+                shutil.copytree(Path(args.reuse) / "ingest", out / "ingest")
             for seed in seeds:
                 score = run(out, method, seed, VARIANTS[variant])
                 with log.open("a") as f:
