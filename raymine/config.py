@@ -83,8 +83,7 @@ class TeacherConfig:
     device: str = _f("auto", "'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1'")
     quantize: Literal["none", "int8"] = _f(
         "none", "optional faster CPU encoding: 'int8' = torch dynamic int8 quantisation of every Linear layer "
-        "(inference only, CPU only; its drift against fp32 is measured by bench/bench_vs_sentence_transformers.py "
-        "--int8)"
+        "(inference only, CPU only; its speed and drift against fp32 are measured by bench/bench_encode_backends.py)"
     )
     batch_size: int = _f(64, "texts per forward pass")
     trust_remote_code: bool = _f(False, "allow model repos that ship their own code")
