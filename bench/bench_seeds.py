@@ -6,11 +6,10 @@ of nDCG@10 on SciFact test, and the same under two variants:
   mining and training, as in users' data with incomplete labels: ``mine.hide_positive_fraction=1``);
 * ``pos_aware``: positive-aware masking of in-batch negatives on (``train.positive_aware=mine``).
 
-Each (variant, method) shares one output folder, so ingest, embed and search run once and each further
-seed re-runs mine → train → evaluate only (≈ 8 min per seed on 2 cores). ``--reuse RUN`` copies the ingest stage
-of a finished run of the same data files (e.g. ``runs/scifact_minilm``) into each new folder first; its stage
-key still decides (it hashes the data files' names, sizes and modification times), so a wrong folder costs
-time, never correctness. The embed stage is not copied: its key names its input tables' paths.
+Every run uses one output folder (``--run``, default ``WORK/run``): ingest, embed and the dense search
+depend on none of the varied keys, so they run once (or never, when ``--run`` names a finished default run
+such as ``runs/scifact_minilm``: their stage keys match) and each run re-does mine → train → evaluate only
+(≈ 8 min on 2 cores). A changed key re-runs its stage, so a wrong folder costs time, never correctness.
 Every score is appended to ``WORK/scores.jsonl``; the table covers all scores recorded there.
 
     .venv/bin/python bench/bench_seeds.py --seeds 13,14,15 --variants base,one_positive,pos_aware
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -45,16 +43,15 @@ def main() -> None:
     ap.add_argument("--variants", default="base,one_positive,pos_aware")
     ap.add_argument("--methods", default="naive,percpos")
     ap.add_argument("--work", default="runs/bench_seeds")
-    ap.add_argument("--reuse", help="a finished run folder whose ingest stage seeds each new folder")
+    ap.add_argument("--run", help="the output folder every run uses (default WORK/run); a finished default run "
+                    "(e.g. runs/scifact_minilm) skips ingest and embed")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     log = Path(args.work) / "scores.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.run or Path(args.work) / "run")
     for variant in args.variants.split(","):
         for method in args.methods.split(","):
-            out = Path(args.work) / variant / method
-            if args.reuse and not out.exists():
-                shutil.copytree(Path(args.reuse) / "ingest", out / "ingest")
             for seed in seeds:
                 score = run(out, method, seed, VARIANTS[variant])
                 with log.open("a") as f:

@@ -177,7 +177,8 @@ class MineConfig:
     exclude_identical_text: bool = _f(True, "drop candidates whose normalised text equals a positive's")
     seed: int = _f(13, "base seed; each query's generator is seeded from (seed, query_id)")
     hide_positive_fraction: float = _f(
-        0.0, "analysis mode: hide this share of multi-positive queries' positives, report known-false-negative rate"
+        0.0, "analysis mode: hide this share of multi-positive queries' positives (1 = keep one), "
+        "report known-false-negative rate"
     )
     batch_size: int = _f(1024, "queries per map_batches call of the mining stage")
     join_partitions: int = _f(4, "hash partitions of the Ray Data join of teachers' candidates and queries")
@@ -388,7 +389,7 @@ DOMAINS: dict[str, dict[str, Domain]] = {
     "MineConfig": {
         "shift": NON_NEGATIVE, "abs_threshold": ANY, "margin": NON_NEGATIVE, "perc": between(0, 1, lo_open=True),
         "num_negatives": COUNT, "sample_top_k": COUNT, "sample_temperature": POSITIVE, "seed": NON_NEGATIVE,
-        "hide_positive_fraction": between(0, 1, hi_open=True), "batch_size": COUNT, "join_partitions": COUNT,
+        "hide_positive_fraction": between(0, 1), "batch_size": COUNT, "join_partitions": COUNT,
         "report_sample": NON_NEGATIVE,
     },
     "TrainConfig": {
