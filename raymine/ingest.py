@@ -241,13 +241,7 @@ def input_fingerprint(data: str) -> str:
     fs, root = storage.resolve(data)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise IngestError(data, None, "missing_path", "data folder not found")
-    h = hashlib.sha256()
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
-    for i in sorted(infos, key=lambda i: i.path):
-        rel = i.path[len(root):].lstrip("/\\")
-        mtime = i.mtime_ns if i.mtime_ns is not None else -1
-        h.update(f"{rel}\0{i.size}\0{mtime}\n".encode())
-    return h.hexdigest()[:16]
+    return storage.fingerprint(data)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -102,6 +102,27 @@ def list_files(uri: str) -> dict[str, int]:
     return out
 
 
+def fingerprint(uri: str) -> str:
+    """Hash of the names, sizes and modification times of the file ``uri`` or of every file under it (one
+    listing, no reads; "missing" when absent). A table rewritten at the same path changes it, so a cache
+    keyed by it is never reused for other content. On object stores the modification time is the object's
+    last-modified time (a rewrite changes it)."""
+    import hashlib
+
+    fs, root = resolve(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return "missing"
+    infos = [info] if info.type == pafs.FileType.File else [
+        i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    h = hashlib.sha256()
+    for i in sorted(infos, key=lambda i: i.path):
+        rel = i.path[len(root):].lstrip("/\\")
+        mtime = i.mtime_ns if i.mtime_ns is not None else -1
+        h.update(f"{rel}\0{i.size}\0{mtime}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def parquet_rows(uri: str) -> int | None:
     """Row count from a Parquet file's footer (None when the file is unreadable: truncated, not Parquet)."""
     import pyarrow.parquet as pq

@@ -420,8 +420,9 @@ def train_stage(
         storage_path = os.path.abspath(storage_path)
     if "://" not in model_dir:
         model_dir = os.path.abspath(model_dir)
-    rows_uri = storage.join(storage_path, "train_rows",
-                            storage.stage_key("train_rows", mined_uri, corpus_uri, cfg.num_hard_negatives))
+    rows_uri = storage.join(storage_path, "train_rows", storage.stage_key(  # by content: a re-mine gets new rows
+        "train_rows", mined_uri, storage.fingerprint(mined_uri), corpus_uri, storage.fingerprint(corpus_uri),
+        cfg.num_hard_negatives))
     counts = build_rows(mined_uri, corpus_uri, rows_uri, cfg.num_hard_negatives)
     n_rows = counts["rows"]
     global_batch = cfg.num_workers * cfg.batch_size

@@ -137,14 +137,17 @@ def _partitions(n: int) -> int:
 def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int) -> dict[str, Any]:
     """Write the training rows of ``mined_uri`` × ``corpus_uri`` to ``out_uri`` (Parquet folder); return counts.
 
-    A finished folder (its ``_rows.json`` written last, same inputs and ``min_negatives``) is reused.
+    A finished folder (its ``_rows.json`` written last, same inputs and ``min_negatives``) is reused; the
+    inputs are named by path and by :func:`storage.fingerprint` (file names, sizes, modification times), so
+    a mined table rewritten at the same path (another mining config in the same output folder) is rebuilt.
     Counts: ``queries`` (mined), ``rows`` (kept), ``rows_too_few_negatives``, ``rows_positive_missing``,
     ``negatives_missing_text``.
     """
     import ray
     from ray.data.expressions import col
 
-    key = {"mined": mined_uri, "corpus": corpus_uri, "min_negatives": min_negatives}
+    key = {"mined": mined_uri, "mined_files": storage.fingerprint(mined_uri), "corpus": corpus_uri,
+           "corpus_files": storage.fingerprint(corpus_uri), "min_negatives": min_negatives}
     manifest_uri = storage.join(out_uri, ROWS_MANIFEST)
     if storage.exists(manifest_uri):
         done = storage.read_json(manifest_uri)
@@ -205,7 +208,8 @@ def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str) -> str:
     """
     from ray.data import DataContext
 
-    key = {"rows": rows_uri, "seed": seed, "epoch": epoch}
+    key = {"rows": rows_uri, "rows_files": storage.fingerprint(storage.join(rows_uri, ROWS_MANIFEST)), "seed": seed,
+           "epoch": epoch}
     marker = storage.join(out_uri, "_epoch.json")
     if storage.exists(marker) and storage.read_json(marker) == key:
         return out_uri

@@ -174,6 +174,26 @@ def test_build_rows_joins_texts_and_counts(ray_local, tmp_path):
     assert got2[("qy", "p1")][C.NEGATIVE_IDS] == ["n1_0"]  # one negative has no text; 1 >= min_negatives
 
 
+def test_rows_and_epoch_rebuilt_when_mined_table_is_rewritten_in_place(ray_local, tmp_path):
+    """Another mining run in the same output folder rewrites the mined table at the same path: the training
+    rows and the epoch order written from them must follow the new table, not a cache keyed by path."""
+    from raymine.train_data import build_rows, iter_global_batches, write_epoch
+
+    mined, corpus = write_mined(tmp_path, queries=4, negatives=2)
+    rows_uri, epoch_uri = str(tmp_path / "rows"), str(tmp_path / "epoch")
+    assert build_rows(mined, corpus, rows_uri, min_negatives=2)["rows"] == 6  # q0, q2 have two positives
+    first = [b.column(C.QUERY_ID).to_pylist() for b in iter_global_batches(write_epoch(rows_uri, 13, 0, epoch_uri), 1)]
+    assert sorted(q for b in first for q in b) == ["q0", "q0", "q1", "q2", "q2", "q3"]
+    assert build_rows(mined, corpus, rows_uri, min_negatives=2)["rows"] == 6  # unchanged input: reused
+
+    mined2, corpus2 = write_mined(tmp_path, queries=7, negatives=2)  # same paths, other content
+    assert (mined2, corpus2) == (mined, corpus)
+    counts = build_rows(mined, corpus, rows_uri, min_negatives=2)
+    assert (counts["queries"], counts["rows"]) == (7, 11)  # q0, q2, q4, q6 have two positives
+    got = [q for b in iter_global_batches(write_epoch(rows_uri, 13, 0, epoch_uri), 1) for q in b.column(C.QUERY_ID).to_pylist()]
+    assert sorted(got) == sorted([f"q{i}" for i in range(7)] + ["q0", "q2", "q4", "q6"])
+
+
 def test_epoch_order_is_a_function_of_the_seed(ray_local, tmp_path):
     """The same rows split into different files give the same written epoch order; another seed or epoch
     another order; global batches come back exactly sized, with a resume skip."""
