@@ -396,8 +396,9 @@ def train_stage(
     ``TITLE``/``TEXT``). The training rows are built once per (inputs, num_hard_negatives) under
     ``storage_path/train_rows/<key>`` (Ray Data join, :mod:`raymine.train_data`). ``storage_path``
     (default ``<model_dir>_ray``) holds Ray Train's checkpoints; it must be reachable from every node.
-    Re-running with the same ``run_name`` resumes from the latest checkpoint; a worker lost mid-run is
-    restarted from it (``cfg.max_failures`` times). ``mine_cfg`` is used by ``positive_aware='mine'``.
+    Re-running with the same ``run_name`` and the same input files resumes from the latest checkpoint (the Ray
+    Train run is ``<run_name>-<rows key>``: rows rebuilt from a re-mined table start afresh); a worker lost
+    mid-run is restarted from it (``cfg.max_failures`` times). ``mine_cfg`` is used by ``positive_aware='mine'``.
 
     The epoch order is a function of ``cfg.seed`` alone, and dropout is seeded per (step, rank): two runs
     with the same inputs and config train the same model, interrupted or not.
@@ -420,9 +421,11 @@ def train_stage(
         storage_path = os.path.abspath(storage_path)
     if "://" not in model_dir:
         model_dir = os.path.abspath(model_dir)
-    rows_uri = storage.join(storage_path, "train_rows", storage.stage_key(  # by content: a re-mine gets new rows
+    rows_key = storage.stage_key(  # by content: a re-mine in the same folder gets new rows and a new run
         "train_rows", mined_uri, storage.fingerprint(mined_uri), corpus_uri, storage.fingerprint(corpus_uri),
-        cfg.num_hard_negatives))
+        cfg.num_hard_negatives)
+    rows_uri = storage.join(storage_path, "train_rows", rows_key)
+    run_name = f"{run_name}-{rows_key[:8]}"  # never resume a checkpoint trained on other rows
     counts = build_rows(mined_uri, corpus_uri, rows_uri, cfg.num_hard_negatives)
     n_rows = counts["rows"]
     global_batch = cfg.num_workers * cfg.batch_size

@@ -5,6 +5,8 @@ tiny-Mistral 7B recipe (FSDP, LoRA, bidirectional, checkpointing) for 3 steps.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 import signal
 import threading
@@ -331,7 +333,7 @@ def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, mini
         deadline = time.time() + 400
         while time.time() < deadline and not state["done"]:
             # a checkpoint Ray Train has committed (what a restart resumes from)
-            if (Path(storage_path) / run / "checkpoint_manager_snapshot.json").exists():
+            if glob.glob(str(Path(storage_path) / f"{run}-*" / "checkpoint_manager_snapshot.json")):
                 pids = _train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
@@ -351,6 +353,21 @@ def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, mini
     a, b = _weights(minilm_run["model_dir"]), _weights(res["model_dir"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_after_a_re_mine_trains_afresh_on_the_new_rows(ray_local, minilm_path, tmp_path):
+    """The same run name and storage path, but the mined table rewritten in place (another mining config in
+    the same output folder): the run must not resume the finished checkpoint of the old rows."""
+    from raymine.train import train_stage
+
+    storage_path, cfg = str(tmp_path / "ray"), _minilm_cfg(minilm_path, max_steps=1, checkpoint_every=1)
+    mined, corpus = write_mined(tmp_path / "data", queries=4, negatives=2)  # 6 rows: one step of 2 x 2
+    first = train_stage(mined, corpus, cfg, str(tmp_path / "model"), "same", storage_path=storage_path)
+    assert (first["rows"], first["steps"], first["start_step"]) == (6, 1, 0)
+    write_mined(tmp_path / "data", queries=6, negatives=2)  # 9 rows at the same paths
+    again = train_stage(mined, corpus, dataclasses.replace(cfg, max_steps=2), str(tmp_path / "model"), "same",
+                        storage_path=storage_path)
+    assert (again["rows"], again["steps"], again["start_step"]) == (9, 2, 0)
 
 
 @pytest.mark.slow  # ~2 min on 2 cores; the FSDP+LoRA loading itself stays in CI (test_fsdp_lora_weights_read_on_rank0_and_broadcast)
