@@ -110,7 +110,9 @@ class Encoder:
     def _forward(self, texts: list[str], side: Side) -> torch.Tensor:
         """One padded batch → pooled float32 [B, H] on the CPU (the student's tokenize + forward)."""
         f = self.bi.tokenize(texts, side)  # [B, T] each
-        return self.bi(**{k: v.to(self.device) for k, v in f.items()}).cpu()  # [B, H]
+        if self.device.type == "cuda":  # page-locked host memory: the copies overlap the queued kernels
+            f = {k: v.pin_memory() for k, v in f.items()}
+        return self.bi(**{k: v.to(self.device, non_blocking=True) for k, v in f.items()}).cpu()  # [B, H]
 
     def encode(self, texts: Sequence[str], side: Side, batch_size: int | None = None) -> np.ndarray:
         """Encode ``texts`` as ``side`` ('query'/'passage') → float32 [n, dim] in input order."""

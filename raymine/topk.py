@@ -208,6 +208,23 @@ def brute_force_topk(
 
 
 # ------------------------------------------------------------------------------------------------
+CPU_BLOCK_ELEMS = 1 << 24  # 64 MB fp32 score block: fits a CPU's caches and RAM comfortably
+GPU_BLOCK_ELEMS = 1 << 28  # 1 GB fp32: per-block top-k overhead amortised (bench/bench_gpu.py: 2.1x over 2^24 on an H200)
+
+
+def block_elems_for(device_type: str, free_bytes: int | None = None) -> int:
+    """Default score-block size of :func:`torch_search` on a device: ``CPU_BLOCK_ELEMS`` off the GPU; on a GPU
+    ``GPU_BLOCK_ELEMS``, lowered (to a power of two, at least ``CPU_BLOCK_ELEMS``) so the block and its
+    temporaries (about 32 bytes per score: the fp32 block, its masked copy, masks, the tie cumsum) take at most
+    a quarter of ``free_bytes``."""
+    if device_type != "cuda":
+        return CPU_BLOCK_ELEMS
+    if free_bytes is None:
+        return GPU_BLOCK_ELEMS
+    fit = max(int(free_bytes) // (4 * 32), 1)
+    return max(CPU_BLOCK_ELEMS, min(GPU_BLOCK_ELEMS, 1 << (fit.bit_length() - 1)))
+
+
 def _torch_topk_exact(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``s [nq, m]`` (k <= m) with the smaller column winning ties, also at the k-th place."""
     import torch
@@ -232,7 +249,7 @@ def torch_search(
     queries: torch.Tensor | np.ndarray,
     k: int,
     ceilings: np.ndarray | None = None,
-    max_block_elems: int = 1 << 24,
+    max_block_elems: int | None = None,
     return_above: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact inner-product search: ``corpus [nd, d]``, ``queries [nq, d]`` → ``(scores [nq,k] float32,
@@ -241,8 +258,9 @@ def torch_search(
     rows the ceiling removed; 0 without a ceiling), counted in the same scan.
 
     The corpus is scanned in row blocks so the score block ``[nq, rows]`` stays under
-    ``max_block_elems`` floats (the ``[nq, nd]`` matrix is never built); runs on the corpus' device
-    (CUDA when the corpus tensor is there). Same tie rule as :func:`masked_topk`.
+    ``max_block_elems`` floats (the ``[nq, nd]`` matrix is never built; ``None``: :func:`block_elems_for` the
+    corpus' device and its free memory); runs on the corpus' device (CUDA when the corpus tensor is there).
+    Same tie rule as :func:`masked_topk`.
     """
     import torch
 
@@ -260,6 +278,9 @@ def torch_search(
         empty = (np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64))
         return (*empty, np.zeros(nq, np.int64)) if return_above else empty
     k = max(k, 0)
+    if max_block_elems is None:
+        free = torch.cuda.mem_get_info(cor.device)[0] if cor.device.type == "cuda" else None
+        max_block_elems = block_elems_for(cor.device.type, free)
     ct = None if c is None else torch.from_numpy(c).to(cor.device)[:, None]  # [nq, 1]
     rows = max(k, max_block_elems // max(nq, 1), 1)
     best_s = torch.full((nq, 0), -float("inf"), dtype=torch.float32, device=cor.device)

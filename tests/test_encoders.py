@@ -267,3 +267,20 @@ def test_int8_backend_is_cpu_and_dense_only(minilm_path):
         load_config(None, ["teacher_defs.minilm.quantize=int8", "teacher_defs.minilm.device=cuda"])
     with pytest.raises(ConfigError, match="quantize"):
         load_config(None, ["teacher_defs.bm25.quantize=int8"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_encoder_equals_cpu(tiny_sp_mistral_path, dtype):
+    """The GPU path (pinned, non-blocking copies; bf16 where asked) gives the CPU's embeddings in input order."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfg = TeacherConfig(model=tiny_sp_mistral_path, pooling="mean", bidirectional=True, batch_size=2,
+                        dtype="float32", device="cpu")
+    want = Encoder(cfg).encode(TEXTS, "passage")
+    got = Encoder(replace(cfg, device="cuda", dtype=dtype)).encode(TEXTS, "passage")
+    cos = (got * want).sum(1)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert cos.min() > (0.99999 if dtype == "float32" else 0.999), cos

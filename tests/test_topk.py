@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from raymine.topk import (
+    CPU_BLOCK_ELEMS,
+    GPU_BLOCK_ELEMS,
+    block_elems_for,
     brute_force_topk,
     masked_topk,
     merge_topk,
@@ -177,6 +180,36 @@ def test_torch_backend_equals_faiss_flat():
     ts, ti = torch_search(corpus, queries, 100, max_block_elems=50 * 256)
     np.testing.assert_array_equal(ti, fi)
     np.testing.assert_allclose(ts, fs, rtol=0, atol=1e-5)
+
+
+def test_block_elems_default_per_device_and_free_memory():
+    assert block_elems_for("cpu") == CPU_BLOCK_ELEMS == 1 << 24
+    assert block_elems_for("cpu", free_bytes=1 << 40) == CPU_BLOCK_ELEMS  # the CPU default ignores free memory
+    assert block_elems_for("cuda") == GPU_BLOCK_ELEMS == 1 << 28
+    assert block_elems_for("cuda", free_bytes=80 << 30) == 1 << 28  # 2^28 * 32 B = 8 GiB <= 80 GiB / 4
+    assert block_elems_for("cuda", free_bytes=12 << 30) == 1 << 26  # 12 GiB / 128 = 96M → 2^26
+    assert block_elems_for("cuda", free_bytes=1 << 30) == CPU_BLOCK_ELEMS  # never below the CPU block
+    for free in (3 << 30, 5 << 30, 17 << 30, 33 << 30):
+        b = block_elems_for("cuda", free_bytes=free)
+        assert b & (b - 1) == 0 and b * 32 <= free // 4 < 2 * b * 32  # the largest power of two that fits
+
+
+@pytest.mark.gpu
+def test_torch_search_cuda_default_block_equals_brute_force():
+    """The CUDA default block (2^28 scores, sized by free memory) against the numpy reference, ties included."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(6)
+    corpus = rng.integers(-2, 3, size=(30000, 16)).astype(np.float32)  # many ties
+    queries = rng.integers(-2, 3, size=(300, 16)).astype(np.float32)
+    ceilings = rng.integers(-3, 8, size=300).astype(np.float32)
+    got = torch_search(torch.from_numpy(corpus).cuda(), queries, 100, ceilings, return_above=True)
+    ref = brute_force_topk(corpus, queries, 100, ceilings)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[2], (queries @ corpus.T >= ceilings[:, None]).sum(1))
 
 
 @pytest.mark.gpu
