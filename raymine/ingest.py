@@ -851,6 +851,13 @@ def _read(files: list[str], kind: str, cfg: IngestConfig):
                              fn_kwargs={"kind": kind, "rows_per_block": cfg.rows_per_block})
 
 
+def _hash_partition(ds, parts: int, key: str):
+    """``parts`` blocks, every row of a ``key`` value in the same one. One partition holds every row: that is a
+    plain concatenation into one block, without a shuffle's operators (seconds of start-up for a small input).
+    The block functions sort their block themselves, so both give the same rows."""
+    return ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=[key], sort=True)
+
+
 def _parquet(uri: str, columns: list[str] | None = None):
     import ray.data
 
@@ -984,7 +991,7 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
     # 1-2. corpus and queries: read (a task per file) → hash-partition by id → first definition wins
     for kind, table in (("doc", "corpus"), ("query", "queries")):
         id_col = C.DOC_ID if kind == "doc" else C.QUERY_ID
-        ds = _read(files[table], kind, cfg).repartition(parts, keys=[id_col], sort=True)
+        ds = _hash_partition(_read(files[table], kind, cfg), parts, id_col)
         ds = ds.map_batches(dedupe_block, batch_size=None, batch_format="pyarrow", fn_kwargs={
             "kind": kind, "names": files[table], "on_duplicate_id": cfg.on_duplicate_id,
             "on_empty_text": cfg.on_empty_text})
@@ -1007,7 +1014,7 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
     counts["docs"] = counts["docs_read"]
 
     # 3. each doc's identical-text twins (hash-partitioned by TEXT_HASH, compared as text)
-    ds = _parquet(w["doc_hash"]).repartition(parts, keys=[C.TEXT_HASH], sort=True).map_batches(
+    ds = _hash_partition(_parquet(w["doc_hash"]), parts, C.TEXT_HASH).map_batches(
         twins_block, batch_size=None, batch_format="pyarrow")
     counts["docs_with_identical_text"] = sum(
         r["n"] for r in _execute(ds, {"doc_keys": (w["doc_keys"], "all")}, _twin_count_block))
@@ -1037,7 +1044,7 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
 
     # 5. one row per query of the split (hash-partitioned by QUERY_ID): positives, twins, or a drop reason;
     # with on_unknown_qrel=error it raises on the first unknown id it meets (file and line)
-    ds = _parquet(w["qrels"]).repartition(parts, keys=[C.QUERY_ID], sort=True).map_batches(
+    ds = _hash_partition(_parquet(w["qrels"]), parts, C.QUERY_ID).map_batches(
         per_query_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"names": files["qrels"], "on_unknown_qrel": cfg.on_unknown_qrel})
     limit = cfg.max_queries
