@@ -208,7 +208,7 @@ def brute_force_topk(
 
 
 # ------------------------------------------------------------------------------------------------
-CPU_BLOCK_ELEMS = 1 << 24  # 64 MB fp32 score block: fits a CPU's caches and RAM comfortably
+CPU_BLOCK_ELEMS = 1 << 24  # 64 MB fp32 score block: small next to a CPU node's RAM
 GPU_BLOCK_ELEMS = 1 << 28  # 1 GB fp32: per-block top-k overhead amortised (bench/bench_gpu.py: 2.1x over 2^24 on an H200)
 
 
