@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from raymine.model import BiEncoder, make_bidirectional  # noqa: E402
-from raymine.topk import block_elems_for, torch_search  # noqa: E402
+from raymine.topk import default_block_elems, torch_search  # noqa: E402
 
 LENGTHS = ROOT / "bench" / "data" / "scifact_passage_token_lengths.json"
 
@@ -201,9 +201,7 @@ def search_part(args, peak_measured: float) -> list[dict]:
         ref_ids = torch.sort(s_ref, dim=1, descending=True, stable=True).indices[:, : args.k].cpu().numpy()
         del s_ref
         for x in args.block_elems.split(","):
-            # 'auto': what torch_search picks itself on this device (block_elems_for, from the free memory)
-            mbe = int(x) if x != "auto" else block_elems_for(
-                q.device.type, torch.cuda.mem_get_info()[0] if q.device.type == "cuda" else None)
+            mbe = int(x) if x != "auto" else default_block_elems(corpus.device)  # torch_search's own choice
             torch_search(corpus, q[:256], args.k, ceil[:256], max_block_elems=mbe)  # warm-up
             sync(args.device)
             t0 = time.perf_counter()

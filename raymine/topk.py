@@ -225,6 +225,15 @@ def block_elems_for(device_type: str, free_bytes: int | None = None) -> int:
     return max(CPU_BLOCK_ELEMS, min(GPU_BLOCK_ELEMS, 1 << (fit.bit_length() - 1)))
 
 
+def default_block_elems(device: torch.device) -> int:
+    """What :func:`torch_search` uses when ``max_block_elems`` is None: :func:`block_elems_for` ``device``, with
+    its free memory now on a GPU."""
+    import torch
+
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return block_elems_for(device.type, free)
+
+
 def _torch_topk_exact(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``s [nq, m]`` (k <= m) with the smaller column winning ties, also at the k-th place."""
     import torch
@@ -258,8 +267,8 @@ def torch_search(
     rows the ceiling removed; 0 without a ceiling), counted in the same scan.
 
     The corpus is scanned in row blocks so the score block ``[nq, rows]`` stays under
-    ``max_block_elems`` floats (the ``[nq, nd]`` matrix is never built; ``None``: :func:`block_elems_for` the
-    corpus' device and its free memory); runs on the corpus' device (CUDA when the corpus tensor is there).
+    ``max_block_elems`` floats (the ``[nq, nd]`` matrix is never built; ``None``: :func:`default_block_elems` of the
+    corpus' device); runs on the corpus' device (CUDA when the corpus tensor is there).
     Same tie rule as :func:`masked_topk`.
     """
     import torch
@@ -279,8 +288,7 @@ def torch_search(
         return (*empty, np.zeros(nq, np.int64)) if return_above else empty
     k = max(k, 0)
     if max_block_elems is None:
-        free = torch.cuda.mem_get_info(cor.device)[0] if cor.device.type == "cuda" else None
-        max_block_elems = block_elems_for(cor.device.type, free)
+        max_block_elems = default_block_elems(cor.device)
     ct = None if c is None else torch.from_numpy(c).to(cor.device)[:, None]  # [nq, 1]
     rows = max(k, max_block_elems // max(nq, 1), 1)
     best_s = torch.full((nq, 0), -float("inf"), dtype=torch.float32, device=cor.device)
