@@ -64,7 +64,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raymine import columns as C
-from raymine import joins, storage
+from raymine import joins, parts, storage
 from raymine.config import Config, to_dict
 from raymine.ingest import passage_text
 from raymine.layout import Layout
@@ -115,7 +115,7 @@ class ExportPlan:
 # ------------------------------------------------------------------------------------------------
 def explode_ids(batch: pa.Table) -> pa.Table:
     """Mined rows -> one row per (mined row, positive or negative id): QUERY_ID, TEACHER, _role, _slot, DOC_ID."""
-    parts = []
+    tables = []
     for role, col in ((0, C.POSITIVE_IDS), (1, C.NEGATIVE_IDS)):
         lists = _combine(batch.column(col))
         parent = pc.list_parent_indices(lists)  # (ids,) row of each id
@@ -123,14 +123,14 @@ def explode_ids(batch: pa.Table) -> pa.Table:
         # position of each id inside its own list: its flat index minus its list's start
         starts = offsets[:-1][parent.to_numpy()] - offsets[0]
         slot = np.arange(len(parent), dtype=np.int64) - starts
-        parts.append(pa.table({
+        tables.append(pa.table({
             C.QUERY_ID: batch.column(C.QUERY_ID).take(parent).cast(pa.string()),
             C.TEACHER: batch.column(C.TEACHER).take(parent).cast(pa.string()),
             _ROLE: pa.array(np.full(len(parent), role, np.int8)),
             _SLOT: pa.array(slot.astype(np.int32)),
             C.DOC_ID: pc.list_flatten(lists).cast(pa.string()),
         }))
-    return pa.concat_tables(parts)
+    return pa.concat_tables(tables)
 
 
 def corpus_passages(batch: pa.Table) -> pa.Table:
@@ -427,21 +427,20 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
 
 def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, counts: dict[str, int]) -> None:
     """The Ray Data job; adds the workers' per-batch counts (one row per batch) into ``counts``."""
-    import ray.data
 
     if not _count_rows(layout.mined):  # Parquet footers only, read on the driver (no Ray job for a count)
         return
-    parts = cfg.export.join_partitions
+    nparts = cfg.export.join_partitions
     agg = {"num_cpus": AGGREGATOR_CPUS}
     names = _schema_names(corpus)
     cols = [C.DOC_ID, *([C.PASSAGE] if C.PASSAGE in names else [c for c in (C.TITLE, C.TEXT) if c in names])]
-    passages = ray.data.read_parquet(corpus).select_columns(cols).map_batches(corpus_passages, batch_format="pyarrow")
-    mined = ray.data.read_parquet(layout.mined).select_columns(list(C.MINED_COLUMNS))
+    passages = parts.read_dataset(corpus, cols).map_batches(corpus_passages, batch_format="pyarrow")
+    mined = parts.read_dataset(layout.mined, C.MINED_COLUMNS)
     ids = mined.map_batches(explode_ids, batch_format="pyarrow")
     local = joins.is_small([layout.mined, corpus])
-    joined = joins.join(ids, passages, "left_outer", parts, (C.DOC_ID,), local, aggregator_ray_remote_args=agg)
-    texts = joined.groupby(list(_KEYS), num_partitions=parts).map_groups(regroup_texts, batch_format="pyarrow")
-    full = joins.join(mined, texts, "left_outer", parts, _KEYS, local, aggregator_ray_remote_args=agg)
+    joined = joins.join(ids, passages, "left_outer", nparts, (C.DOC_ID,), local, aggregator_ray_remote_args=agg)
+    texts = joined.groupby(list(_KEYS), num_partitions=nparts).map_groups(regroup_texts, batch_format="pyarrow")
+    full = joins.join(mined, texts, "left_outer", nparts, _KEYS, local, aggregator_ray_remote_args=agg)
     out = full.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.export.rows_per_part,
                            fn_kwargs={"plan": plan, "root": layout.exports})
     for row in out.take_all():

@@ -81,7 +81,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raymine import columns as C
-from raymine import joins, storage
+from raymine import joins, parts, storage
 from raymine.config import IngestConfig
 from raymine.errors import UserError
 
@@ -771,11 +771,25 @@ def split_summary_block(block: pa.Table) -> pa.Table:
     return t.group_by(C.REASON).aggregate([("_excl", "count"), ("_excl", "sum")])
 
 
+def sort_by_length(corpus: pa.Table) -> pa.Table:
+    """A corpus part in embedding order: longest passage (in characters) first, ties by doc id.
+
+    The embed stage cuts each part into consecutive pieces and sorts each piece by token length; with the part
+    already sorted, a piece holds passages of about one length, so its batches carry little padding (SciFact,
+    MiniLM tokens, batch 32, 256-row pieces: +1.0% padded tokens, against +3.3% for id order and +0.2% for an
+    exact token sort of the whole corpus — ``bench/data``'s lengths). Longest first also queues the costly
+    pieces first, so the pool's tail is short pieces. One sort per written block: no extra shuffle."""
+    key = "_passage_chars"
+    t = corpus.append_column(key, pc.utf8_length(corpus[C.PASSAGE]))
+    return t.sort_by([(key, "descending"), (C.DOC_ID, "ascending")]).drop_columns([key])
+
+
 def select_block(block: pa.Table, rule: str) -> pa.Table:
     """Filter and project a work table to one output table (``rule`` names which)."""
     if rule == "corpus":
         t = block.filter(pc.invert(pc.or_(block[_DUP], block[_EMPTY])))
-        return t.select(CORPUS_SCHEMA.names).cast(CORPUS_SCHEMA)
+        t = t.select(CORPUS_SCHEMA.names).cast(CORPUS_SCHEMA)
+        return sort_by_length(t)
     if rule == "all":
         return block
     if rule == "doc_hash":
@@ -859,10 +873,7 @@ def _hash_partition(ds, parts: int, key: str):
 
 
 def _parquet(uri: str, columns: list[str] | None = None):
-    import ray.data
-
-    ds = ray.data.read_parquet(uri)
-    return ds.select_columns(columns) if columns else ds
+    return parts.read_dataset(uri, columns)
 
 
 _RULE_SCHEMA = {"corpus": CORPUS_SCHEMA, "train": TRAIN_QUERIES_SCHEMA, "dropped": DROPPED_SCHEMA, "qrels": QRELS_SCHEMA}
@@ -954,7 +965,8 @@ def ingest_stage(cfg: IngestConfig, layout: Layout) -> dict[str, Any]:
     """Validate the data once, as a Ray Data job, and write the tables every later stage reads
     (folders of Parquet parts written by the workers):
 
-    ``layout.corpus`` (DOC_ID, TITLE, TEXT, PASSAGE, TEXT_HASH), ``layout.train_queries`` (QUERY_ID, TEXT,
+    ``layout.corpus`` (DOC_ID, TITLE, TEXT, PASSAGE, TEXT_HASH; each part longest passage first,
+    :func:`sort_by_length`), ``layout.train_queries`` (QUERY_ID, TEXT,
     POSITIVE_IDS, EXCLUDED_IDS), ``layout.train_dropped`` (QUERY_ID, REASON), ``layout.qrels`` (QUERY_ID,
     DOC_ID, SCORE: the train split's kept rows). Skipped when a finished manifest with the same config and
     the same input files (names, sizes, modification times: :func:`input_fingerprint`) exists.
@@ -1100,7 +1112,5 @@ def write_parquet(table: pa.Table, uri: str) -> None:
 
 def corpus_dataset(corpus_uri: str, num_blocks: int | None = None):
     """The ingested corpus (``layout.corpus``) as a Ray Dataset (streamed from Parquet; never collected)."""
-    import ray.data
-
-    ds = ray.data.read_parquet(corpus_uri)
+    ds = parts.read_dataset(corpus_uri)
     return ds.repartition(num_blocks) if num_blocks else ds

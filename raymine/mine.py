@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from raymine import columns as C
 from raymine import ensemble as E
 from raymine import filters as F
-from raymine import joins, storage
+from raymine import joins, parts, storage
 from raymine import sampling as S
 from raymine.config import MineConfig, to_dict
 
@@ -625,17 +625,17 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     for t in teachers:
         # ABOVE_CEILING is optional: candidates written before it existed are still mined
         extra = [C.ABOVE_CEILING] if C.ABOVE_CEILING in _dataset(candidates[t]).schema.names else []
-        d = ray.data.read_parquet(candidates[t]).select_columns([C.QUERY_ID, *_IN_COLS, *extra])
+        d = parts.read_dataset(candidates[t], [C.QUERY_ID, *_IN_COLS, *extra])
         d = d.rename_columns({c: _tcol(c, t) for c in (*_IN_COLS, *extra)})
         ds = d if ds is None else joins.join(ds, d, "full_outer", cfg.join_partitions, (C.QUERY_ID,), local,
                                              aggregator_ray_remote_args=agg_args)
-    queries = ray.data.read_parquet(queries_uri).select_columns([C.QUERY_ID, C.TEXT]).rename_columns(
+    queries = parts.read_dataset(queries_uri, [C.QUERY_ID, C.TEXT]).rename_columns(
         {C.TEXT: C.QUERY})
     ds = joins.join(ds, queries, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
                     aggregator_ray_remote_args=agg_args)
     if full_positives is not None:
         if isinstance(full_positives, str) and C.POSITIVE_IDS in _dataset(full_positives).schema.names:
-            fp = ray.data.read_parquet(full_positives).select_columns([C.QUERY_ID, C.POSITIVE_IDS]).rename_columns(
+            fp = parts.read_dataset(full_positives, [C.QUERY_ID, C.POSITIVE_IDS]).rename_columns(
                 {C.POSITIVE_IDS: _FULL_POS})
         else:
             fp = ray.data.from_arrow(_positives_lists(full_positives))

@@ -8,7 +8,7 @@ and reading the output parts in name order gives the input order.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -90,6 +90,35 @@ def read_piece(uri: str, piece: Piece | dict, columns: Sequence[str] | None = No
     with fs.open_input_file(p.path) as f:
         table = pq.ParquetFile(f).read_row_group(p.row_group, columns=list(columns) if columns else None)
     return table.slice(p.lo, p.rows)
+
+
+def read_dataset(uri: str, columns: Sequence[str] | None = None):
+    """A table of raymine's (a folder of parts, or one file) as a Ray Dataset: one read task per file, one block
+    per row group, ``columns`` only. The driver lists the files (names only).
+
+    Used for every table raymine wrote itself instead of ``ray.data.read_parquet``, whose default reader in Ray
+    2.60 (DataSourceV2: a ListFiles task, then ReadFiles) costs 2–3 s per call even for one small file, against
+    0.05 s for this (warm local cluster, 2 cores); a SciFact mining job reads a dozen such tables, ~15 s of it.
+    Ray's older V1 reader is as fast but hung a distributed join in the tests."""
+    import ray.data
+
+    files = list_parquet(uri)
+    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        _read_files, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"uri": uri, "columns": list(columns) if columns else None})
+
+
+def _read_files(batch: pa.Table, uri: str, columns: list[str] | None) -> Iterator[pa.Table]:
+    """``read_dataset``'s task: each row group of each listed file (a file with none: its empty table)."""
+    fs, _ = storage.resolve(uri)
+    for path in batch.column("path").to_pylist():
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_row_groups == 0:
+                schema = pf.schema_arrow
+                yield schema.empty_table().select(columns) if columns else schema.empty_table()
+            for g in range(pf.metadata.num_row_groups):
+                yield pf.read_row_group(g, columns=columns)
 
 
 def write_part(table: pa.Table, folder_uri: str, i: int) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from raymine import columns as C
-from raymine import storage
+from raymine import parts, storage
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,6 @@ def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int
     Counts: ``queries`` (mined), ``rows`` (kept), ``rows_too_few_negatives``, ``rows_positive_missing``,
     ``negatives_missing_text``.
     """
-    import ray
     from ray.data.expressions import col
 
     key = {"mined": mined_uri, "mined_files": storage.fingerprint(mined_uri), "corpus": corpus_uri,
@@ -156,9 +155,9 @@ def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int
             return done["counts"]
     storage.delete_dir(out_uri)
     t0 = time.perf_counter()
-    mined = ray.data.read_parquet(mined_uri).select_columns([C.QUERY_ID, C.QUERY, C.POSITIVE_IDS, C.NEGATIVE_IDS])
+    mined = parts.read_dataset(mined_uri, [C.QUERY_ID, C.QUERY, C.POSITIVE_IDS, C.NEGATIVE_IDS])
     n_queries = mined.count()
-    corpus = ray.data.read_parquet(corpus_uri)
+    corpus = parts.read_dataset(corpus_uri)
     names = set(corpus.schema().names)
     if C.DOC_ID not in names or not ({C.PASSAGE} <= names or {C.TEXT} <= names):
         raise ValueError(f"corpus {corpus_uri}: needs {C.DOC_ID} and {C.PASSAGE} (or {C.TEXT}); has {sorted(names)}")
@@ -166,9 +165,9 @@ def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int
         c for c in (C.DOC_ID, C.TITLE, C.TEXT) if c in names]
     corpus = corpus.select_columns(wanted).map_batches(corpus_passages, batch_format="pyarrow")
     needs = mined.map_batches(explode_needs, batch_format="pyarrow")
-    parts = _partitions(n_queries * 8)
-    joined = needs.join(corpus, join_type="left_outer", num_partitions=parts, on=(C.DOC_ID,))
-    rows = (joined.groupby([C.QUERY_ID, C.POSITIVE_ID], num_partitions=parts)
+    nparts = _partitions(n_queries * 8)
+    joined = needs.join(corpus, join_type="left_outer", num_partitions=nparts, on=(C.DOC_ID,))
+    rows = (joined.groupby([C.QUERY_ID, C.POSITIVE_ID], num_partitions=nparts)
             .map_groups(assemble_row, batch_format="pyarrow", fn_kwargs={"min_negatives": min_negatives})
             .materialize())
     by_status = {r[STATUS]: int(r["count()"]) for r in rows.groupby(STATUS).count().take_all()}
