@@ -147,7 +147,7 @@ class SearchConfig:
     threads_per_shard: int = _f(0, "BLAS/OpenMP threads per shard actor; 0 = node cores // num_shards (at least 1)")
     num_gpus_per_shard: float = _f(0.0, "GPUs per shard actor")
     query_batch_size: int = _f(1024, "queries per search batch sent to every shard")
-    search_tasks: int = _f(2, "query workers (Ray Data actors) that fan query pieces out to the shards in parallel")
+    search_tasks: int = _f(2, "query tasks (Ray Data tasks) that fan query pieces out to the shards in parallel")
     num_cpus_per_task: float = _f(0.25, "CPUs reserved per query worker (they mostly wait on the shards)")
     recall_sample: int = _f(1000, "queries sampled to report approximate-search recall@k against exact")
 
