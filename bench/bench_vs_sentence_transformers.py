@@ -227,7 +227,8 @@ def main() -> None:
                 w = run_bare(sub, model_path, args)
                 detail = "encode + matmul + filter in this process, no Ray"
             times[which].append(w)
-            print(f"  run {r} {which:8s} {w:7.1f} s  ({detail})", flush=True)
+            print(f"  run {r} {which:8s} {w:7.1f} s  ({detail}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)",
+                  flush=True)
 
     req = args.num_negatives * nq
     rm_n = sum(len(v) for v in rm_negs.values())
@@ -254,8 +255,10 @@ def main() -> None:
     print()
     print(f"wall-time ratio raymine / sentence-transformers: {rm_t / st_t:.2f}")
     bare = statistics.median(times["bare"])
+    pairs = ", ".join(f"{100 * (r / b - 1):+.1f}%" for r, b in zip(times["raymine"], times["bare"], strict=True))
     print(f"orchestration overhead: raymine {rm_t:.1f} s vs bare in-process compute {bare:.1f} s "
-          f"(+{100 * (rm_t / bare - 1):.0f}%; goal <= 10%)")
+          f"({100 * (rm_t / bare - 1):+.1f}% on the medians; per pair {pairs}; goal <= +10%)")
+    print("ratio per pair: " + ", ".join(f"{r / s:.2f}" for r, s in zip(times["raymine"], times["st"], strict=True)))
     print(f"overlap of negative sets: {inter} shared of {union} distinct (pooled Jaccard {inter / max(union, 1):.3f}, "
           f"mean per-query Jaccard {statistics.fmean(jac) if jac else 0:.3f}); "
           f"{inter / max(st_n, 1):.1%} of sentence-transformers' negatives are also raymine's")

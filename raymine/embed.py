@@ -2,7 +2,8 @@
 
 Each actor loads the teacher once (:class:`raymine.encoders.Encoder`) and takes *pieces* of the input
 tables (``raymine.parts``: row-group slices planned from Parquet footers); for each piece it reads the rows
-itself, encodes them (length-sorted inside the piece, so padding stays small), and writes output part ``i``
+itself, encodes them (length-sorted inside the piece; ingest writes the corpus longest passage first, so a
+piece already holds passages of about one length and padding stays small), and writes output part ``i``
 for input piece ``i`` (id column + ``EMBEDDING`` as ``fixed_size_list<float32|float16>[dim]``). Nothing
 per-row passes through the driver: it plans pieces and sums the small per-piece stats the actors return.
 

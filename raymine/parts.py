@@ -93,8 +93,9 @@ def read_piece(uri: str, piece: Piece | dict, columns: Sequence[str] | None = No
 
 
 def read_dataset(uri: str, columns: Sequence[str] | None = None):
-    """A table of raymine's (a folder of parts, or one file) as a Ray Dataset: one read task per file, one block
-    per row group, ``columns`` only. The driver lists the files (names only).
+    """A table of raymine's (a folder of parts, or one file) as a Ray Dataset: one read task per file, which
+    yields its row groups one at a time (Ray Data may merge small ones into one block), ``columns`` only. The
+    driver lists the files (names only). Row order across files is not kept (like ``read_parquet``'s default).
 
     Used for every table raymine wrote itself instead of ``ray.data.read_parquet``, whose default reader in Ray
     2.60 (DataSourceV2: a ListFiles task, then ReadFiles) costs 2–3 s per call even for one small file, against

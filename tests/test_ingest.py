@@ -438,6 +438,7 @@ def stage_runs(ray_local, tmp_path_factory):
     finally:
         del os.environ["RAYMINE_LOCAL_JOIN_BYTES"]
     runs["reference"] = read_beir(str(root / "one"), "train", SKIP)
+    runs["root"] = root
     return runs
 
 
@@ -565,3 +566,29 @@ def test_max_queries_takes_the_first_by_id(ray_local, tmp_path):
     got = _table(Layout(str(tmp_path / "out")).train_queries, C.QUERY_ID)
     assert [r[C.QUERY_ID] for r in got] == ["q1", "q10"]  # string order
     assert m["counts"]["train_queries"] == 2 and m["counts"]["queries_limited_to"] == 2
+
+
+def test_sort_by_length_longest_first_ties_by_id():
+    from raymine.ingest import CORPUS_SCHEMA, sort_by_length
+
+    rows = [("d3", "ab"), ("d1", "abc"), ("d2", "éé"), ("d0", "a"), ("d9", "xyz")]  # "éé": 2 characters, 4 bytes
+    t = pa.table({C.DOC_ID: [r[0] for r in rows], C.TITLE: [""] * 5, C.TEXT: [r[1] for r in rows],
+                  C.PASSAGE: [r[1] for r in rows], C.TEXT_HASH: [0] * 5}, schema=CORPUS_SCHEMA)
+    out = sort_by_length(t)
+    assert out.column(C.DOC_ID).to_pylist() == ["d1", "d9", "d2", "d3", "d0"]
+    assert out.schema == CORPUS_SCHEMA
+
+
+def test_corpus_parts_are_written_longest_passage_first(stage_runs):
+    """Every corpus part (one partition, and three) is in embedding order: passage length in characters
+    descending, ties by doc id — the same rows as before, in that order."""
+    for out in ("out_one", "out_other"):
+        files = sorted(Path(Layout(str(stage_runs["root"] / out)).corpus).glob("*.parquet"))
+        assert files
+        for f in files:
+            t = pq.read_table(f)
+            keys = [(-len(p), d) for p, d in zip(t.column(C.PASSAGE).to_pylist(), t.column(C.DOC_ID).to_pylist(),
+                                                  strict=True)]
+            assert keys == sorted(keys), f
+    one = pq.read_table(next(Path(Layout(str(stage_runs["root"] / "out_one")).corpus).glob("*.parquet")))
+    assert one.num_rows == 10 and one.column(C.DOC_ID).to_pylist() != sorted(one.column(C.DOC_ID).to_pylist())
