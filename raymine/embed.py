@@ -93,6 +93,7 @@ class EmbedPieces:
     piece reads its rows, encodes them and writes the output part; returns per-piece stats only."""
 
     def __init__(self, teacher: TeacherConfig, inputs: Sequence[EmbedInput], threads: int) -> None:
+        self.t_init = time.time()  # the actor's process is up; imports and the model load follow
         import torch
 
         from raymine.encoders import Encoder
@@ -103,6 +104,7 @@ class EmbedPieces:
         self.inputs = list(inputs)
         self.out_dtype = np.float16 if teacher.storage_dtype == "float16" else np.float32
         self.storage_dtype = teacher.storage_dtype
+        self.t_ready = time.time()
 
     def embed_piece(self, which: int, piece: dict) -> tuple[int, int]:
         """Embed one piece of input ``which`` → its part; (rows, truncated)."""
@@ -130,7 +132,8 @@ class EmbedPieces:
             rows[j], cut[j] = self.embed_piece(int(batch["input"][j]), piece)
             busy[j] = time.perf_counter() - t0
         return {"input": batch["input"], "part": batch["part"], "rows": rows, "truncated": cut, "busy_s": busy,
-                "actor": np.full(n, os.getpid(), np.int64), "node": np.array([_node()] * n, dtype=object)}
+                "actor": np.full(n, os.getpid(), np.int64), "node": np.array([_node()] * n, dtype=object),
+                "t_init": np.full(n, self.t_init), "t_ready": np.full(n, self.t_ready)}
 
 
 def pc_string(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -198,6 +201,7 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     stats = {"rows": 0, "truncated": 0}
     per_side = {s.side: {"rows": 0, "truncated": 0} for s in inputs}
     actors: dict[int, float] = {}
+    ready: dict[int, tuple[float, float]] = {}  # actor -> (constructor entered, model loaded), wall clock
     nodes: set[str] = set()
     t_map = time.time()
     if todo:
@@ -219,6 +223,7 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
                 per_side[side]["rows"] += int(b["rows"][j])
                 per_side[side]["truncated"] += int(b["truncated"][j])
                 actors[int(b["actor"][j])] = actors.get(int(b["actor"][j]), 0.0) + float(b["busy_s"][j])
+                ready[int(b["actor"][j])] = (float(b["t_init"][j]), float(b["t_ready"][j]))
                 nodes.add(str(b["node"][j]))
     wall = max(time.time() - t_map, 1e-9)
     for spec, pieces in zip(inputs, planned, strict=True):
@@ -241,13 +246,18 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
         "busy_fraction": round(busy / (wall * max(1, len(actors))), 3) if actors else None,
         "texts_per_s": round(stats["rows"] / wall, 1) if todo else None, "nodes": len(nodes),
     })
+    # start-up on the critical path, per actor: stage start -> its model loaded (process start + imports + load)
+    startup = sorted(round(r - t_map, 2) for _, r in ready.values())
+    load = sorted(round(r - i, 2) for i, r in ready.values())
     dim = pq.read_schema(parts.list_parquet(inputs[0].out_uri)[0], filesystem=storage.resolve(inputs[0].out_uri)[0]
                          ).field(EMBEDDING).type.list_size if expected.get(inputs[0].side) else 0
-    log.info("embed %s: %d texts in %.1f s by %d actor(s), busy %.0f%%", teacher.model, stats["rows"], wall,
-             len(actors), 100 * (run.counts["busy_fraction"] or 0))
+    log.info("embed %s: %d texts in %.1f s by %d actor(s), busy %.0f%%; actors ready %s s after the start "
+             "(imports + model load %s s)", teacher.model, stats["rows"], wall, len(actors),
+             100 * (run.counts["busy_fraction"] or 0), startup, load)
     return run.finish(model=teacher.model, query_prompt=teacher.query_prompt, passage_prompt=teacher.passage_prompt,
                       pooling=teacher.pooling, normalize=teacher.normalize, dim=dim,
-                      storage_dtype=teacher.storage_dtype, busy_s_per_actor=sorted(round(v, 2) for v in actors.values()))
+                      storage_dtype=teacher.storage_dtype, busy_s_per_actor=sorted(round(v, 2) for v in actors.values()),
+                      ready_s_per_actor=startup, load_s_per_actor=load, wall_s=round(wall, 2))
 
 
 def to_dict_input(spec: EmbedInput) -> dict[str, str]:

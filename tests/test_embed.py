@@ -92,6 +92,12 @@ def test_one_pool_equals_single_process_in_input_order(both_run):
     assert counts["pieces"] == 3 + 2 + 4 + 2
     assert counts["actors_used"] == 2 and counts["actors_requested"] == 2  # both actors got work
     assert 0 < counts["busy_fraction"] <= 1
+    # each actor's start-up: model loaded after its constructor began, both inside the stage's wall time, and a
+    # busy actor's work fits in what is left of the wall after it was ready
+    ready, load, busy = manifest["ready_s_per_actor"], manifest["load_s_per_actor"], manifest["busy_s_per_actor"]
+    assert len(ready) == len(load) == len(busy) == 2
+    assert all(0 < x < manifest["wall_s"] for x in ready) and all(0 < x <= r for x, r in zip(load, ready))
+    assert max(busy) <= manifest["wall_s"] - min(ready) + 0.5
     assert manifest["dim"] == 384 and manifest["pooling"] == "mean" and manifest["model"] == teacher.model
 
 
