@@ -96,7 +96,7 @@ def test_one_pool_equals_single_process_in_input_order(both_run):
     # busy actor's work fits in what is left of the wall after it was ready
     ready, load, busy = manifest["ready_s_per_actor"], manifest["load_s_per_actor"], manifest["busy_s_per_actor"]
     assert len(ready) == len(load) == len(busy) == 2
-    assert all(0 < x < manifest["wall_s"] for x in ready) and all(0 < x <= r for x, r in zip(load, ready))
+    assert all(0 < x < manifest["wall_s"] for x in ready) and all(0 < x <= r for x, r in zip(load, ready, strict=True))
     assert max(busy) <= manifest["wall_s"] - min(ready) + 0.5
     assert manifest["dim"] == 384 and manifest["pooling"] == "mean" and manifest["model"] == teacher.model
 
