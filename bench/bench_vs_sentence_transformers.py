@@ -111,6 +111,11 @@ def run_raymine(data_dir: Path, out: Path, model: str, args, extra: tuple[str, .
     mine_stage({"minilm": L.search("minilm")}, L.train_queries, cfg.mine, L.mine, mined_uri=L.mined)
     t["mine"] = time.perf_counter() - s
     wall = time.perf_counter() - t0
+    from raymine import storage
+
+    em = storage.read_json(storage.join(L.embed("minilm"), storage.MANIFEST))
+    t["actors_ready"] = max(em.get("ready_s_per_actor") or [float("nan")])  # stage start -> last model loaded
+    t["busy_pct"] = 100 * em["counts"]["busy_fraction"]
     mined = pads.dataset(L.mined, format="parquet").to_table(columns=[C.QUERY_ID, C.NEGATIVE_IDS]).to_pylist()
     return wall, {r[C.QUERY_ID]: r[C.NEGATIVE_IDS] for r in mined}, t
 
