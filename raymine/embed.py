@@ -157,6 +157,20 @@ def _threads_per_actor(cfg: EmbedConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, cfg.num_actors))
 
 
+PIECES_PER_ACTOR = 4  # at least this many passage pieces per actor where the corpus allows it
+
+
+def piece_rows(side: str, total_rows: int, cfg: EmbedConfig, batch_size: int) -> int:
+    """Rows per piece of one input: ``cfg.rows_per_block``, except that a passage table too small to give every
+    actor ``PIECES_PER_ACTOR`` pieces of that size is cut finer (never below one encoder batch), so no actor
+    idles while another embeds a whole small corpus. Queries keep ``rows_per_block``: the search stage maps
+    query piece ``i`` to query-embedding part ``i`` with that size."""
+    if side == "query":
+        return cfg.rows_per_block
+    fair = -(-total_rows // (PIECES_PER_ACTOR * max(1, cfg.num_actors)))  # ceil
+    return max(1, min(cfg.rows_per_block, max(fair, batch_size)))
+
+
 def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[EmbedInput], stage_dir: str,
                  input_key: Any) -> dict[str, Any]:
     """Embed every input table with one actor pool (one model load per actor); manifest under ``stage_dir``.
@@ -183,7 +197,9 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     kept = 0
     planned: list[list[parts.Piece]] = []
     for which, spec in enumerate(inputs):
-        pieces = parts.plan_pieces(spec.table_uri, cfg.rows_per_block)
+        groups = parts.row_groups(spec.table_uri)  # footers, read once
+        size = piece_rows(spec.side, sum(n for *_, n in groups), cfg, teacher.batch_size)
+        pieces = parts.plan_pieces(spec.table_uri, size, groups)
         planned.append(pieces)
         missing = [c for c in (spec.id_column,) if c not in pq.read_schema(pieces[0].path, filesystem=storage.resolve(
             spec.table_uri)[0]).names] if pieces else []

@@ -73,12 +73,13 @@ def row_groups(uri: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def plan_pieces(uri: str, rows_per_piece: int) -> list[Piece]:
-    """Pieces of at most ``rows_per_piece`` rows covering the table in order (empty row groups skipped)."""
+def plan_pieces(uri: str, rows_per_piece: int, groups: list[tuple[str, int, int]] | None = None) -> list[Piece]:
+    """Pieces of at most ``rows_per_piece`` rows covering the table in order (empty row groups skipped).
+    ``groups``: the table's :func:`row_groups` when the caller has read them already."""
     if rows_per_piece < 1:
         raise ValueError(f"rows_per_piece must be >= 1, got {rows_per_piece}")
     pieces = []
-    for path, g, n in row_groups(uri):
+    for path, g, n in row_groups(uri) if groups is None else groups:
         pieces.extend(Piece(path, g, lo, min(n, lo + rows_per_piece)) for lo in range(0, n, rows_per_piece))
     return pieces
 

@@ -53,7 +53,7 @@ def _write(rows: list[dict], path, row_group_size: int) -> str:
 @pytest.fixture(scope="module")
 def both_run(ray_local, minilm_path, tmp_path_factory):
     """One pool embeds 120 passages (two files' worth of row groups) and 30 prompted queries: 2 actors,
-    pieces of 16 rows, some passages truncated."""
+    pieces of 15 passages (the pool's share, under rows_per_block 16) and 16 queries, some passages truncated."""
     from raymine.embed import EmbedInput, embed_tables
 
     tmp = tmp_path_factory.mktemp("emb")
@@ -88,7 +88,8 @@ def test_one_pool_equals_single_process_in_input_order(both_run):
     counts = manifest["counts"]
     assert counts["passage_rows"] == 120 and counts["query_rows"] == 30 and counts["rows"] == 150
     assert counts["passage_truncated"] == enc.truncated_by_side["passage"] > 0  # the same texts were cut
-    # pieces never cross row groups: 40 → 16+16+8, 30 → 16+14, 50 → 16+16+16+2, queries 30 → 16+14
+    # 120 passages for 2 actors: pieces of ceil(120 / 8) = 15 rows (under rows_per_block 16, over the batch 8);
+    # they never cross row groups: 40 → 15+15+10, 30 → 15+15, 50 → 15+15+15+5; queries keep 16: 30 → 16+14
     assert counts["pieces"] == 3 + 2 + 4 + 2
     assert counts["actors_used"] == 2 and counts["actors_requested"] == 2  # both actors got work
     assert 0 < counts["busy_fraction"] <= 1
@@ -108,7 +109,7 @@ def test_parquet_layout_and_streaming_reader(both_run):
     schema = pq.read_schema(files[0])
     assert schema.field(DOC_ID).type == pa.string()
     assert schema.field(EMBEDDING).type == pa.list_(pa.float32(), 384)
-    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [16, 16, 8, 16, 14, 16, 16, 16, 2]
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [15, 15, 10, 15, 15, 15, 15, 15, 5]
 
     ids_all, emb_all = read_embeddings(inputs[0].out_uri, DOC_ID)
     batches = list(iter_embedding_batches(inputs[0].out_uri, DOC_ID, batch_rows=7))
@@ -152,7 +153,7 @@ def test_killed_run_resumes_only_missing_parts_identically(both_run, tmp_path):
     ids, emb = read_embeddings(moved[0].out_uri, DOC_ID)
     assert list(ids) == list(ref_ids)
     np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
-    assert m["counts"]["passage_rows"] == 16 + 16 and m["counts"]["query_rows"] == 14
+    assert m["counts"]["passage_rows"] == 15 + 15 and m["counts"]["query_rows"] == 14
 
 
 def test_float16_storage_and_config_change_reruns(ray_local, minilm_path, tmp_path):
@@ -192,3 +193,15 @@ def test_bad_arguments_fail_before_any_work(ray_local, minilm_path, tmp_path):
     with pytest.raises(ValueError, match="missing"):
         embed_tables(TeacherConfig(model=minilm_path), EmbedConfig(),
                      [EmbedInput("passage", path, "pid", TEXT, str(tmp_path / "o"))], str(tmp_path / "o"), "k")
+
+
+def test_piece_rows_cut_small_corpora_finer_for_the_pool():
+    from raymine.embed import piece_rows
+
+    cfg = EmbedConfig(num_actors=2, rows_per_block=256)
+    assert piece_rows("passage", 5183, cfg, 32) == 256  # SciFact: 21 pieces of 256 already feed 2 actors
+    assert piece_rows("passage", 300, cfg, 32) == 38  # ceil(300 / (4 pieces x 2 actors)): 8 pieces, not 2
+    assert piece_rows("passage", 20, cfg, 32) == 32  # never below one encoder batch
+    assert piece_rows("query", 300, cfg, 32) == 256  # queries keep the size search maps parts with
+    assert piece_rows("passage", 300, EmbedConfig(num_actors=2, rows_per_block=16), 32) == 16  # never above it
+    assert piece_rows("passage", 300, EmbedConfig(num_actors=64, rows_per_block=256), 8) == 8
