@@ -11,9 +11,9 @@ Resumable per part: a new invocation after a crash (driver, node, whole cluster)
 footer has the piece's row count and embeds only the missing pieces; Ray's own in-run retries stay as
 they are (an actor that dies is restarted and its in-flight pieces retried). Reading the parts in name
 order gives the input order. The pool is sized so every actor stays busy: one piece per task
-(``max_tasks_in_flight_per_actor=1``), pieces queued longest table first, torch threads per actor =
-the node's cores divided among the pool's actors on CPU; the manifest reports actors used and their busy
-fraction.
+(``max_tasks_in_flight_per_actor=1``), pieces queued longest table first, a small corpus cut into at least
+``PIECES_PER_ACTOR`` pieces per actor (:func:`piece_rows`), torch threads per actor = the node's cores divided
+among the pool's actors on CPU; the manifest reports actors used, their busy fraction and their start-up.
 """
 from __future__ import annotations
 
