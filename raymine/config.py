@@ -148,7 +148,7 @@ class SearchConfig:
     num_gpus_per_shard: float = _f(0.0, "GPUs per shard actor")
     query_batch_size: int = _f(1024, "queries per search batch sent to every shard")
     search_tasks: int = _f(2, "query tasks (Ray Data tasks) that fan query pieces out to the shards in parallel")
-    num_cpus_per_task: float = _f(0.25, "CPUs reserved per query worker (they mostly wait on the shards)")
+    num_cpus_per_task: float = _f(0.25, "CPUs reserved per query task (they mostly wait on the shards)")
     recall_sample: int = _f(1000, "queries sampled to report approximate-search recall@k against exact")
 
 

@@ -427,7 +427,6 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
 
 def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, counts: dict[str, int]) -> None:
     """The Ray Data job; adds the workers' per-batch counts (one row per batch) into ``counts``."""
-
     if not _count_rows(layout.mined):  # Parquet footers only, read on the driver (no Ray job for a count)
         return
     nparts = cfg.export.join_partitions
