@@ -362,13 +362,6 @@ def corpus_uri(layout: Layout) -> str:
     raise FileNotFoundError(f"export: no corpus at {layout.corpus} (folder) or {layout.corpus}.parquet")
 
 
-def _schema_names(uri: str) -> list[str]:
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").schema.names
-
-
 def _count_rows(uri: str) -> int:
     import pyarrow.dataset as pads
 
@@ -431,7 +424,7 @@ def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, coun
         return
     nparts = cfg.export.join_partitions
     agg = {"num_cpus": AGGREGATOR_CPUS}
-    names = _schema_names(corpus)
+    names = parts.schema(corpus).names
     cols = [C.DOC_ID, *([C.PASSAGE] if C.PASSAGE in names else [c for c in (C.TITLE, C.TEXT) if c in names])]
     passages = parts.read_dataset(corpus, cols).map_batches(corpus_passages, batch_format="pyarrow")
     mined = parts.read_dataset(layout.mined, C.MINED_COLUMNS)

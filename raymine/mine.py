@@ -624,7 +624,7 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     ds = None
     for t in teachers:
         # ABOVE_CEILING is optional: candidates written before it existed are still mined
-        extra = [C.ABOVE_CEILING] if C.ABOVE_CEILING in _dataset(candidates[t]).schema.names else []
+        extra = [C.ABOVE_CEILING] if C.ABOVE_CEILING in parts.schema(candidates[t]).names else []
         d = parts.read_dataset(candidates[t], [C.QUERY_ID, *_IN_COLS, *extra])
         d = d.rename_columns({c: _tcol(c, t) for c in (*_IN_COLS, *extra)})
         ds = d if ds is None else joins.join(ds, d, "full_outer", cfg.join_partitions, (C.QUERY_ID,), local,
@@ -634,7 +634,7 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     ds = joins.join(ds, queries, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
                     aggregator_ray_remote_args=agg_args)
     if full_positives is not None:
-        if isinstance(full_positives, str) and C.POSITIVE_IDS in _dataset(full_positives).schema.names:
+        if isinstance(full_positives, str) and C.POSITIVE_IDS in parts.schema(full_positives).names:
             fp = parts.read_dataset(full_positives, [C.QUERY_ID, C.POSITIVE_IDS]).rename_columns(
                 {C.POSITIVE_IDS: _FULL_POS})
         else:
@@ -782,13 +782,3 @@ def plot_scores(samples: dict[str, dict[str, np.ndarray]], title: str, out_uri: 
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     storage.write_bytes(out_uri, buf.getvalue())
-
-
-# ------------------------------------------------------------------------------------------------
-# Exports
-# ------------------------------------------------------------------------------------------------
-def _dataset(uri: str):
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet")

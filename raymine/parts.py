@@ -73,6 +73,12 @@ def row_groups(uri: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def schema(uri: str) -> pa.Schema:
+    """The table's schema, from its first file's footer (no rows read)."""
+    fs, _ = storage.resolve(uri)
+    return pq.read_schema(list_parquet(uri)[0], filesystem=fs)
+
+
 def plan_pieces(uri: str, rows_per_piece: int, groups: list[tuple[str, int, int]] | None = None) -> list[Piece]:
     """Pieces of at most ``rows_per_piece`` rows covering the table in order (empty row groups skipped).
     ``groups``: the table's :func:`row_groups` when the caller has read them already."""

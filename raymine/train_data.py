@@ -156,14 +156,13 @@ def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int
     storage.delete_dir(out_uri)
     t0 = time.perf_counter()
     mined = parts.read_dataset(mined_uri, [C.QUERY_ID, C.QUERY, C.POSITIVE_IDS, C.NEGATIVE_IDS])
-    n_queries = mined.count()
-    corpus = parts.read_dataset(corpus_uri)
-    names = set(corpus.schema().names)
+    n_queries = sum(n for *_, n in parts.row_groups(mined_uri))  # footers only: no Ray job for a count
+    names = set(parts.schema(corpus_uri).names)
     if C.DOC_ID not in names or not ({C.PASSAGE} <= names or {C.TEXT} <= names):
         raise ValueError(f"corpus {corpus_uri}: needs {C.DOC_ID} and {C.PASSAGE} (or {C.TEXT}); has {sorted(names)}")
     wanted = [c for c in (C.DOC_ID, C.PASSAGE) if c in names] if C.PASSAGE in names else [
         c for c in (C.DOC_ID, C.TITLE, C.TEXT) if c in names]
-    corpus = corpus.select_columns(wanted).map_batches(corpus_passages, batch_format="pyarrow")
+    corpus = parts.read_dataset(corpus_uri, wanted).map_batches(corpus_passages, batch_format="pyarrow")
     needs = mined.map_batches(explode_needs, batch_format="pyarrow")
     nparts = _partitions(n_queries * 8)
     joined = needs.join(corpus, join_type="left_outer", num_partitions=nparts, on=(C.DOC_ID,))

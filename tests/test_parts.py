@@ -36,6 +36,7 @@ def test_read_dataset_selects_columns(ray_local, tmp_path):
     got = pa.concat_tables(parts.read_dataset(str(root), ["x", "id"]).iter_batches(batch_size=None,
                                                                                       batch_format="pyarrow"))
     assert got.column_names == ["x", "id"]
+    assert parts.schema(str(root)) == a.schema  # from the first part's footer, not the _work folder's
     assert sorted(got.column("id").to_pylist()) == a.column("id").to_pylist()
 
 
