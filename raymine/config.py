@@ -86,6 +86,10 @@ class TeacherConfig:
         "(inference only, CPU only; its speed and drift against fp32 are measured by bench/bench_encode_backends.py)"
     )
     batch_size: int = _f(64, "texts per forward pass")
+    max_batch_tokens: int = _f(
+        -1, "padded tokens per forward pass at most (fewer texts per batch for long ones); -1 = auto: 2048 on a "
+        "CPU (faster there: bench/bench_batch_tokens.py), no cap on a GPU; 0 = no cap"
+    )
     trust_remote_code: bool = _f(False, "allow model repos that ship their own code")
     storage_dtype: Literal["float16", "float32"] = _f("float32", "dtype of stored embeddings")
     padding_side: Literal["auto", "left", "right"] = _f(
@@ -372,7 +376,7 @@ DOMAINS: dict[str, dict[str, Domain]] = {
     "IngestConfig": {"max_queries": NON_NEGATIVE, "partitions": NON_NEGATIVE, "rows_per_block": COUNT},
     "TeacherConfig": {
         "query_max_length": COUNT, "passage_max_length": COUNT, "batch_size": COUNT, "device": DEVICE,
-        "bm25_k1": NON_NEGATIVE, "bm25_b": between(0, 1),
+        "max_batch_tokens": at_least(-1), "bm25_k1": NON_NEGATIVE, "bm25_b": between(0, 1),
         "bm25_method": one_of("robertson", "lucene", "bm25l", "bm25+", "atire"),
     },
     "EmbedConfig": {

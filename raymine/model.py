@@ -22,6 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -208,6 +209,16 @@ def _accepts_explicit_positions(model: nn.Module) -> bool:
     return accepts and model_type not in _PAD_OFFSET_POSITIONS
 
 
+@dataclass
+class Tokenized:
+    """Unpadded token rows of prompted texts (specials and any appended EOS included), the prompt's leading
+    token count per row, and per row whether the text was cut at the side's max length."""
+
+    rows: list[list[int]]
+    counts: list[int]
+    truncated: list[bool]
+
+
 class BiEncoder(nn.Module):
     """Backbone + pooling (+ L2): one model embeds queries and passages, in training and at inference.
 
@@ -325,31 +336,46 @@ class BiEncoder(nn.Module):
     def token_lengths(self, texts: Sequence[str], side: Side) -> list[int]:
         """Tokens each prompted text takes (specials and appended EOS included), capped at max length + 1,
         so a value above ``max_lengths[side]`` means the text is truncated."""
-        prompt = self.prompts[side]
-        enc = self.tokenizer([prompt + t for t in texts], truncation=True, max_length=self._budget(side) + 1)
-        extra = self.eos_id is not None
-        return [min(len(ids) + extra, self.max_lengths[side] + 1) for ids in enc["input_ids"]]
+        tok = self.tokenize_rows(texts, side)
+        return [len(r) + int(t) for r, t in zip(tok.rows, tok.truncated, strict=True)]
 
-    def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, torch.Tensor]:
-        """Prompt + text → ``input_ids``, ``attention_mask``, ``pool_mask`` [N, T] (prompt tokens 0 in pool_mask).
+    def tokenize_rows(self, texts: Sequence[str], side: Side) -> Tokenized:
+        """Prompt + text → unpadded token rows, each row's prompt token count and whether it was cut at the
+        side's max length: one tokenizer pass (:meth:`pad` makes model inputs of any subset of rows).
 
         Prompt and text are tokenised together (as the model sees them); the prompt's tokens are found by
         character offsets (:func:`prompt_token_counts`). The side's max length includes an appended EOS.
+        Tokenised one token past the limit, so a cut shows; a cut row then loses the one text token on the
+        tokenizer's truncation side (the same row as tokenising at the limit, tested).
         """
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise ValueError(f"{side} texts must be strings; row {bad[0]} is {texts[bad[0]]!r} ({len(bad)} bad rows)")
         prompt = self.prompts[side]
+        budget = self._budget(side)
         by_offsets = bool(prompt) and getattr(self.tokenizer, "is_fast", False)
         enc = self.tokenizer(
-            [prompt + t for t in texts], truncation=True, max_length=self._budget(side), padding=False,
-            return_offsets_mapping=by_offsets, return_special_tokens_mask=by_offsets,
+            [prompt + t for t in texts], truncation=True, max_length=budget + 1, padding=False,
+            return_offsets_mapping=by_offsets, return_special_tokens_mask=True,
         )
         rows = [list(r) for r in enc["input_ids"]]
+        special = enc["special_tokens_mask"]
+        offsets = enc["offset_mapping"] if by_offsets else None
+        cut = [len(r) > budget for r in rows]
+        from_left = getattr(self.tokenizer, "truncation_side", "right") == "left"
+        for i in (i for i, c in enumerate(cut) if c):
+            text_at = [j for j, m in enumerate(special[i]) if not m]
+            if not text_at:
+                raise ValueError(f"{side} row {i}: {len(rows[i])} special tokens exceed {self.max_lengths[side]} tokens")
+            j = text_at[0] if from_left else text_at[-1]
+            rows[i] = rows[i][:j] + rows[i][j + 1:]
+            special[i] = list(special[i][:j]) + list(special[i][j + 1:])
+            if offsets is not None:
+                offsets[i] = list(offsets[i][:j]) + list(offsets[i][j + 1:])
         if not prompt:
             counts = [0] * len(rows)
         elif by_offsets:
-            counts = prompt_token_counts(enc["offset_mapping"], enc["special_tokens_mask"], len(prompt))
+            counts = prompt_token_counts(offsets, special, len(prompt))
         else:
             counts = _prompt_counts_by_prefix(self.tokenizer, rows, prompt)
         if prompt:
@@ -361,9 +387,21 @@ class BiEncoder(nn.Module):
                 )
         if self.eos_id is not None:
             rows = [r + [self.eos_id] for r in rows]  # after truncation (e5-mistral-7b-instruct style)
-        ids, am = pad_rows(rows, self.tokenizer.pad_token_id, self.left_padded)  # [N, T] each
-        pm = prompt_pool_mask(am, torch.tensor(counts, dtype=torch.long), self.left_padded)  # [N, T]
+        return Tokenized(rows, counts, cut)
+
+    def pad(self, tok: Tokenized, which: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs ``input_ids``, ``attention_mask``, ``pool_mask`` [N, T] of rows ``which`` (all by
+        default) of a :meth:`tokenize_rows` result, padded on the tokenizer's side (prompt tokens 0 in pool_mask)."""
+        idx = range(len(tok.rows)) if which is None else which
+        ids, am = pad_rows([tok.rows[i] for i in idx], self.tokenizer.pad_token_id, self.left_padded)  # [N, T] each
+        counts = torch.tensor([tok.counts[i] for i in idx], dtype=torch.long)  # [N]
+        pm = prompt_pool_mask(am, counts, self.left_padded)  # [N, T]
         return {"input_ids": ids, "attention_mask": am, "pool_mask": pm}
+
+    def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, torch.Tensor]:
+        """Prompt + text → ``input_ids``, ``attention_mask``, ``pool_mask`` [N, T] (prompt tokens 0 in pool_mask):
+        :meth:`tokenize_rows` then :meth:`pad`."""
+        return self.pad(self.tokenize_rows(texts, side))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor | None = None):
         """[N, T] tokens → [N, d] embeddings (pooled, L2-normalised when configured), fp32.

@@ -284,3 +284,64 @@ def test_cuda_encoder_equals_cpu(tiny_sp_mistral_path, dtype):
     cos = (got * want).sum(1)
     assert got.shape == want.shape and got.dtype == np.float32
     assert cos.min() > (0.99999 if dtype == "float32" else 0.999), cos
+
+
+# --- one tokenizer pass, batches capped by padded tokens -----------------------------------------
+LONG = ("The cerebral white matter of newborn infants was measured in vivo by diffusion tensor magnetic resonance "
+        "imaging; what it tells us about cortical development is discussed at length here.")
+
+
+@pytest.mark.parametrize("trunc_side", ["right", "left"])
+@pytest.mark.parametrize("prompt", ["", "query: "])
+@pytest.mark.parametrize("which", ["minilm", "sp_mistral"])
+def test_tokenize_rows_equals_tokenizing_at_the_limit(minilm_path, tiny_sp_mistral_path, which, prompt, trunc_side):
+    """One pass one token past the limit, then the cut: the rows, prompt counts and truncation flags are those
+    of the tokenizer called at the limit itself (and, for the flags, of the untruncated token count), for texts
+    of every length around the limit, both truncation sides, WordPiece and SentencePiece."""
+    from transformers import AutoTokenizer
+
+    path = minilm_path if which == "minilm" else tiny_sp_mistral_path
+    max_len = 12
+    enc = Encoder(TeacherConfig(model=path, passage_max_length=max_len, passage_prompt=prompt, device="cpu"))
+    enc.bi.tokenizer.truncation_side = trunc_side
+    words = LONG.split()
+    texts = [" ".join(words[:n]) for n in range(1, 16)]  # 1..15 words: short, exactly at, and past the limit
+    got = enc.bi.tokenize_rows(texts, "passage")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.truncation_side = trunc_side
+    budget = max_len - (enc.bi.eos_id is not None)
+    want = tok([prompt + t for t in texts], truncation=True, max_length=budget)["input_ids"]
+    full = tok([prompt + t for t in texts])["input_ids"]
+    assert got.rows == [r + ([enc.bi.eos_id] if enc.bi.eos_id is not None else []) for r in want]
+    assert got.truncated == [len(f) > budget for f in full]
+    assert any(got.truncated) and not all(got.truncated)
+    if prompt and trunc_side == "right":  # the prompt's tokens are all still there
+        n_prompt = len(tok(prompt.strip(), add_special_tokens=False)["input_ids"])
+        assert all(c >= n_prompt for c in got.counts)
+    padded = enc.bi.tokenize(texts, "passage")  # = tokenize_rows + pad
+    assert padded["input_ids"].shape == (len(texts), max(len(r) for r in got.rows))
+
+
+def test_batch_bounds_hand_computed():
+    from raymine.encoders import batch_bounds
+
+    lengths = np.array([300, 256, 256, 100, 100, 100, 20])  # longest first
+    assert batch_bounds(lengths, 8, 512) == [(0, 1), (1, 3), (3, 7)]  # 512 // 300 = 1, // 256 = 2, // 100 = 5
+    assert batch_bounds(lengths, 3, 0) == [(0, 3), (3, 6), (6, 7)]  # no token cap: batch_size alone
+    assert batch_bounds(lengths, 2, 10_000) == [(0, 2), (2, 4), (4, 6), (6, 7)]  # batch_size still caps
+    assert batch_bounds(lengths, 8, 100) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]  # >= 1 text
+    assert batch_bounds(np.zeros(0, np.int64), 8, 512) == []
+
+
+def test_token_capped_batches_give_the_same_vectors(minilm_path):
+    """max_batch_tokens changes only how texts are grouped: the vectors (input order) equal the uncapped ones;
+    -1 means 2048 on a CPU."""
+    from raymine.encoders import CPU_BATCH_TOKENS
+
+    texts = TEXTS + [LONG, LONG[:60], "a b c"]
+    capped = Encoder(TeacherConfig(model=minilm_path, batch_size=64, max_batch_tokens=40, device="cpu"))
+    whole = Encoder(TeacherConfig(model=minilm_path, batch_size=64, max_batch_tokens=0, device="cpu"))
+    auto = Encoder(TeacherConfig(model=minilm_path, device="cpu"))
+    assert (capped.batch_tokens, whole.batch_tokens, auto.batch_tokens) == (40, 0, CPU_BATCH_TOKENS)
+    np.testing.assert_allclose(capped.encode(texts, "passage"), whole.encode(texts, "passage"), atol=1e-5)
+    assert capped.last_truncated.tolist() == whole.last_truncated.tolist()
