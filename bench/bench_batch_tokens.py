@@ -6,9 +6,12 @@ token length, so the sample spans all lengths. ``--threads`` torch threads (1 = 
 2-core node). Arms alternate over ``--repeats`` (order reversed every other round); prints each arm's median
 seconds and its speed-up over the first arm (``--caps``; 0 = no cap, i.e. ``--batch-size`` texts per batch),
 and the vectors' largest difference to the first arm (the cap only regroups texts). Also times one tokenizer
-pass over the sample (raymine made two per text before ``tokenize_rows``).
+pass over the sample (raymine made two per text before ``tokenize_rows``). ``--sentence-transformers B``
+also times sentence-transformers' own ``encode`` on the same sample at ``--batch-size`` and at ``B`` texts per
+batch (what the same cap would give it: 2048 tokens / 256 = 8), arms alternating.
 
     .venv/bin/python bench/bench_batch_tokens.py --stride 10 --repeats 3
+    .venv/bin/python bench/bench_batch_tokens.py --stride 10 --repeats 2 --threads 2 --caps 0,2048 --sentence-transformers 8
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--caps", default="0,4096,2048,1024", help="max_batch_tokens arms; the first is the reference")
+    ap.add_argument("--sentence-transformers", type=int, default=0, metavar="B",
+                    help="also time sentence-transformers' encode at --batch-size and at B texts per batch")
     args = ap.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,6 +72,7 @@ def main() -> None:
             vecs[c] = enc[c].encode(sample, "passage")
             times[c].append(time.perf_counter() - t)
             print(f"  round {r} cap {c}: {times[c][-1]:.2f} s", flush=True)
+    st = sentence_transformers_arms(model, sample, args) if args.sentence_transformers else {}
     lens = np.array([len(r) for r in ref.bi.tokenize_rows(sample, "passage").rows])
     print(f"\n{len(sample)} SciFact passages (every {args.stride}th by length; mean {lens.mean():.0f} tokens, "
           f"{(lens >= args.max_length).mean():.0%} at the {args.max_length} cap), batch_size {args.batch_size}, "
@@ -81,6 +87,31 @@ def main() -> None:
         each = " / ".join(f"{x:.2f}" for x in times[c])
         diff = float(np.abs(vecs[c] - vecs[caps[0]]).max())
         print(f"| {c or 'no cap'} | {each} | {m:.2f} | {base / m:.3f} | {diff:.1e} |")
+    if st:
+        first = statistics.median(st[args.batch_size])
+        print("\n| sentence-transformers encode | seconds (each round) | median | speed-up over its batch_size "
+              f"{args.batch_size} |\n|---|---|---:|---:|")
+        for b, ts in st.items():
+            print(f"| batch_size {b} | {' / '.join(f'{x:.2f}' for x in ts)} | {statistics.median(ts):.2f} | "
+                  f"{first / statistics.median(ts):.3f} |")
+
+
+def sentence_transformers_arms(model: str, sample: list[str], args) -> dict[int, list[float]]:
+    """sentence-transformers' ``encode`` (its own length sort and batches) at --batch-size and at B, alternating."""
+    from sentence_transformers import SentenceTransformer
+
+    m = SentenceTransformer(model, device="cpu")
+    m.max_seq_length = args.max_length
+    m.encode(sample[:16])  # warm-up
+    sizes = [args.batch_size, args.sentence_transformers]
+    out: dict[int, list[float]] = {b: [] for b in sizes}
+    for r in range(args.repeats):
+        for b in (sizes if r % 2 == 0 else sizes[::-1]):
+            t = time.perf_counter()
+            m.encode(sample, batch_size=b)
+            out[b].append(time.perf_counter() - t)
+            print(f"  round {r} sentence-transformers batch_size {b}: {out[b][-1]:.2f} s", flush=True)
+    return out
 
 
 if __name__ == "__main__":
