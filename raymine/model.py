@@ -364,10 +364,10 @@ class BiEncoder(nn.Module):
         cut = [len(r) > budget for r in rows]
         from_left = getattr(self.tokenizer, "truncation_side", "right") == "left"
         for i in (i for i, c in enumerate(cut) if c):
-            text_at = [j for j, m in enumerate(special[i]) if not m]
-            if not text_at:
+            scan = range(len(rows[i])) if from_left else range(len(rows[i]) - 1, -1, -1)
+            j = next((j for j in scan if not special[i][j]), None)  # the text token nearest the cut side
+            if j is None:
                 raise ValueError(f"{side} row {i}: {len(rows[i])} special tokens exceed {self.max_lengths[side]} tokens")
-            j = text_at[0] if from_left else text_at[-1]
             rows[i] = rows[i][:j] + rows[i][j + 1:]
             special[i] = list(special[i][:j]) + list(special[i][j + 1:])
             if offsets is not None:
