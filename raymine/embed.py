@@ -201,8 +201,7 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
         size = piece_rows(spec.side, sum(n for *_, n in groups), cfg, teacher.batch_size)
         pieces = parts.plan_pieces(spec.table_uri, size, groups)
         planned.append(pieces)
-        missing = [c for c in (spec.id_column,) if c not in pq.read_schema(pieces[0].path, filesystem=storage.resolve(
-            spec.table_uri)[0]).names] if pieces else []
+        missing = [c for c in (spec.id_column,) if c not in parts.schema(spec.table_uri).names] if pieces else []
         if missing:
             raise ValueError(f"{spec.table_uri}: column(s) {missing} missing")
         expected[spec.side] = sum(p.rows for p in pieces)
@@ -265,8 +264,7 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     # start-up on the critical path, per actor: stage start -> its model loaded (process start + imports + load)
     startup = sorted(round(r - t_map, 2) for _, r in ready.values())
     load = sorted(round(r - i, 2) for i, r in ready.values())
-    dim = pq.read_schema(parts.list_parquet(inputs[0].out_uri)[0], filesystem=storage.resolve(inputs[0].out_uri)[0]
-                         ).field(EMBEDDING).type.list_size if expected.get(inputs[0].side) else 0
+    dim = parts.schema(inputs[0].out_uri).field(EMBEDDING).type.list_size if expected.get(inputs[0].side) else 0
     log.info("embed %s: %d texts in %.1f s by %d actor(s), busy %.0f%%; actors ready %s s after the start "
              "(imports + model load %s s)", teacher.model, stats["rows"], wall, len(actors),
              100 * (run.counts["busy_fraction"] or 0), startup, load)

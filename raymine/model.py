@@ -333,12 +333,6 @@ class BiEncoder(nn.Module):
         """Tokens the tokenizer may produce (the max length, less one for an appended EOS)."""
         return self.max_lengths[side] - (self.eos_id is not None)
 
-    def token_lengths(self, texts: Sequence[str], side: Side) -> list[int]:
-        """Tokens each prompted text takes (specials and appended EOS included), capped at max length + 1,
-        so a value above ``max_lengths[side]`` means the text is truncated."""
-        tok = self.tokenize_rows(texts, side)
-        return [len(r) + int(t) for r, t in zip(tok.rows, tok.truncated, strict=True)]
-
     def tokenize_rows(self, texts: Sequence[str], side: Side) -> Tokenized:
         """Prompt + text → unpadded token rows, each row's prompt token count and whether it was cut at the
         side's max length: one tokenizer pass (:meth:`pad` makes model inputs of any subset of rows).

@@ -73,6 +73,11 @@ def row_groups(uri: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def num_rows(uri: str) -> int:
+    """The table's row count, from its footers (no rows read)."""
+    return sum(n for *_, n in row_groups(uri))
+
+
 def schema(uri: str) -> pa.Schema:
     """The table's schema, from its first file's footer (no rows read)."""
     fs, _ = storage.resolve(uri)

@@ -294,7 +294,7 @@ def open_index(teacher: TeacherConfig, search: SearchConfig, corpus_uri: str, co
     sharded BM25 over the corpus passages. Use as a context manager (frees the shard actors)."""
     from dataclasses import replace
 
-    docs = sum(n for *_, n in parts.row_groups(corpus_emb_uri if teacher.kind == "dense" else corpus_uri))
+    docs = parts.num_rows(corpus_emb_uri if teacher.kind == "dense" else corpus_uri)
     if search.num_shards > max(1, docs):
         log.warning("search: %d shards requested for %d documents; using %d (lower search.num_shards)",
                     search.num_shards, docs, max(1, docs))

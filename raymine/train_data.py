@@ -156,7 +156,7 @@ def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int
     storage.delete_dir(out_uri)
     t0 = time.perf_counter()
     mined = parts.read_dataset(mined_uri, [C.QUERY_ID, C.QUERY, C.POSITIVE_IDS, C.NEGATIVE_IDS])
-    n_queries = sum(n for *_, n in parts.row_groups(mined_uri))  # footers only: no Ray job for a count
+    n_queries = parts.num_rows(mined_uri)  # footers only: no Ray job for a count
     names = set(parts.schema(corpus_uri).names)
     if C.DOC_ID not in names or not ({C.PASSAGE} <= names or {C.TEXT} <= names):
         raise ValueError(f"corpus {corpus_uri}: needs {C.DOC_ID} and {C.PASSAGE} (or {C.TEXT}); has {sorted(names)}")

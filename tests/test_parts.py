@@ -37,6 +37,7 @@ def test_read_dataset_selects_columns(ray_local, tmp_path):
                                                                                       batch_format="pyarrow"))
     assert got.column_names == ["x", "id"]
     assert parts.schema(str(root)) == a.schema  # from the first part's footer, not the _work folder's
+    assert parts.num_rows(str(root)) == 7  # footers: 3 + 3 + 1 + the empty part; the _work folder's 2 not counted
     assert sorted(got.column("id").to_pylist()) == a.column("id").to_pylist()
 
 
