@@ -4,7 +4,9 @@ of nDCG@10 on SciFact test, and the same under two variants:
 
 * ``one_positive``: every multi-positive training query keeps ONE random positive (the others hidden from
   mining and training, as in users' data with incomplete labels: ``mine.hide_positive_fraction=1``);
-* ``pos_aware``: positive-aware masking of in-batch negatives on (``train.positive_aware=mine``).
+* ``pos_aware``: positive-aware masking of in-batch negatives on (``train.positive_aware=mine``);
+* ``one_negative``: one of the 4 mined negatives per row per epoch (``train.num_hard_negatives=1``; the
+  default trains on all of them).
 
 Every run uses one output folder (``--run``, default ``WORK/run``): ingest, embed and the dense search
 depend on none of the varied keys, so they run once (or never, when ``--run`` names a finished default run
@@ -24,7 +26,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"base": [], "one_positive": ["mine.hide_positive_fraction=1.0"], "pos_aware": ["train.positive_aware=mine"]}
+VARIANTS = {"base": [], "one_positive": ["mine.hide_positive_fraction=1.0"], "pos_aware": ["train.positive_aware=mine"],
+            "one_negative": ["train.num_hard_negatives=1"]}
 
 
 def run(out: Path, method: str, seed: int, extra: list[str]) -> float:
@@ -87,6 +90,7 @@ def table(log: Path) -> None:
         compare(f"{variant}: PercPos - naive", (variant, "naive"), (variant, "percpos"))
     for method in ("naive", "percpos"):
         compare(f"{method}: positive-aware masking on - off", ("base", method), ("pos_aware", method))
+        compare(f"{method}: all negatives - one", ("one_negative", method), ("base", method))
 
 
 if __name__ == "__main__":

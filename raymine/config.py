@@ -75,6 +75,9 @@ class TeacherConfig:
     normalize: bool = _f(True, "L2-normalise embeddings (inner product = cosine)")
     query_prompt: str = _f("", "text prepended to queries, e.g. 'query: ' or 'Instruct: ...\\nQuery: '")
     passage_prompt: str = _f("", "text prepended to passages, e.g. 'passage: '")
+    mask_leading_special: Literal["with_prompt", "always"] = _f(
+        "with_prompt", "mean pooling of leading special tokens (BOS/CLS): 'with_prompt' = masked with a side's prompt, "
+        "pooled on an unprompted side; 'always' = masked on both sides")
     query_max_length: int = _f(512, "max query tokens (longer queries are truncated and counted)")
     passage_max_length: int = _f(512, "max passage tokens (longer passages are truncated and counted)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = _f(
@@ -200,6 +203,9 @@ class TrainConfig:
     bidirectional: bool = _f(False, "make a decoder's causal mask bidirectional (Mistral/Llama/Qwen2)")
     query_prompt: str = _f("", "prefix for queries, e.g. '{task}: '; masked out of mean pooling")
     passage_prompt: str = _f("", "prefix for passages; masked out of mean pooling")
+    mask_leading_special: Literal["with_prompt", "always"] = _f(
+        "with_prompt", "mean pooling of leading special tokens (BOS/CLS): 'with_prompt' = masked with a side's prompt, "
+        "pooled on an unprompted side; 'always' = masked on both sides")
     query_max_length: int = _f(192, "max query tokens")
     passage_max_length: int = _f(512, "max passage tokens")
     lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
@@ -212,7 +218,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "'auto' = bf16 on GPU, fp32 on CPU")
     temperature: float = _f(0.05, "InfoNCE temperature (paper silent; NVIDIA recipes use 0.02-0.05)")
-    num_hard_negatives: int = _f(1, "hard negatives per query used in the loss (stage 1: 1, stage 2: 5)")
+    num_hard_negatives: int = _f(
+        4, "hard negatives per row per epoch, drawn from the row's mined negatives by a seeded rule of (seed, epoch, "
+        "ids) so every mined negative is used within ceil(n / h) epochs; rows with fewer train with what they "
+        "have (counted). The paper's e5 setting: 4; NV-Retriever-v1 stage 1: 1, stage 2: 5")
     in_batch_negatives: bool = _f(True, "use other queries' passages (all workers) as negatives")
     mask_duplicate_passages: bool = _f(True, "mask in-batch passages identical to the query's positive")
     mask_same_query: bool = _f(True, "mask in-batch passages that are known positives of the row's query (by id)")
@@ -239,6 +248,27 @@ class TrainConfig:
     checkpoint_every: int = _f(50, "report a checkpoint every N optimiser steps")
     log_every: int = _f(10, "rank 0 logs every N steps")
     seed: int = _f(13, "data order and init seed")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Model selection on a validation split, run inside the training workers; the test split is never used."""
+
+    split: Literal["auto", "dev", "train_slice", "none"] = _f(
+        "auto", "validation queries: 'dev' = the data's qrels/dev split; 'train_slice' = a seeded slice of the training "
+        "queries, held out of mining and training by query id; 'auto' = dev when present, else train_slice; 'none' "
+        "= no validation (the last step's weights are saved)")
+    fraction: float = _f(0.1, "train_slice: share of the training queries held out")
+    max_queries: int = _f(300, "at most about this many validation queries (the slice's share is lowered to fit; "
+                               "a dev split is subsampled, seeded)")
+    seed: int = _f(13, "seed of the slice, the dev subsample and the pool's random fill")
+    top_k: int = _f(10, "each validation query's top-k teacher candidates join the pool (the hard part of the pool)")
+    pool_size: int = _f(1000, "passages in the validation pool: judged + teacher candidates + a seeded random fill "
+                              "up to this size (more when judged + candidates exceed it)")
+    every: int = _f(0, "validate every N optimiser steps (and at step 0 and the last step); 0 = mid-run and at the end")
+    patience: int = _f(0, "early stop after this many validations without a gain (0 = never stop early)")
+    batch_size: int = _f(64, "texts per forward when the workers encode the pool")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,8 +302,9 @@ class ExportConfig:
         "labelled lists (Parquet); FlagEmbedding fine-tune and NeMo retriever customisation lines (jsonl)",
     )
     num_negatives: int = _f(
-        0, "negatives a mined row needs to be exported (any format) and the n-tuple's width; "
-        "0 = train.num_hard_negatives. Rows with fewer are left out and counted (too_few_negatives)"
+        0, "optional cut: 0 = every mined negative (the n-tuple has mine.num_negatives negative columns; rows with "
+        "fewer are left out of the n-tuple only, counted short_of_ntuple_width); N = rows need N negatives to be "
+        "exported in any format (too_few_negatives) and the n-tuple carries their first N"
     )
     score_teacher: str = _f(
         "", "teacher whose scores are exported ('' = the first of teachers); only rows mined wholly from it "
@@ -313,6 +344,7 @@ class Config:
     search: SearchConfig = _ff(SearchConfig, "search stage")
     mine: MineConfig = _ff(MineConfig, "mine stage")
     train: TrainConfig = _ff(TrainConfig, "train stage")
+    validation: ValidationConfig = _ff(ValidationConfig, "model selection on a validation split (train stage)")
     evaluate: EvaluateConfig = _ff(EvaluateConfig, "evaluate stage")
     export: ExportConfig = _ff(ExportConfig, "export stage (trainer formats)")
 
@@ -404,6 +436,10 @@ DOMAINS: dict[str, dict[str, Domain]] = {
         "num_workers": COUNT, "cpus_per_worker": NON_NEGATIVE, "checkpoint_every": COUNT, "log_every": COUNT,
         "seed": NON_NEGATIVE, "positive_aware_perc": between(0, 1, lo_open=True), "positive_aware_margin": NON_NEGATIVE,
         "max_failures": at_least(-1),  # -1 = retry without limit (Ray's FailureConfig)
+    },
+    "ValidationConfig": {
+        "fraction": between(0, 1, lo_open=True, hi_open=True), "max_queries": COUNT, "seed": NON_NEGATIVE,
+        "top_k": NON_NEGATIVE, "pool_size": COUNT, "every": NON_NEGATIVE, "patience": NON_NEGATIVE, "batch_size": COUNT,
     },
     "ExportConfig": {"num_negatives": NON_NEGATIVE, "rows_per_part": COUNT, "join_partitions": COUNT},
     "EvaluateConfig": {

@@ -10,16 +10,18 @@ Data flow (every step a Ray Data operator; no per-query or per-passage object on
            --map_batches(write_batch)-->  each batch writes one part per format + dropped/; returns its counts
 
 Every mined row is either exported or counted with its reason (``dropped/`` lists them): ``no_query_text``,
-``no_positive_text`` (no positive id has a corpus text), ``too_few_negatives`` (fewer than the required
-negatives with text: ``export.num_negatives`` or, when 0, ``train.num_hard_negatives``). Format-specific:
-``no_teacher_scores`` (a format that must carry scores, see below). ``missing_texts`` counts ids without a
+``no_positive_text`` (no positive id has a corpus text), ``too_few_negatives`` (fewer negatives with text
+than ``export.num_negatives`` when that optional cut is set; else fewer than one). Format-specific:
+``no_teacher_scores`` (a format that must carry scores, see below) and, for the n-tuple only,
+``short_of_ntuple_width`` (fewer negatives than its fixed number of columns). ``missing_texts`` counts ids without a
 corpus text (they are left out of their row; the row itself is kept when it still qualifies).
 
 Layouts (``exports/<format>/part-*.parquet|jsonl``; a part's name is a hash of its rows' keys, so a retried
 task rewrites the same file):
 
 - ``st_ntuple`` — sentence-transformers ``(anchor, positive, negative_1..negative_n)``, one row per
-  (query, positive), n = the required negatives, the row's first n; optional ``scores`` = [positive,
+  (query, positive), n = every mined negative (``mine.num_negatives``), or the first ``export.num_negatives``
+  when that cut is set (rows with fewer are left out of this layout only, counted); optional ``scores`` = [positive,
   negative_1..n] (``export.st_scores``), as ``sentence_transformers.util.mine_hard_negatives(output_format=
   "n-tuple", output_scores=True)`` writes it. Read by ``MultipleNegativesRankingLoss`` (and raymine's train).
 - ``st_triplet`` — ``(anchor, positive, negative)``, one row per (query, positive, negative) over all the
@@ -76,6 +78,8 @@ JSONL_FORMATS = ("flagembedding", "nemo")
 FORMATS = ST_FORMATS + JSONL_FORMATS
 ROW_REASONS = ("no_query_text", "no_positive_text", "too_few_negatives")
 NO_TEACHER_SCORES = "no_teacher_scores"
+SHORT_OF_WIDTH = "short_of_ntuple_width"
+FORMAT_REASONS = (NO_TEACHER_SCORES, SHORT_OF_WIDTH)
 # CPUs reserved per shuffle aggregator actor (2 joins + 1 groupby, join_partitions each). Ray's own sizing
 # (up to 25% of the cluster's CPUs per shuffle) left too little for the 1-CPU read tasks on a 2-CPU node:
 # the job hung. The aggregators mostly hold blocks until their partition is complete; memory is sized apart.
@@ -95,6 +99,7 @@ class ExportPlan:
 
     formats: tuple[str, ...]
     min_negatives: int
+    ntuple_width: int
     score_teacher: str
     unscored: str
     st_scores: bool
@@ -104,8 +109,8 @@ class ExportPlan:
     @classmethod
     def from_config(cls, cfg: Config) -> ExportPlan:
         e = cfg.export
-        return cls(formats=tuple(dict.fromkeys(e.formats)),
-                   min_negatives=e.num_negatives or cfg.train.num_hard_negatives,
+        return cls(formats=tuple(dict.fromkeys(e.formats)), min_negatives=e.num_negatives or 1,
+                   ntuple_width=e.num_negatives or cfg.mine.num_negatives,
                    score_teacher=e.score_teacher or cfg.teachers[0], unscored=e.unscored, st_scores=e.st_scores,
                    prompt=e.prompt or cfg.train.query_prompt, data_type=e.data_type)
 
@@ -214,14 +219,20 @@ def row_reason(row: _Row, plan: ExportPlan) -> str | None:
     return None
 
 
-def format_records(fmt: str, rows: list[_Row], plan: ExportPlan) -> tuple[list[dict[str, Any]], list[_Row]]:
-    """(records of one layout, rows left out of it for lack of one-teacher scores) for exportable rows."""
+def format_records(fmt: str, rows: list[_Row], plan: ExportPlan
+                   ) -> tuple[list[dict[str, Any]], list[tuple[_Row, str]]]:
+    """(records of one layout, (row, reason) left out of it) for exportable rows: reasons ``no_teacher_scores``
+    (the layout must carry one teacher's scores) and ``short_of_ntuple_width`` (n-tuple only)."""
     scores_needed = (fmt in ST_FORMATS and plan.st_scores) or (fmt == "flagembedding" and plan.unscored == "drop")
-    left_out = [r for r in rows if scores_needed and r.pos_scores is None]
     out: list[dict[str, Any]] = []
-    n, with_scores = plan.min_negatives, fmt in ST_FORMATS and plan.st_scores
+    left_out: list[tuple[_Row, str]] = []
+    n, with_scores = plan.ntuple_width, fmt in ST_FORMATS and plan.st_scores
     for r in rows:
         if scores_needed and r.pos_scores is None:
+            left_out.append((r, NO_TEACHER_SCORES))
+            continue
+        if fmt == "st_ntuple" and len(r.neg) < n:
+            left_out.append((r, SHORT_OF_WIDTH))
             continue
         ps, ns = r.pos_scores or [], r.neg_scores or []
         if fmt == "flagembedding":
@@ -262,7 +273,7 @@ def format_schema(fmt: str, plan: ExportPlan) -> pa.Schema | None:
     s, f32 = pa.string(), pa.float32()
     sc = plan.st_scores
     if fmt == "st_ntuple":
-        fields = [(C.ANCHOR, s), (C.POSITIVE, s)] + [(C.negative_column(j + 1), s) for j in range(plan.min_negatives)]
+        fields = [(C.ANCHOR, s), (C.POSITIVE, s)] + [(C.negative_column(j + 1), s) for j in range(plan.ntuple_width)]
         return pa.schema(fields + ([(SCORES, pa.list_(f32))] if sc else []))
     if fmt == "st_triplet":
         return pa.schema([(C.ANCHOR, s), (C.POSITIVE, s), ("negative", s)] + ([(SCORES, pa.list_(f32))] if sc else []))
@@ -278,7 +289,7 @@ def count_columns(plan: ExportPlan) -> list[str]:
     """Names of the per-batch count columns (``write_batch``'s output), the same for every batch."""
     cols = ["mined_rows", "exported_rows", "missing_texts", *ROW_REASONS]
     for fmt in plan.formats:
-        cols += [f"{fmt}.records", f"{fmt}.rows", f"{fmt}.{NO_TEACHER_SCORES}"]
+        cols += [f"{fmt}.records", f"{fmt}.rows", *(f"{fmt}.{why}" for why in FORMAT_REASONS)]
     return cols
 
 
@@ -301,8 +312,9 @@ def write_batch(batch: pa.Table, plan: ExportPlan, root: str) -> pa.Table:
         records, left_out = format_records(fmt, ok, plan)
         counts[f"{fmt}.records"] = len(records)
         counts[f"{fmt}.rows"] = len(ok) - len(left_out)
-        counts[f"{fmt}.{NO_TEACHER_SCORES}"] = len(left_out)
-        dropped += [(r.qid, r.teacher, NO_TEACHER_SCORES, fmt) for r in left_out]
+        for r, why in left_out:
+            counts[f"{fmt}.{why}"] += 1
+            dropped.append((r.qid, r.teacher, why, fmt))
         if records:
             _write_records(fmt, records, plan, storage.join(root, fmt, name))
     if dropped:
@@ -384,7 +396,7 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
 
     ``counts``: ``mined_rows`` = ``exported_rows`` + the row-level reasons (``no_query_text``,
     ``no_positive_text``, ``too_few_negatives``); ``missing_texts``; per format ``rows`` (mined rows in it),
-    ``records`` (lines / Parquet rows written), ``no_teacher_scores`` and ``path``.
+    ``records`` (lines / Parquet rows written), ``no_teacher_scores``, ``short_of_ntuple_width`` and ``path``.
     """
     import ray.data
 
@@ -410,9 +422,9 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
     run.counts = {
         "mined_rows": counts["mined_rows"], "exported_rows": counts["exported_rows"], "dropped": dropped,
         "missing_texts": counts["missing_texts"], "min_negatives": plan.min_negatives,
-        "score_teacher": plan.score_teacher,
+        "ntuple_width": plan.ntuple_width, "score_teacher": plan.score_teacher,
         "formats": {fmt: {"rows": counts[f"{fmt}.rows"], "records": counts[f"{fmt}.records"],
-                          NO_TEACHER_SCORES: counts[f"{fmt}.{NO_TEACHER_SCORES}"],
+                          **{why: counts[f"{fmt}.{why}"] for why in FORMAT_REASONS},
                           "path": storage.join(layout.exports, fmt)} for fmt in plan.formats},
     }
     return run.finish(dropped_path=storage.join(layout.exports, DROPPED))

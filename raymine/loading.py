@@ -111,7 +111,8 @@ def _student(backbone: nn.Module, tok, cfg: TrainConfig) -> BiEncoder:
     torch.manual_seed(cfg.seed)  # LoRA init (rank 0's values are broadcast)
     backbone = apply_lora(backbone, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     return BiEncoder(backbone, tok, cfg.pooling, cfg.normalize, cfg.query_prompt, cfg.passage_prompt,
-                     cfg.query_max_length, cfg.passage_max_length, autocast_dtype=None)
+                     cfg.query_max_length, cfg.passage_max_length, autocast_dtype=None,
+                     mask_leading_special=cfg.mask_leading_special)
 
 
 def build_fsdp_lora(cfg: TrainConfig, device: torch.device, rank: int) -> BiEncoder:
@@ -170,7 +171,7 @@ def save_merged_from_adapter(cfg: TrainConfig, adapter_dir: str, out_dir: str) -
     base, tok = load_backbone(cfg.model, dtype, cfg.bidirectional)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     BiEncoder(merged, tok, cfg.pooling, cfg.normalize, cfg.query_prompt, cfg.passage_prompt,
-              cfg.query_max_length, cfg.passage_max_length).save(out_dir)
+              cfg.query_max_length, cfg.passage_max_length, mask_leading_special=cfg.mask_leading_special).save(out_dir)
     return out_dir
 
 

@@ -132,6 +132,7 @@ def info_nce(
     query_pos_ids: torch.Tensor | None = None,
     positive_aware: tuple[str, float] | None = None,
     stats: dict[str, float] | None = None,
+    neg_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of local queries against their positive, hard negatives and (optionally) in-batch passages.
 
@@ -156,6 +157,9 @@ def info_nce(
     the own positive and own hard negatives whose (detached) score for row i's query exceeds
     :func:`positive_aware_ceiling` of row i's positive score is masked as a likely unlabelled positive.
 
+    ``neg_valid`` [B, H] bool: which hard-negative slots hold a negative (rows with fewer negatives than H
+    pad their slots with any vector); an empty slot is no candidate for any row (own or in-batch).
+
     ``stats``: a dict to which the numbers of masked (row, candidate) pairs are added:
     ``masked_same_query``, ``masked_positive_aware``, ``masked_duplicate_text`` (each pair counted once,
     in that order of precedence), and ``candidates`` (row x candidate pairs before masking).
@@ -177,6 +181,9 @@ def info_nce(
     if not in_batch:
         cand = torch.cat([pos[:, None, :], negs], dim=1)  # [B, 1+H, d]
         logits = torch.einsum("bd,bkd->bk", q, cand) / temperature  # [B, 1+H]
+        if neg_valid is not None and h:
+            empty = torch.cat([neg_valid.new_ones((b, 1)), neg_valid.to(q.device)], dim=1).logical_not()  # [B, 1+H]
+            logits = logits.masked_fill(empty, float("-inf"))
         target = torch.zeros(b, dtype=torch.long, device=q.device)
         return F.cross_entropy(_upcast(logits), target, reduction=reduction)
 
@@ -225,6 +232,10 @@ def info_nce(
         dup[rows, target] = False  # the own positive stays
         counts["masked_duplicate_text"] = int((dup & ~masked).sum())
         masked |= dup
+    if neg_valid is not None and h:
+        all_valid = gather_no_grad(neg_valid.reshape(b * h).to(device=q.device, dtype=torch.long), group)  # [N*H]
+        empty = torch.cat([all_valid.new_ones(n), all_valid]).eq(0)  # [N + N*H]
+        masked |= empty[None, :]
     if stats is not None:
         stats["candidates"] = stats.get("candidates", 0) + b * cand.shape[0]
         for k, v in counts.items():

@@ -595,13 +595,16 @@ def _positives_lists(full_positives: Any) -> pa.Table:
 # ------------------------------------------------------------------------------------------------
 def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, out_uri: str,
                ensemble: bool = True, full_positives: Any = None, mined_uri: str | None = None,
-               upstream: Any = None) -> dict:
+               upstream: Any = None, holdout: tuple[int, float] | None = None) -> dict:
     """Mine hard negatives for every query in the teachers' candidate tables; returns the manifest.
 
     ``full_positives`` (analysis mode): complete qrels (table, Parquet URI or dict qid -> doc ids; a
     Parquet URI holding ``POSITIVE_IDS`` lists — the ingest stage's train queries — is read by Ray Data,
     never collected on the driver); the report then gives the known-false-negative rate of the mined
     negatives. ``upstream``: the keys of the stages whose output this run reads (a new search re-mines).
+    ``holdout``: (seed, share) of :func:`raymine.validation.holdout_mask`: those queries are the validation
+    split, dropped with the reason ``held_out_for_validation`` (never mined, trained on or exported; the
+    per-teacher candidate counts still include them).
     Writes the manifest, report, plot and ``dropped.parquet`` under ``out_uri`` and the mined rows
     under ``mined_uri`` (default ``out_uri/mined``).
     """
@@ -612,7 +615,8 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     teachers = list(candidates)
     mined_uri = mined_uri or storage.join(out_uri, "mined")
     key = storage.stage_key("mine", to_dict(cfg), candidates, queries_uri, ensemble, mined_uri,
-                            None if full_positives is None else "full_positives", upstream)
+                            None if full_positives is None else "full_positives", upstream,
+                            *([] if not holdout else [list(holdout)]))
     done = storage.completed(out_uri, key)
     if done is not None and full_positives is None and storage.exists(mined_uri):
         log.info("mine: already done in %s", out_uri)
@@ -642,7 +646,10 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
         ds = joins.join(ds, fp, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
                         aggregator_ray_remote_args=agg_args)
     out = ds.map_batches(mine_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
-                         fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble}).materialize()
+                         fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble})
+    if holdout and holdout[1] > 0:
+        out = out.map_batches(_hold_out, batch_format="pyarrow", fn_kwargs={"seed": holdout[0], "share": holdout[1]})
+    out = out.materialize()
 
     storage.makedirs(out_uri)
     report = _report_and_dropped(out, cfg, teachers, ensemble, out_uri, full_positives is not None)
@@ -664,6 +671,21 @@ MINED_SCHEMA = pa.schema([
     (C.NEGATIVE_SCORES, pa.list_(pa.float32())), (C.TEACHER, pa.string()), (C.METHOD, pa.string()),
     (C.NUM_SHORT, pa.int32()),
 ])
+
+
+HELD_OUT = "held_out_for_validation"
+
+
+def _hold_out(batch: pa.Table, seed: int, share: float) -> pa.Table:
+    """Mark the validation queries as dropped (reason ``HELD_OUT``), whatever mining made of them."""
+    from raymine.validation import holdout_mask
+
+    if batch.num_rows == 0:
+        return batch
+    held = pa.array(holdout_mask(batch.column(C.QUERY_ID).to_pylist(), seed, share))
+    i = batch.schema.get_field_index(_REASON)
+    reason = pc.if_else(held, pa.scalar(HELD_OUT, batch.schema.field(i).type), batch.column(i))
+    return batch.set_column(i, batch.schema.field(i), reason)
 
 
 def _mined_only(batch: pa.Table) -> pa.Table:

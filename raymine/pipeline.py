@@ -39,7 +39,8 @@ def student_encoder(cfg: Config, model: str | None = None) -> TeacherConfig:
     t, e = cfg.train, cfg.evaluate
     return TeacherConfig(
         model=model or t.model, pooling=t.pooling, normalize=t.normalize, query_prompt=t.query_prompt,
-        passage_prompt=t.passage_prompt, query_max_length=e.query_max_length or t.query_max_length,
+        passage_prompt=t.passage_prompt, mask_leading_special=t.mask_leading_special,
+        query_max_length=e.query_max_length or t.query_max_length,
         passage_max_length=e.passage_max_length or t.passage_max_length, batch_size=e.batch_size,
         **({"bidirectional": t.bidirectional} if "bidirectional" in TeacherConfig.__dataclass_fields__ else {}),
     )
@@ -124,13 +125,17 @@ class _Run:
     def mine(self) -> None:
         from raymine.export import export_stage
         from raymine.mine import mine_stage
+        from raymine.validation import validation_stage
 
         cfg, L = self.cfg, self.layout
         candidates = {n: L.search(n) for n in cfg.teachers}
         full = L.train_queries if cfg.mine.hide_positive_fraction > 0 else None
         upstream = [self.keys[f"search:{n}"] for n in cfg.teachers]
+        # the validation split first: a slice of the training queries is held out of mining by id
+        val = self._done("validation", validation_stage(cfg, L, [self.keys["ingest"], *upstream]))
+        holdout = (cfg.validation.seed, float(val["share"])) if val.get("mode") == "train_slice" else None
         mined = mine_stage(candidates, L.train_queries, cfg.mine, L.mine, mined_uri=L.mined, full_positives=full,
-                           upstream=upstream)
+                           upstream=upstream, holdout=holdout)
         self._done("mine", mined)
         if not mined["counts"].get("mined"):
             reasons = (mined.get("report") or {}).get("dropped_reasons")
@@ -150,7 +155,10 @@ class _Run:
                 f"train: no training rows — every one of the {sum(reasons.values())} queries was dropped in mining "
                 f"({', '.join(f'{k}: {v}' for k, v in reasons.items()) or 'no reasons recorded'}); see "
                 f"{L.mine}/dropped.parquet and loosen mine.* (method, thresholds) or check the teachers")
-        key = storage.stage_key("train", to_dict(cfg.train), self.keys["mine"])
+        val = self.report["stages"]["validation"]
+        vkeys = ("every", "patience", "batch_size")
+        key = storage.stage_key("train", to_dict(cfg.train), self.keys["mine"], self.keys["validation"],
+                                {k: getattr(cfg.validation, k) for k in vkeys})
         done, run = storage.begin(L.model, "train", key, config=to_dict(cfg.train), resume=True)
         if run is None:
             self._done("train", done)
@@ -159,10 +167,18 @@ class _Run:
         tcfg = cfg.train
         if "://" not in tcfg.model and os.path.exists(tcfg.model):  # a local student (stage 2): absolute for workers
             tcfg = replace(tcfg, model=os.path.abspath(tcfg.model))
+        validation = None
+        if val.get("mode") in ("dev", "train_slice") and val["counts"].get("queries"):
+            enc = student_encoder(cfg)
+            validation = {"folder": _abs(val["folder"]), "base_score": val.get("base_score"),
+                          "max_lengths": {"query": enc.query_max_length, "passage": enc.passage_max_length},
+                          **{k: getattr(cfg.validation, k) for k in vkeys}}
         result = train_stage(L.mined, L.corpus, tcfg, L.model, run_name=f"train-{key}",
-                             storage_path=_abs(L.train_checkpoints), mine_cfg=cfg.mine)
-        run.counts = {k: v for k, v in result.items() if k not in ("losses", "lrs")}
-        self._done("train", run.finish(losses=result.get("losses"), lrs=result.get("lrs")))
+                             storage_path=_abs(L.train_checkpoints), mine_cfg=cfg.mine, validation=validation)
+        run.counts = {k: v for k, v in result.items()
+                      if k not in ("losses", "lrs", "validation", "val_steps", "val_scores")}
+        self._done("train", run.finish(losses=result.get("losses"), lrs=result.get("lrs"),
+                                       validation=result.get("validation")))
 
     # ---- evaluate -------------------------------------------------------------------------------
     def evaluate(self) -> None:
@@ -194,7 +210,7 @@ class _Run:
             return None
         L = self.layout
         same = ("pooling", "normalize", "passage_prompt", "passage_max_length", "dtype", "quantize",
-                "trust_remote_code")
+                "trust_remote_code", "mask_leading_special")
         folder = None
         for name in self.cfg.teachers:
             t = self.cfg.teacher(name)
@@ -270,6 +286,18 @@ def render_report(report: dict[str, Any], out: str | None = None) -> str:
         tot = mine.get("totals", {})
         lines.append(f"| **after ensembling** | {tot.get('queries_out')} | | | | | | {tot.get('requested')} | "
                      f"{tot.get('delivered')} | {100 * tot.get('shortfall', 0):.2f}% | {tot.get('known_fn')} |")
+    val = (report["stages"].get("train") or {}).get("validation")
+    vstage = report["stages"].get("validation") or {}
+    if val:
+        c = vstage.get("counts") or {}
+        lines += ["", f"## Validation ({vstage.get('mode')}: {c.get('queries')} queries, pool of {c.get('pool')} "
+                      "passages; model selection, never the test split)", "",
+                  "| step | " + " | ".join(str(s) for s in val["steps"]) + " |",
+                  "|---|" + "---:|" * len(val["steps"]),
+                  "| nDCG@10 | " + " | ".join(f"{100 * v:.2f}" for v in val["scores"]) + " |", "",
+                  f"Kept step **{val['kept_step']}** (nDCG@10 {100 * val['kept_score']:.2f}); last step "
+                  f"{val['last_step']}: {100 * val['last_score']:.2f}."
+                  + (" **The base model scored best: the saved model is the base model.**" if val["base_kept"] else "")]
     recalls = [(n.split(":", 1)[1], m["index"]["factory"], m["recall"]) for n, m in report["stages"].items()
                if n.startswith("search:") and isinstance(m, dict) and m.get("recall")]
     if recalls:

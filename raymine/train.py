@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -35,7 +37,7 @@ from raymine import columns as C
 from raymine import storage
 from raymine.config import MineConfig, TrainConfig
 from raymine.loss import id_keys, info_nce, text_keys
-from raymine.model import BiEncoder, pad_and_concat
+from raymine.model import BiEncoder
 
 log = logging.getLogger(__name__)
 
@@ -90,29 +92,41 @@ def _column(batch: pa.Table | dict, name: str) -> list:
 class Collate:
     """Training rows (``TRAIN_ROW_COLUMNS``, pyarrow table or dict of columns) → token tensors + id/text keys.
 
-    Output: ``q_*`` [B, Tq] and ``p_*`` [B*(1+H), Tp] (positives first, then each row's first H
-    negatives, row-major), or, with ``single_forward``, ``x_*`` [B + B*(1+H), T] for one concatenated
-    forward. ``pos_keys`` [B] / ``neg_keys`` [B, H]: text keys (identical-text masking);
-    ``pos_ids`` [B] / ``neg_ids`` [B, H]: id keys; ``query_pos_ids`` [B, P]: id keys of every positive
-    of the row's query (padded by repeating the row's own positive).
+    Each row trains on ``min(H, its negatives)`` of its mined negatives, drawn for the epoch by
+    :func:`raymine.train_data.draw_negatives` (a function of seed, epoch and ids only). Output: ``q_*``
+    [B, Tq] and ``p_*`` [B + R, Tp] (positives first, then the R ≤ B*H drawn negatives, row-major; a short
+    row's missing slots are not encoded), or, with ``single_forward``, ``x_*`` [2B + R, T] for one
+    concatenated forward. ``neg_valid`` [B, H]: which slots hold a drawn negative (the loss masks the
+    others). ``pos_keys`` [B] / ``neg_keys`` [B, H]: text keys (identical-text masking); ``pos_ids`` [B] /
+    ``neg_ids`` [B, H]: id keys (0 in empty slots); ``query_pos_ids`` [B, P]: id keys of every positive of
+    the row's query (padded by repeating the row's own positive).
     """
 
-    def __init__(self, model: BiEncoder, num_hard_negatives: int, single_forward: bool) -> None:
+    def __init__(self, model: BiEncoder, num_hard_negatives: int, seed: int = 0) -> None:
         self.model = model
         self.h = num_hard_negatives
-        self.single_forward = single_forward
+        self.seed = seed
 
-    def __call__(self, batch: pa.Table | dict) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: pa.Table | dict, epoch: int = 0) -> dict[str, torch.Tensor]:
+        from raymine.train_data import draw_negatives
+
         queries, positives = _column(batch, C.QUERY), _column(batch, C.POSITIVE)
-        pos_id = _column(batch, C.POSITIVE_ID)
+        pos_id, qids = _column(batch, C.POSITIVE_ID), _column(batch, C.QUERY_ID)
         neg_ids_all, negs_all = _list_column(batch, C.NEGATIVE_IDS), _list_column(batch, C.NEGATIVES)
         qpos = _list_column(batch, C.POSITIVE_IDS)
         b, h = len(queries), self.h
-        short = [i for i, n in enumerate(negs_all) if len(n) < h]
-        if short:
-            raise ValueError(f"row {short[0]} has {len(negs_all[short[0]])} negatives < num_hard_negatives={h}")
-        neg_ids = [i for row in neg_ids_all for i in row[:h]]  # [B*H] row-major
-        negs = [t for row in negs_all for t in row[:h]]
+        valid = torch.zeros((b, h), dtype=torch.bool)  # [B, H]
+        neg_ids: list[str] = []  # [R] drawn negatives, row-major
+        negs: list[str] = []
+        slot_ids: list[str | None] = [None] * (b * h)  # [B*H]
+        slot_texts: list[str | None] = [None] * (b * h)
+        for i in range(b):
+            ids = list(neg_ids_all[i] or [])
+            for j, k in enumerate(draw_negatives(self.seed, epoch, qids[i], pos_id[i], ids, h)):
+                valid[i, j] = True
+                slot_ids[i * h + j], slot_texts[i * h + j] = ids[k], negs_all[i][k]
+                neg_ids.append(ids[k])
+                negs.append(negs_all[i][k])
         width = max([len(x) for x in qpos] + [1])
         qpos_keys = torch.zeros((b, width), dtype=torch.long)  # [B, P]
         for i, (ids, own) in enumerate(zip(qpos, pos_id, strict=True)):
@@ -120,38 +134,48 @@ class Collate:
             qpos_keys[i] = id_keys(ids + [own] * (width - len(ids)))
         q = self.model.tokenize(queries, "query")
         p = self.model.tokenize(positives + negs, "passage")
+        flat = valid.reshape(-1)
+        nk = torch.zeros(b * h, dtype=torch.long)
+        ni = torch.zeros(b * h, dtype=torch.long)
+        if negs:
+            nk[flat] = text_keys([t for t in slot_texts if t is not None])
+            ni[flat] = id_keys([d for d in slot_ids if d is not None])
         out: dict[str, torch.Tensor] = {
             "pos_keys": text_keys(positives),  # [B]
-            "neg_keys": text_keys(negs).reshape(b, h),  # [B, H]
+            "neg_keys": nk.reshape(b, h),  # [B, H]
             "pos_ids": id_keys(pos_id),  # [B]
-            "neg_ids": id_keys(neg_ids).reshape(b, h),  # [B, H]
+            "neg_ids": ni.reshape(b, h),  # [B, H]
+            "neg_valid": valid,  # [B, H]
             "query_pos_ids": qpos_keys,  # [B, P]
         }
-        if self.single_forward:
-            x = pad_and_concat([q, p], self.model.tokenizer.pad_token_id, self.model.left_padded)
-            out.update({f"x_{k}": v for k, v in x.items()})
-        else:
-            out.update({f"q_{k}": v for k, v in q.items()})
-            out.update({f"p_{k}": v for k, v in p.items()})
+        out.update({f"q_{k}": v for k, v in q.items()})
+        out.update({f"p_{k}": v for k, v in p.items()})
         return out
 
 
 def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, group=None,
                  rule: tuple[str, float] | None = None, stats: dict[str, float] | None = None):
-    """Embed a collated batch (one or two forwards) and return (InfoNCE loss, real tokens).
+    """Embed a collated batch and return (InfoNCE loss, real tokens): DDP makes one forward call (queries and
+    passages as two backbone passes inside it, as DDP needs one forward per backward); FSDP two calls.
 
     ``rule``: positive-aware in-batch masking (:func:`positive_aware_rule`); ``stats`` collects masked counts.
     """
     b, h = batch["neg_keys"].shape
-    if "x_input_ids" in batch:
-        emb = model(batch["x_input_ids"], batch["x_attention_mask"], batch["x_pool_mask"])  # [B + B*(1+H), d]
-        q, p = emb[:b], emb[b:]
-        tokens = int(batch["x_attention_mask"].sum())
+    q_in = (batch["q_input_ids"], batch["q_attention_mask"], batch["q_pool_mask"])
+    if cfg.strategy == "ddp":
+        q, p = model(*q_in, p_input_ids=batch["p_input_ids"], p_attention_mask=batch["p_attention_mask"],
+                     p_pool_mask=batch["p_pool_mask"])  # [B, d], [B + R, d]
     else:
-        q = model(batch["q_input_ids"], batch["q_attention_mask"], batch["q_pool_mask"])  # [B, d]
-        p = model(batch["p_input_ids"], batch["p_attention_mask"], batch["p_pool_mask"])  # [B*(1+H), d]
-        tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum())
-    pos, negs = p[:b], p[b:].reshape(b, h, -1)  # [B, d], [B, H, d]
+        q = model(*q_in)  # [B, d]
+        p = model(batch["p_input_ids"], batch["p_attention_mask"], batch["p_pool_mask"])  # [B + R, d]
+    tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum())
+    valid = batch.get("neg_valid")
+    if valid is None:
+        pos, negs = p[:b], p[b:].reshape(b, h, -1)  # [B, d], [B, H, d]
+    else:
+        pos = p[:b]  # [B, d]
+        negs = p.new_zeros((b * h, p.shape[1]))  # [B*H, d]; empty slots stay zero and are masked in the loss
+        negs = negs.index_copy(0, valid.reshape(-1).nonzero().squeeze(1), p[b:]).reshape(b, h, -1)  # [B, H, d]
     loss = info_nce(
         q, pos, negs, temperature=cfg.temperature, in_batch=cfg.in_batch_negatives,
         pos_keys=batch["pos_keys"] if cfg.mask_duplicate_passages else None,
@@ -159,7 +183,7 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Tr
         group=group,
         pos_ids=batch["pos_ids"], neg_ids=batch["neg_ids"],
         query_pos_ids=batch["query_pos_ids"] if cfg.mask_same_query else None,
-        positive_aware=rule, stats=stats,
+        positive_aware=rule, stats=stats, neg_valid=valid,
     )
     return loss, tokens
 
@@ -203,7 +227,40 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _empty_history() -> dict[str, list[float]]:
-    return {"losses": [], "lrs": [], **{k: [] for k in MASK_STATS}}
+    return {"losses": [], "lrs": [], **{k: [] for k in MASK_STATS}, "val_steps": [], "val_scores": []}
+
+
+def _encode_shared(model: BiEncoder, texts: list[str], side: str, batch_size: int, rank: int, world: int,
+                   group) -> np.ndarray:
+    """[N, d] embeddings of ``texts``, the batches spread over the ranks and gathered on every rank.
+
+    Rank r encodes batches r, r + world, ...; every rank runs the same number of forwards (a rank short
+    of batches repeats its last one), so FSDP's collectives inside the forward line up."""
+    import torch.distributed as dist
+
+    from raymine.validation import encode_texts
+
+    bs = max(1, batch_size)
+    chunks = [list(range(lo, min(lo + bs, len(texts)))) for lo in range(0, len(texts), bs)]
+    mine = chunks[rank::world]
+    rounds = -(-len(chunks) // world)
+    got: list[tuple[list[int], np.ndarray]] = []
+    for j in range(rounds):
+        idx = mine[j] if j < len(mine) else (mine[-1] if mine else chunks[0])
+        emb = encode_texts(model, [texts[i] for i in idx], side, bs)  # [b, d]
+        if j < len(mine):
+            got.append((idx, emb))
+    parts = [got]
+    if group is not None and world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, got, group=group)
+    out: np.ndarray | None = None
+    for part in parts:
+        for idx, emb in part:
+            if out is None:
+                out = np.zeros((len(texts), emb.shape[1]), np.float32)
+            out[idx] = emb
+    return out if out is not None else np.zeros((0, 0), np.float32)  # [N, d]
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -252,7 +309,48 @@ def _train_loop(config: dict[str, Any]) -> None:
             log.info("resumed from checkpoint at step %d", step)
     start_step = step
 
-    collate = Collate(model, cfg.num_hard_negatives, single_forward=cfg.strategy == "ddp")
+    collate = Collate(model, cfg.num_hard_negatives, seed=cfg.seed)
+    val = config.get("validation")  # None: no validation, the last step's weights are saved
+    vset = None
+    if val is not None:
+        from raymine.validation import ValidationSet, best_point, validation_points
+
+        vset = ValidationSet(val["folder"])
+        points = set(validation_points(total_steps, val["every"]))
+
+    def validate() -> None:
+        """Score the model at this step; a new best is written to ``best_uri`` (ties keep the earlier)."""
+        if step == 0 and val.get("base_score") is not None and not history["val_steps"]:
+            score = float(val["base_score"])  # the teacher's stored vectors are the base student's own
+        else:
+            lengths = model.max_lengths
+            model.max_lengths = dict(val["max_lengths"])  # the evaluation lengths, not the training ones
+            try:
+                q = _encode_shared(model, vset.queries, "query", val["batch_size"], rank, world, group)
+                p = _encode_shared(model, vset.passages, "passage", val["batch_size"], rank, world, group)
+            finally:
+                model.max_lengths = lengths
+            score = vset.score(q, p)
+        best = best_point(list(zip(history["val_steps"], history["val_scores"], strict=True))) \
+            if history["val_steps"] else None
+        history["val_steps"].append(step)
+        history["val_scores"].append(score)
+        if best is None or score > best[1]:
+            sd = get_model_state_dict(wrapped, options=_state_options(cfg))
+            if rank == 0:
+                storage.write_bytes(val["best_uri"], _state_bytes({"step": step, "score": score, "model": sd}))
+        if rank == 0:
+            log.info("validation at step %d: nDCG@10 %.4f (best %.4f at step %d)", step, score,
+                     *(best_point(list(zip(history["val_steps"], history["val_scores"], strict=True)))[::-1]))
+
+    def stale() -> bool:
+        """Early stop: the last ``patience`` validations brought no gain over the best before them."""
+        k = val["patience"] if val else 0
+        scores = history["val_scores"]
+        return bool(k) and len(scores) > k and max(scores[-k:]) <= max(scores[:-k])
+
+    if vset is not None and step == 0:
+        validate()
     global_batch = cfg.batch_size * world
     tokens_seen, t_start = 0, time.perf_counter()
     t_log, tok_log = t_start, 0
@@ -290,7 +388,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             step_loss, step_tokens, stats = 0.0, 0, {}
             for micro in range(cfg.grad_accum):
                 part = next(it).slice(rank * cfg.batch_size, cfg.batch_size)  # this rank's B rows
-                batch = {k: v.to(device) for k, v in collate(part).items()}
+                batch = {k: v.to(device) for k, v in collate(part, epoch).items()}
                 with _sync_context(wrapped, micro == cfg.grad_accum - 1):
                     loss, ntok = compute_loss(wrapped, batch, cfg, group, rule, stats)
                     (loss / cfg.grad_accum).backward()
@@ -315,9 +413,30 @@ def _train_loop(config: dict[str, Any]) -> None:
                          history["masked_same_query"][-1], history["masked_positive_aware"][-1],
                          tok_log / (now - t_log))
                 t_log, tok_log = now, 0
-            if step % cfg.checkpoint_every == 0 and step < total_steps:
+            if vset is not None and step in points:
+                validate()
+            stop = vset is not None and stale()
+            if step % cfg.checkpoint_every == 0 and step < total_steps or (stop and step < total_steps):
                 report(with_checkpoint=True)
+            if stop:
+                if rank == 0:
+                    log.info("early stop at step %d: %d validations without a gain", step, val["patience"])
+                break
+        else:
+            continue
+        break
 
+    if vset is not None and history["val_steps"] and history["val_steps"][-1] != step:
+        validate()  # a resumed run that stopped between points, or an early stop off the schedule
+    kept = None
+    if vset is not None and history["val_steps"]:
+        kept = best_point(list(zip(history["val_steps"], history["val_scores"], strict=True)))
+        if kept[0] != step:  # restore the best weights before saving (every rank: FSDP shards them)
+            best = torch.load(io.BytesIO(storage.read_bytes(val["best_uri"])), map_location="cpu", weights_only=False)
+            set_model_state_dict(wrapped, best["model"], options=_state_options(cfg, strict=not cfg.lora))
+            if rank == 0:
+                log.info("restored the weights of step %d (validation nDCG@10 %.4f; last step %d: %.4f)",
+                         kept[0], kept[1], step, history["val_scores"][-1])
     elapsed = time.perf_counter() - t_start
     tok_s = tokens_seen * world / elapsed if elapsed > 0 else 0.0
     from raymine.loading import save_student
@@ -328,7 +447,14 @@ def _train_loop(config: dict[str, Any]) -> None:
         rss = torch.cat(_all_gather(rss, group, world))  # [world, 2]
     report(with_checkpoint=step > start_step,
            extra={"tokens_per_s": tok_s, "train_s": elapsed, "peak_rss_mib_after_load_per_rank": rss[:, 0].tolist(),
-                  "peak_rss_mib_per_rank": rss[:, 1].tolist()})
+                  "peak_rss_mib_per_rank": rss[:, 1].tolist(), "last_step": step,
+                  "kept_step": kept[0] if kept else step, "kept_score": kept[1] if kept else None})
+
+
+def _state_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _peak_rss_mib() -> float:
@@ -360,7 +486,18 @@ def plot_losses(history: dict[str, list[float]], out_uri: str) -> str | None:
     import matplotlib.pyplot as plt
 
     steps = list(range(1, len(history["losses"]) + 1))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    with_val = bool(history.get("val_steps"))
+    fig, axes = plt.subplots(1, 3 if with_val else 2, figsize=(15 if with_val else 10, 3.5))
+    if with_val:
+        axes[2].plot(history["val_steps"], [100 * v for v in history["val_scores"]], marker="o",
+                     label="validation nDCG@10")
+        from raymine.validation import best_point
+
+        k, v = best_point(list(zip(history["val_steps"], history["val_scores"], strict=True)))
+        axes[2].scatter([k], [100 * v], color="tab:red", zorder=3, label=f"kept: step {k}")
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("nDCG@10")
+        axes[2].legend(loc="lower right")
     axes[0].plot(steps, history["losses"], label="InfoNCE loss (mean over workers)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
@@ -389,6 +526,7 @@ def train_stage(
     run_name: str,
     storage_path: str | None = None,
     mine_cfg: MineConfig | None = None,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the student on the mined table with Ray Train; returns counts, the loss curve and the model folder.
 
@@ -399,6 +537,14 @@ def train_stage(
     Re-running with the same ``run_name`` and the same input files resumes from the latest checkpoint (the Ray
     Train run is ``<run_name>-<rows key>``: rows rebuilt from a re-mined table start afresh); a worker lost
     mid-run is restarted from it (``cfg.max_failures`` times). ``mine_cfg`` is used by ``positive_aware='mine'``.
+
+    ``validation`` (model selection; None = keep the last step): ``folder`` (a :mod:`raymine.validation`
+    folder), ``every``, ``patience``, ``batch_size``, ``max_lengths`` ({"query", "passage"}: the evaluation
+    lengths), ``base_score`` (step 0's score when known without encoding, else None). The workers score the
+    model at step 0 and at :func:`raymine.validation.validation_points`; the best weights (ties: the earlier
+    step) are written beside the checkpoints, outside Ray Train's rotation, and restored before the model
+    is saved. Returned: ``validation`` {"steps", "scores", "kept_step", "kept_score", "last_step",
+    "last_score", "base_score", "base_kept"}.
 
     The epoch order is a function of ``cfg.seed`` alone, and dropout is seeded per (step, rank): two runs
     with the same inputs and config train the same model, interrupted or not.
@@ -427,6 +573,8 @@ def train_stage(
     rows_uri = storage.join(storage_path, "train_rows", rows_key)
     run_name = f"{run_name}-{rows_key[:8]}"  # never resume a checkpoint trained on other rows
     counts = build_rows(mined_uri, corpus_uri, rows_uri, cfg.num_hard_negatives)
+    if validation is not None:
+        validation = {**validation, "best_uri": storage.join(storage_path, f"{run_name}_best", "best_state.pt")}
     n_rows = counts["rows"]
     global_batch = cfg.num_workers * cfg.batch_size
     steps_per_epoch = n_rows // global_batch // cfg.grad_accum
@@ -446,7 +594,7 @@ def train_stage(
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                           "epoch_uris": epoch_uris, "out_dir": model_dir, "rule": rule},
+                           "epoch_uris": epoch_uris, "out_dir": model_dir, "rule": rule, "validation": validation},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -458,6 +606,16 @@ def train_stage(
     m = result.metrics or {}
     history = {k: list(m.get(k, [])) for k in _empty_history()}
     plot = plot_losses(history, storage.join(model_dir, LOSS_PLOT))
+    val_out = None
+    if validation is not None and history["val_steps"]:
+        scores = history["val_scores"]
+        val_out = {"steps": history["val_steps"], "scores": scores, "kept_step": int(m.get("kept_step", 0)),
+                   "kept_score": m.get("kept_score"), "last_step": int(m.get("last_step", 0)),
+                   "last_score": scores[-1], "base_score": scores[0] if history["val_steps"][0] == 0 else None,
+                   "base_kept": int(m.get("kept_step", 0)) == 0}
+        log.info("validation: nDCG@10 %s; kept step %d (%.4f)%s", ", ".join(
+            f"{s_}:{100 * v:.2f}" for s_, v in zip(history["val_steps"], scores, strict=True)), val_out["kept_step"],
+            val_out["kept_score"], " — the base model scored best: it is the model saved" if val_out["base_kept"] else "")
     out = {
         "model_dir": model_dir,
         "steps": int(m.get("step", 0)),
@@ -472,6 +630,7 @@ def train_stage(
         "rows_not_in_a_step_per_epoch": dropped,
         "steps_per_epoch": steps_per_epoch,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "validation": val_out,
         "wall_s": time.perf_counter() - t0,
     }
     log.info("train: %d steps (from %d), final loss %.4f, %.0f s", out["steps"], out["start_step"],

@@ -6,9 +6,11 @@ Input: the mined table (``QUERY_ID, QUERY, POSITIVE_IDS, NEGATIVE_IDS``; ids onl
 
 Output (``TRAIN_ROW_COLUMNS``): one row per (query, positive): the query text, that positive's id and
 text, *all* positive ids of the query (so training can mask the query's other positives wherever they
-sit in the global batch), and the query's negatives in mined order (ids + texts, variable length).
-Rows whose positive has no text, or with fewer than ``min_negatives`` negatives that have a text, are
-counted and left out.
+sit in the global batch), and *every* mined negative of the query in mined order (ids + texts, variable
+length). Rows whose positive has no text are counted and left out; rows with fewer negatives than the
+training uses per row (``num_hard_negatives``) are kept and counted (they train with what they have).
+
+Which negatives a row trains on in an epoch: :func:`draw_negatives`, a function of (seed, epoch, ids).
 
 How: the mined rows explode into one row per (query, positive, slot) — slot 0 the positive, 1..n the
 negatives — which a left outer hash join (``Dataset.join``) matches to the corpus by id; a groupby on
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raymine import columns as C
 from raymine import parts, storage
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SLOT = "_slot"  # int32: 0 = the positive, k = the k-th negative
 ORDER = "_order"  # int64: this epoch's shuffle key
-STATUS = "_status"  # "ok" | "positive_missing" | "too_few_negatives"
+STATUS = "_status"  # "ok" | "positive_missing"
 MISSING = "_negatives_missing"  # int64: negatives of the row with no text in the corpus
 ROWS_MANIFEST = "_rows.json"
 
@@ -72,7 +75,7 @@ def explode_needs(batch: pa.Table) -> pa.Table:
     return pa.table(out, schema=_NEEDS_SCHEMA)
 
 
-def assemble_row(group: pa.Table, min_negatives: int) -> pa.Table:
+def assemble_row(group: pa.Table) -> pa.Table:
     """One (query, positive) group of joined slots → one training row (``_ROW_SCHEMA``), with its status."""
     group = group.sort_by([(SLOT, "ascending")])
     slots = group.column(SLOT).to_pylist()
@@ -81,12 +84,7 @@ def assemble_row(group: pa.Table, min_negatives: int) -> pa.Table:
     pos_text = next((t for s, t in zip(slots, texts, strict=True) if s == 0), None)
     negs = [(i, t) for s, i, t in zip(slots, ids, texts, strict=True) if s > 0 and t is not None]
     missing = sum(1 for s, t in zip(slots, texts, strict=True) if s > 0 and t is None)
-    if pos_text is None:
-        status = "positive_missing"
-    elif len(negs) < min_negatives:
-        status = "too_few_negatives"
-    else:
-        status = "ok"
+    status = "positive_missing" if pos_text is None else "ok"
     row = {**first, C.POSITIVE: pos_text, C.NEGATIVE_IDS: [i for i, _ in negs],
            C.NEGATIVES: [t for _, t in negs], STATUS: status, MISSING: missing}
     return pa.Table.from_pylist([row], schema=_ROW_SCHEMA)
@@ -102,6 +100,35 @@ def corpus_passages(batch: pa.Table) -> pa.Table:
     texts = batch.column(C.TEXT).to_pylist()
     passages = [passage_text(t, x) if x is not None else None for t, x in zip(titles, texts, strict=True)]
     return pa.table({C.DOC_ID: batch.column(C.DOC_ID), C.PASSAGE: pa.array(passages, pa.string())})
+
+
+def draw_negatives(seed: int, epoch: int, query_id: str, positive_id: str, negative_ids: list[str], h: int) -> list[int]:
+    """Indices (into ``negative_ids``) of the ``min(h, n)`` negatives a row trains on in ``epoch``.
+
+    The row's n negatives are put in a seeded order — sorted by a hash of (seed, query id, positive id,
+    negative id, occurrence), so the order depends on the ids, not on where mining put them — and epoch e
+    takes the window of h positions starting at ``(e * h) mod n``, cyclically. Every mined negative is
+    drawn within ceil(n / h) epochs, and no negative twice in one row unless it was mined twice: a document
+    repeated in a row (intra-sample ensembling with ``no-dedup``) is kept as mined — the paper's best
+    setting weights a negative several teachers agree on twice; ``mine.ensemble_dedup`` removes repeats
+    at mining time. Returned in ascending index order (the mined order among the drawn ones).
+    """
+    n = len(negative_ids)
+    if n == 0 or h <= 0:
+        return []
+    if h >= n:
+        return list(range(n))
+    prefix = f"{seed}\x1f{query_id}\x1f{positive_id}\x1f".encode()
+    seen: dict[str, int] = {}
+    keys = []
+    for i, d in enumerate(negative_ids):
+        k = seen.get(d, 0)
+        seen[d] = k + 1
+        h8 = hashlib.blake2b(prefix + f"{d}\x1f{k}".encode(), digest_size=8).digest()
+        keys.append((h8, i))
+    order = [i for _, i in sorted(keys)]  # the row's seeded permutation of its negatives
+    start = (epoch * h) % n
+    return sorted(order[(start + j) % n] for j in range(h))
 
 
 def order_keys(seed: int, epoch: int, query_ids: list[str], positive_ids: list[str]) -> np.ndarray:
@@ -134,19 +161,21 @@ def _partitions(n: int) -> int:
     return max(1, min(64, n // 50_000 + 1))
 
 
-def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int) -> dict[str, Any]:
+def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, num_hard_negatives: int) -> dict[str, Any]:
     """Write the training rows of ``mined_uri`` × ``corpus_uri`` to ``out_uri`` (Parquet folder); return counts.
 
-    A finished folder (its ``_rows.json`` written last, same inputs and ``min_negatives``) is reused; the
+    A finished folder (its ``_rows.json`` written last, same inputs and ``num_hard_negatives``) is reused; the
     inputs are named by path and by :func:`storage.fingerprint` (file names, sizes, modification times), so
     a mined table rewritten at the same path (another mining config in the same output folder) is rebuilt.
-    Counts: ``queries`` (mined), ``rows`` (kept), ``rows_too_few_negatives``, ``rows_positive_missing``,
+    Counts: ``queries`` (mined), ``rows`` (kept), ``rows_short`` (kept rows with fewer negatives than
+    ``num_hard_negatives``: they train with what they have), ``rows_without_negatives`` (of those, none: in-batch
+    negatives only), ``negatives`` (all negatives of the kept rows), ``rows_positive_missing`` (left out),
     ``negatives_missing_text``.
     """
     from ray.data.expressions import col
 
     key = {"mined": mined_uri, "mined_files": storage.fingerprint(mined_uri), "corpus": corpus_uri,
-           "corpus_files": storage.fingerprint(corpus_uri), "min_negatives": min_negatives}
+           "corpus_files": storage.fingerprint(corpus_uri), "num_hard_negatives": num_hard_negatives}
     manifest_uri = storage.join(out_uri, ROWS_MANIFEST)
     if storage.exists(manifest_uri):
         done = storage.read_json(manifest_uri)
@@ -167,26 +196,38 @@ def build_rows(mined_uri: str, corpus_uri: str, out_uri: str, min_negatives: int
     nparts = _partitions(n_queries * 8)
     joined = needs.join(corpus, join_type="left_outer", num_partitions=nparts, on=(C.DOC_ID,))
     rows = (joined.groupby([C.QUERY_ID, C.POSITIVE_ID], num_partitions=nparts)
-            .map_groups(assemble_row, batch_format="pyarrow", fn_kwargs={"min_negatives": min_negatives})
+            .map_groups(assemble_row, batch_format="pyarrow")
             .materialize())
     by_status = {r[STATUS]: int(r["count()"]) for r in rows.groupby(STATUS).count().take_all()}
     n_missing = int(rows.sum(MISSING) or 0) if rows.count() else 0
-    kept = rows.filter(expr=col(STATUS) == "ok").select_columns(list(C.TRAIN_ROW_COLUMNS))
-    kept.write_parquet(out_uri)
+    kept = rows.filter(expr=col(STATUS) == "ok")
+    per_row = kept.map_batches(_negative_counts, batch_format="pyarrow", fn_kwargs={"h": num_hard_negatives})
+    sums = {k: int(per_row.sum(k) or 0) for k in ("negatives", "short", "empty")} if by_status.get("ok") else {}
+    kept.select_columns(list(C.TRAIN_ROW_COLUMNS)).write_parquet(out_uri)
     counts = {
         "queries": int(n_queries),
         "rows": by_status.get("ok", 0),
-        "rows_too_few_negatives": by_status.get("too_few_negatives", 0),
+        "rows_short": sums.get("short", 0),
+        "rows_without_negatives": sums.get("empty", 0),
+        "negatives": sums.get("negatives", 0),
         "rows_positive_missing": by_status.get("positive_missing", 0),
         "negatives_missing_text": n_missing,
         "build_s": round(time.perf_counter() - t0, 3),
     }
     storage.write_json(manifest_uri, {"key": key, "counts": counts})
-    log.info("train rows: %d queries → %d rows (%d with < %d negatives, %d positives without text, "
-             "%d negatives without text) in %.1f s", counts["queries"], counts["rows"],
-             counts["rows_too_few_negatives"], min_negatives, counts["rows_positive_missing"],
-             counts["negatives_missing_text"], counts["build_s"])
+    log.info("train rows: %d queries → %d rows with %d negatives (%d rows with < %d negatives train with what they "
+             "have, %d with none; %d positives without text, %d negatives without text) in %.1f s",
+             counts["queries"], counts["rows"], counts["negatives"], counts["rows_short"], num_hard_negatives,
+             counts["rows_without_negatives"], counts["rows_positive_missing"], counts["negatives_missing_text"],
+             counts["build_s"])
     return counts
+
+
+def _negative_counts(batch: pa.Table, h: int) -> pa.Table:
+    """Per training row: its number of negatives, whether it is short of ``h``, whether it has none."""
+    n = pc.list_value_length(batch.column(C.NEGATIVE_IDS)).fill_null(0)
+    return pa.table({"negatives": n, "short": pc.cast(pc.less(n, h), pa.int64()),
+                     "empty": pc.cast(pc.equal(n, 0), pa.int64())})
 
 
 def epoch_rows(rows_uri: str, seed: int, epoch: int):

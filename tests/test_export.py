@@ -80,8 +80,9 @@ def _make_run(root: Path, n_parts: int = 1, corpus_folder: bool = True) -> Layou
 
 
 def _cfg(root: Path, **export) -> Config:
+    """The optional cut ``export.num_negatives=MIN_NEG`` unless given (0: every mined negative, the default)."""
     return Config(output=str(root), mine=MineConfig(num_negatives=4), train=TrainConfig(num_hard_negatives=MIN_NEG),
-                  export=ExportConfig(**export))
+                  export=ExportConfig(**{"num_negatives": MIN_NEG, **export}))
 
 
 def _read(layout: Layout, fmt: str) -> list[dict]:
@@ -323,3 +324,47 @@ def test_sentence_transformers_loads_every_layout_and_trains_one_step(default_ru
         out = trainer.train()
         assert out.global_step == 1 and math.isfinite(out.training_loss), fmt
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), fmt
+
+
+def test_ntuple_carries_every_mined_negative_by_default_and_trains_on_its_scores(ray_local, tmp_path, minilm_path):
+    """No cut (``export.num_negatives=0``, the default): the n-tuple has one column per mined negative
+    (mine.num_negatives=3) and carries all of them; a row with fewer is left out of the n-tuple only and
+    counted; every other layout keeps it. One sentence-transformers step with DistillKLDivLoss reads the
+    scored n-tuple (scores = [positive, negative_1..3], the teacher's)."""
+    import datasets
+    import torch
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
+
+    layout = _make_run(tmp_path)
+    cfg = Config(output=str(tmp_path), mine=MineConfig(num_negatives=3), train=TrainConfig(num_hard_negatives=3),
+                 export=ExportConfig(st_scores=True, score_teacher="minilm"))
+    c = export_stage(cfg, layout)["counts"]
+    assert c["ntuple_width"] == 3 and c["min_negatives"] == 1
+    assert c["dropped"] == {"no_query_text": 0, "no_positive_text": 1, "too_few_negatives": 0}
+    nt = c["formats"]["st_ntuple"]
+    assert (nt["rows"], nt["short_of_ntuple_width"], nt["no_teacher_scores"]) == (2, 0, 4) or \
+        (nt["rows"], nt["short_of_ntuple_width"]) == (2, 4 - nt["no_teacher_scores"])
+    rows = {r["anchor"]: r for r in _read(layout, "st_ntuple")}
+    assert set(rows) == {"what is aspirin", "skin"}
+    assert [rows["what is aspirin"][f"negative_{j}"] for j in (1, 2, 3)] == [passage(d) for d in ("d2", "d3", "d4")]
+    assert [rows["skin"][f"negative_{j}"] for j in (1, 2, 3)] == [passage(d) for d in ("d12", "d1", "d3")]
+    assert rows["skin"]["scores"] == pytest.approx([0.9, 0.7, 0.65, 0.6])
+    # a layout without a fixed width keeps the short rows (q3, q6: one negative with text)
+    assert {r["anchor"] for r in _read(layout, "st_labeled_list")} >= {"bone density", "short"}
+
+    files = sorted(str(p) for p in (Path(layout.exports) / "st_ntuple").glob("*.parquet"))
+    data = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert data.column_names == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "scores"]
+    model = SentenceTransformer(minilm_path, device="cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "st"), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-4,
+        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0)
+    out = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=DistillKLDivLoss(model)).train()
+    assert out.global_step == 1 and math.isfinite(out.training_loss) and out.training_loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -53,6 +53,31 @@ def test_matches_definition(in_batch, h):
     assert got.item() == pytest.approx(_reference(q, pos, negs, 0.07, in_batch), rel=1e-9)
 
 
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_short_rows_equal_the_definition_without_their_empty_slots(in_batch):
+    """Rows with fewer negatives than H (``neg_valid``): the loss equals the definition computed over the
+    negatives that exist — an empty slot is no candidate for any row — and its gradient reaches no slot."""
+    q, pos, negs = _data(b=4, h=3, seed=3)
+    valid = torch.tensor([[True, True, True], [True, False, False], [False, False, False], [True, True, False]])
+    garbage = negs.clone()
+    garbage[~valid] = 5.0  # whatever sits in an empty slot must not matter
+    garbage.requires_grad_(True)
+    got = info_nce(q, pos, garbage, temperature=0.05, in_batch=in_batch, neg_valid=valid)
+    want = 0.0
+    for i in range(4):  # per row: its own list of existing negatives (in-batch: everyone's existing ones)
+        if in_batch:
+            cands = [pos[j] for j in range(4)] + [negs[j, k] for j in range(4) for k in range(3) if valid[j, k]]
+            own = i
+        else:
+            cands = [pos[i]] + [negs[i, k] for k in range(3) if valid[i, k]]
+            own = 0
+        s = [float(q[i] @ c) / 0.05 for c in cands]
+        want += math.log(sum(math.exp(x) for x in s)) - s[own]
+    assert got.item() == pytest.approx(want / 4, rel=1e-9)
+    got.backward()
+    assert garbage.grad[~valid].abs().max() == 0 and garbage.grad[valid].abs().max() > 0
+
+
 def test_duplicate_positive_masked():
     q, pos, negs = _data(b=4, h=2)
     texts_pos = ["alpha", "beta", "Alpha  ", "gamma"]  # rows 0 and 2 share a positive (normalised)

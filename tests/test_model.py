@@ -241,3 +241,69 @@ def test_saved_minilm_matches_sentence_transformers(minilm_path, tmp_path):
     theirs_q = torch.from_numpy(st.encode(texts, prompt_name="query"))
     torch.testing.assert_close(ours_p, theirs_p, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours_q, theirs_q, rtol=1e-4, atol=1e-5)
+
+
+# --- leading special tokens and the sentence-transformers folder ----------------------------------
+def _sp_student(path: str, passage_prompt: str, leading: str, **kw) -> BiEncoder:
+    backbone, tok = load_backbone(path, bidirectional=True)
+    return BiEncoder(backbone, tok, "mean", True, PROMPTS[1], passage_prompt, mask_leading_special=leading, **kw).eval()
+
+
+@pytest.mark.parametrize("passage_prompt, leading, bos_in_passages", [
+    ("", "with_prompt", True),  # BOS leaves the pool with the query's prompt only: the two sides differ
+    ("passage: ", "with_prompt", False),  # the NV-Retriever-v1 card's prefixes: a prompt on both sides
+    ("", "always", False),
+])
+def test_bos_pooling_on_both_sides(tiny_sp_mistral_path, passage_prompt, leading, bos_in_passages):
+    """BOS sits before a prompt, so it is masked with it (sentence-transformers' include_prompt=False, NV-Embed's
+    `attention_mask[:, :instruction_lens] = 0`); 'always' masks it on an unprompted side too, so queries and
+    passages pool the same kind of tokens: the text's."""
+    m = _sp_student(tiny_sp_mistral_path, passage_prompt, leading)
+    tok, bos = m.tokenizer, m.tokenizer.bos_token_id
+    q, p = m.tokenize(SPAN_TEXTS, "query"), m.tokenize(SPAN_TEXTS, "passage")
+    assert (q["input_ids"][:, 0] == bos).all() and (p["input_ids"][:, 0] == bos).all()  # right padding
+    assert q["pool_mask"][:, 0].tolist() == [0] * len(SPAN_TEXTS)
+    assert p["pool_mask"][:, 0].tolist() == [int(bos_in_passages)] * len(SPAN_TEXTS)
+    for f in (q, p):
+        for i, text in enumerate(SPAN_TEXTS):
+            pooled = f["input_ids"][i][f["pool_mask"][i] == 1].tolist()
+            own = tok(text, add_special_tokens=False)["input_ids"]
+            assert pooled == ([bos] if f is p and bos_in_passages else []) + own
+
+
+def test_leading_special_option_is_checked(tiny_sp_mistral_path):
+    with pytest.raises(ValueError, match="mask_leading_special"):
+        _sp_student(tiny_sp_mistral_path, "", "sometimes")
+
+
+# letter-, digit- and bracket-first texts (a SentencePiece prompt's trailing "▁" merges into a letter only),
+# and one longer than the query limit (cut the same way by both libraries)
+ST_TEXTS = ["what is protein folding", "1984 was the year the planets aligned", "(a) which planets have moons",
+            "how long should i cook spaghetti tonight " * 4]
+
+
+@pytest.mark.parametrize("passage_prompt, leading, padding_side", [
+    ("", "with_prompt", "right"), ("passage: ", "with_prompt", "left"), ("", "always", "right"),
+])
+def test_saved_sentencepiece_student_matches_sentence_transformers(
+        tiny_sp_mistral_path, tmp_path, passage_prompt, leading, padding_side):
+    """A bidirectional Mistral student with a SentencePiece tokenizer and a query prompt, saved by raymine, gives
+    raymine's vectors in sentence-transformers (encode_query / encode_document, both sides). sentence-transformers
+    measures a prompt tokenised alone, one token more than the prompt holds in context here, so the folder
+    carries raymine's input module (loaded with trust_remote_code=True)."""
+    from sentence_transformers import SentenceTransformer
+
+    from raymine.model import st_prompt_length
+
+    m = _sp_student(tiny_sp_mistral_path, passage_prompt, leading, query_max_length=16, passage_max_length=48)
+    m.tokenizer.padding_side = padding_side
+    alone, in_context = st_prompt_length(m.tokenizer, PROMPTS[1]), m.tokenize_rows(ST_TEXTS[:1], "query").counts[0]
+    assert alone == in_context + 1  # the lone trailing "▁"
+    m.save(str(tmp_path / "st"))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu", trust_remote_code=True)
+    st[0].tokenizer.padding_side = padding_side  # transformers saves the side given at init only
+    for ours, theirs in ((m.encode(ST_TEXTS, "query"), st.encode_query(ST_TEXTS)),
+                         (m.encode(ST_TEXTS, "passage"), st.encode_document(ST_TEXTS))):
+        torch.testing.assert_close(ours, torch.from_numpy(theirs), rtol=1e-5, atol=1e-6)

@@ -149,7 +149,19 @@ def test_job_submit_kill_during_training_and_resume(tmp_path):
     mined = pq.read_table(str(out / "mined"))
     for col in (C.QUERY_ID, C.POSITIVE_IDS, C.NEGATIVE_IDS, C.NEGATIVE_SCORES):
         assert col in mined.column_names
-    assert mined.num_rows + pq.read_table(str(out / "mine" / "dropped.parquet")).num_rows == 40
+    dropped = pq.read_table(str(out / "mine" / "dropped.parquet"))
+    assert mined.num_rows + dropped.num_rows == 40
+    # the validation slice: held out of mining and training by id, scored at step 0, every 2 steps and the end
+    val_ids = set(pq.read_table(str(out / "validation" / "queries.parquet")).column(C.QUERY_ID).to_pylist())
+    held = {q for q, r in zip(dropped.column(C.QUERY_ID).to_pylist(), dropped.column(C.REASON).to_pylist(),
+                               strict=True) if r == "held_out_for_validation"}
+    assert val_ids and val_ids == held and not val_ids & set(mined.column(C.QUERY_ID).to_pylist())
+    rows = pq.read_table(glob.glob(str(out / "train_checkpoints" / "train_rows" / "*"))[0])
+    assert not val_ids & set(rows.column(C.QUERY_ID).to_pylist())
+    assert report["stages"]["validation"]["counts"]["queries"] == len(val_ids)
+    val = report["stages"]["train"]["validation"]
+    assert val["steps"][0] == 0 and val["steps"][-1] == 6 and val["kept_score"] == max(val["scores"])
+    assert "## Validation" in (out / "report.md").read_text()
     ev = report["evaluate"]
     assert 0 < ev["before"]["ndcg_at_10"] <= 1 and 0 < ev["after"]["ndcg_at_10"] <= 1
     assert "nDCG@10" in (out / "report.md").read_text()
@@ -205,9 +217,11 @@ def test_every_query_dropped_reports_and_stops_before_training(tmp_path):
     r = subprocess.run(job, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 2, r.stderr[-3000:]
     last = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert last and "train: no training rows" in last[-1] and "no_negatives: 40" in last[-1], r.stderr[-2000:]
     dropped = pq.read_table(tmp_path / "out" / "mine" / "dropped.parquet")
-    assert dropped.num_rows == 40 and set(dropped.column(C.REASON).to_pylist()) == {"no_negatives"}
+    reasons = dropped.column(C.REASON).to_pylist()
+    n = reasons.count("no_negatives")
+    assert dropped.num_rows == 40 and set(reasons) == {"no_negatives", "held_out_for_validation"}
+    assert last and "train: no training rows" in last[-1] and f"no_negatives: {n}" in last[-1], r.stderr[-2000:]
     assert pq.read_table(tmp_path / "out" / "mined").num_rows == 0
     export = read_json(str(tmp_path / "out" / "exports" / MANIFEST))
     assert export["counts"]["mined_rows"] == 0 and export["counts"]["exported_rows"] == 0

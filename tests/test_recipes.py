@@ -2,7 +2,9 @@
 for the 7B ones: an e5-mistral-class teacher (MistralModel, SentencePiece-style tokenizer, last-token
 pooling with EOS appended, its instruction prompt) mines with TopK-PercPos 0.95 / top-1 + sampled, and a
 bidirectional Mistral student trains with FSDP + LoRA + gradient checkpointing on 2 CPU workers; stage 2
-mines and trains 5 hard negatives starting from stage 1's output model. Every stage of both runs."""
+mines and trains 5 hard negatives, without in-batch negatives, starting from stage 1's output model. Every
+stage of both runs. The fast tests check each shipped value against the sentence of the paper or model card
+that states it (quoted with its source), not one recipe file against the other."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_BEIR, build_tiny_decoder, build_tiny_sp_mistral
 
-from raymine.config import load_config, to_dict
+from raymine.config import load_config
 from raymine.pipeline import STAGES, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,25 +37,96 @@ def _tiny(teacher: str, student: str, output: Path) -> list[str]:
     ]
 
 
-def test_recipe_files_describe_the_paper_recipe():
-    """The shipped values (fast; the slow test below runs them): stage 2 continues from stage 1's model
-    folder and mines as many negatives as it trains on."""
-    s1, s2 = load_config(STAGE1), load_config(STAGE2)
-    for cfg in (s1, s2):
-        t = cfg.teacher(cfg.teachers[0])
-        assert cfg.teachers == ("e5_mistral",) and t.model == "intfloat/e5-mistral-7b-instruct"
-        assert (t.kind, t.pooling, t.append_eos, t.passage_prompt) == ("dense", "last_token", "always", "")
-        assert t.query_prompt.startswith("Instruct: ") and t.query_prompt.endswith("\nQuery: ")
-        m = cfg.mine
-        assert (m.method, m.perc, m.pos_reduce, m.sampling, m.sample_top_k, m.sample_weighting) == (
-            "percpos", 0.95, "min", "top1_sampled", 10, "uniform")
-        assert cfg.search.index_factory == "Flat" and cfg.train.bidirectional and cfg.train.pooling == "mean"
-        assert m.num_negatives >= cfg.train.num_hard_negatives
-    assert (s1.train.model, s1.train.num_hard_negatives, s1.mine.num_negatives) == ("mistralai/Mistral-7B-v0.1", 1, 4)
-    assert s2.train.model == f"{s1.output}/model" and s2.output != s1.output
-    assert s2.train.num_hard_negatives == 5 and s2.mine.num_negatives >= 5
-    same = {k: v for k, v in to_dict(s1.train).items() if k not in ("model", "num_hard_negatives")}
-    assert same == {k: v for k, v in to_dict(s2.train).items() if k not in ("model", "num_hard_negatives")}
+# --- what the recipes must say, and where it is written -----------------------------------------------
+# Each claim: (source, the sentence quoted verbatim, what it pins in both recipe files). Quotes were read in
+# the sources named; where the NV-Retriever paper's own text of its NV-Retriever-v1 section could not be
+# retrieved here, the value is listed under UNSOURCED with that said, not with an invented quote.
+CARD = "NV-Retriever-v1 model card, 'How to use' (https://huggingface.co/nvidia/NV-Retriever-v1)"
+NV_EMBED = "NV-Embed paper, arXiv 2405.17428v3"  # the two-stage recipe NV-Retriever-v1 follows
+SUMMARY = ("third-party summary of arXiv 2407.15831, https://api.emergentmind.com/topics/nv-retriever-v1-model "
+           "(secondary: the paper's own sentence was not retrievable here)")
+
+
+def _both(check):
+    return lambda s1, s2: all(check(c) for c in (s1, s2))
+
+
+CLAIMS = [
+    (CARD, "It is required to set trust_remote_code=True when loading the model, as it contains a custom module "
+           "for bidirectional attention and applying the masked mean_pooling.",
+     _both(lambda c: c.train.bidirectional and c.train.pooling == "mean")),
+    (CARD, "document_prefix = 'passage: ' ... documents = [f\"{document_prefix} {document}\" for document in documents]",
+     # the f-string puts a second space after the prefix; raymine prepends the prompt as written
+     _both(lambda c: c.train.passage_prompt == "passage: ")),
+    (CARD, "query_prefix = 'Given a web search query, retrieve relevant passages that answer the query: '",
+     # the form "{task definition}: {query}" with the recipe's own task definition, no "Instruct:" template
+     _both(lambda c: c.train.query_prompt.startswith("Given ") and c.train.query_prompt.endswith(": ")
+           and "Instruct" not in c.train.query_prompt)),
+    (NV_EMBED + ", sec. 4", "Note, we mask out the instruction tokens in the output embeddings during both training "
+                            "and evaluation, although they still impact the output due to self-attention.",
+     # raymine masks every prompt (and the BOS before it) out of mean pooling (tests/test_model.py); with a
+     # prompt on both sides the BOS is masked on both, so the two sides pool alike
+     _both(lambda c: c.train.pooling == "mean" and c.train.query_prompt and c.train.passage_prompt)),
+    (NV_EMBED + ", sec. 3.3", "we introduce a two-stage instruction tuning method which first conducts contrastive "
+                              "training with instructions on a variety of retrieval datasets (details are in section "
+                              "4.1), utilizing in-batch negatives and curated hard-negative examples.",
+     lambda s1, s2: s1.train.in_batch_negatives and s1.train.num_hard_negatives >= 1),
+    (NV_EMBED + ", sec. 3.3", "In the second stage, we perform contrastive instruction-tuning on a combination of "
+                              "retrieval and non-retrieval datasets (details are in section 4.2) without applying "
+                              "the trick of in-batch negatives.",
+     lambda s1, s2: not s2.train.in_batch_negatives and s2.train.model == f"{s1.output}/model"
+     and s2.output != s1.output),
+    (NV_EMBED + ", sec. 1", "Since in-batch negative samples are misleading for non-retrieval tasks in some cases, we "
+                            "disable in-batch negative training in stage two.",
+     lambda s1, s2: not s2.train.in_batch_negatives),
+    (NV_EMBED + ", sec. 4.1.1", "we use E5-mistral-7b-instruct [77] as a teacher retrieval model to identify the "
+                                "optimal hardnegative passages relevant to the query.",
+     _both(lambda c: c.teachers == ("e5_mistral",) and c.teacher("e5_mistral").model == "intfloat/e5-mistral-7b-instruct")),
+    (NV_EMBED + ", sec. 4.1.1", "We set the maximum threshold for negative scores based on a percentage of the "
+                                "positive score (TopKPercPos) with a 95% margin, described as follows: "
+                                "max_negative_score_threshold = pos_score * percentage_margin.",
+     _both(lambda c: (c.mine.method, c.mine.perc) == ("percpos", 0.95) and c.search.index_factory == "Flat")),
+    (SUMMARY, "NV-Retriever-v1 adopts the “Mistral-7B” Transformer as its core backbone",
+     lambda s1, s2: s1.train.model == "mistralai/Mistral-7B-v0.1"),
+    (SUMMARY, "| Max Query Length | 192 tokens | ... | Max Passage Length | 512 tokens |",
+     _both(lambda c: (c.train.query_max_length, c.train.passage_max_length) == (192, 512))),
+    (SUMMARY, "Every attention matrix is augmented with LoRA adapters (rank r = 16, scaling factor α = 32)",
+     _both(lambda c: c.train.lora and (c.train.lora_r, c.train.lora_alpha) == (16, 32))),
+]
+
+# No sentence found here for these (the NV-Retriever paper's NV-Retriever-v1 section and its sampling ablation
+# were not retrievable in this environment): the values are DESIGN.md's reading of arXiv 2407.15831. Replace
+# the reason with the paper's sentence once it is checked.
+UNSOURCED = [
+    ("hard negatives: 1 in stage 1, 5 in stage 2",
+     lambda s1, s2: (s1.train.num_hard_negatives, s2.train.num_hard_negatives) == (1, 5)),
+    ("mining keeps at least as many negatives as training draws", lambda s1, s2: all(
+        c.mine.num_negatives >= c.train.num_hard_negatives for c in (s1, s2))),
+    ("4 mined negatives: top-1 + 3 sampled uniformly from the top 10 kept", lambda s1, s2: s1.mine.num_negatives == 4
+     and all((c.mine.sampling, c.mine.sample_top_k, c.mine.sample_weighting, c.mine.pos_reduce)
+             == ("top1_sampled", 10, "uniform", "min") for c in (s1, s2))),
+    ("AdamW lr 1e-5, 100 warm-up steps, batch 32 x grad-accum 4", _both(
+        lambda c: (c.train.lr, c.train.warmup_steps, c.train.batch_size, c.train.grad_accum) == (1e-5, 100, 32, 4))),
+    ("e5-mistral-7b-instruct teacher as its card uses it: last token + EOS, instructed queries, bare passages",
+     _both(lambda c: (lambda t: (t.pooling, t.append_eos, t.passage_prompt) == ("last_token", "always", "")
+                     and t.query_prompt.startswith("Instruct: ") and t.query_prompt.endswith("\nQuery: "))(
+         c.teacher("e5_mistral")))),
+]
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    return load_config(STAGE1), load_config(STAGE2)
+
+
+@pytest.mark.parametrize("source, quote, check", CLAIMS, ids=[f"{s.split(',')[0]}: {q[:50]}" for s, q, _ in CLAIMS])
+def test_recipe_follows_the_quoted_source(recipes, source, quote, check):
+    assert check(*recipes), f"{source}: {quote!r}"
+
+
+@pytest.mark.parametrize("what, check", UNSOURCED, ids=[w for w, _ in UNSOURCED])
+def test_recipe_values_without_a_retrievable_quote(recipes, what, check):
+    assert check(*recipes), what
 
 
 @pytest.mark.slow
@@ -75,7 +148,7 @@ def test_both_7b_recipe_files_run_end_to_end_with_tiny_models(ray_local, tmp_pat
 
     s2 = load_config(STAGE2)
     assert s2.train.model == "runs/nv_retriever_v1_mistral7b/model"  # the shipped stage-1 output folder
-    assert s2.mine.num_negatives >= 5 and s2.train.num_hard_negatives == 5
+    assert s2.mine.num_negatives >= 5 and s2.train.num_hard_negatives == 5 and not s2.train.in_batch_negatives
     # 12 passages leave few queries with 5 negatives below the PercPos ceiling (2 of 7 with these seeds):
     # one row per worker fills a step there, and 2 steps run over 2 epochs
     cfg2 = load_config(STAGE2, [*_tiny(teacher, str(model1), tmp_path / "stage2"), "train.batch_size=1"])

@@ -123,6 +123,7 @@ def test_collate_layout_and_id_keys(minilm_path):
     from raymine.loss import id_keys
     from raymine.model import BiEncoder
     from raymine.train import Collate
+    from raymine.train_data import draw_negatives
 
     m = BiEncoder.from_config(TrainConfig(model=minilm_path, query_max_length=16, passage_max_length=32))
     batch = pa.table({C.QUERY_ID: ["qa", "qa", "qb"], C.QUERY: ["q a", "q a", "q b"],
@@ -130,21 +131,60 @@ def test_collate_layout_and_id_keys(minilm_path):
                       C.POSITIVE_IDS: [["d1", "d2"], ["d1", "d2"], ["d3"]],
                       C.NEGATIVE_IDS: [["x", "y", "z"], ["x", "y", "z"], ["u", "v"]],
                       C.NEGATIVES: [["nx", "ny", "nz"], ["nx", "ny", "nz"], ["nu", "pa1"]]})
-    out = Collate(m, 2, single_forward=True)(batch)
-    assert out["x_input_ids"].shape[0] == 3 + 3 * 3  # queries, positives, row-major negatives (first 2)
-    texts = m.tokenizer.batch_decode(out["x_input_ids"], skip_special_tokens=True)
-    assert texts == ["q a", "q a", "q b", "pa1", "pa2", "pb", "nx", "ny", "nx", "ny", "nu", "pa1"]
+    out = Collate(m, 2, seed=5)(batch, epoch=1)
+    drawn = [draw_negatives(5, 1, q, p, n, 2) for q, p, n in (("qa", "d1", "xyz"), ("qa", "d2", "xyz"), ("qb", "d3", "uv"))]
+    neg_text = {"x": "nx", "y": "ny", "z": "nz", "u": "nu", "v": "pa1"}
+    picked = [["xyz"[k] for k in drawn[0]], ["xyz"[k] for k in drawn[1]], ["u", "v"]]
+    assert out["q_input_ids"].shape[0] == 3 and out["p_input_ids"].shape[0] == 3 + 6  # positives, drawn negatives
+    texts = m.tokenizer.batch_decode(torch.cat([out["q_input_ids"][:, :8], out["p_input_ids"][:, :8]]),
+                                     skip_special_tokens=True)
+    assert texts == ["q a", "q a", "q b", "pa1", "pa2", "pb"] + [neg_text[d] for row in picked for d in row]
     assert torch.equal(out["pos_ids"], id_keys(["d1", "d2", "d3"]))
-    assert torch.equal(out["neg_ids"], id_keys(["x", "y", "x", "y", "u", "v"]).reshape(3, 2))
+    assert torch.equal(out["neg_ids"], id_keys([d for row in picked for d in row]).reshape(3, 2))
+    assert out["neg_valid"].all()
     assert torch.equal(out["query_pos_ids"], torch.stack([id_keys(x) for x in (["d1", "d2"], ["d1", "d2"], ["d3", "d3"])]))
     assert out["neg_keys"][2, 1] == out["pos_keys"][0]  # identical text → identical text key
-    with pytest.raises(ValueError, match="num_hard_negatives=3"):
-        Collate(m, 3, single_forward=True)(batch)
+    # H = 3: the short row (2 negatives) trains with both, its third slot empty and not encoded
+    out3 = Collate(m, 3)(batch)
+    assert out3["neg_valid"].tolist() == [[True, True, True], [True, True, True], [True, True, False]]
+    assert out3["p_input_ids"].shape[0] == 3 + 8 and out3["neg_ids"][2, 2] == 0
+
+
+def test_draw_negatives_uses_every_mined_negative_seeded_by_ids():
+    """Each epoch a row draws min(h, n) of its n negatives; the draw depends on (seed, epoch, ids) only, so
+    reordering the row's negatives or the rows changes nothing; every negative is drawn within ceil(n/h)
+    epochs; a document mined twice in a row (intra-sample no-dedup) is kept twice."""
+    import math
+    import random
+
+    from raymine.train_data import draw_negatives
+
+    rng = random.Random(0)
+    for n in range(0, 9):
+        for h in range(1, 6):
+            negs = [f"d{rng.randrange(10**6)}" for _ in range(n)]
+            seen = set()
+            for epoch in range(max(1, math.ceil(n / h))):
+                got = [negs[i] for i in draw_negatives(7, epoch, "q", "p", negs, h)]
+                assert len(got) == min(h, n) and len(set(got)) == len(got)
+                shuffled = negs[:]
+                rng.shuffle(shuffled)
+                assert sorted(shuffled[i] for i in draw_negatives(7, epoch, "q", "p", shuffled, h)) == sorted(got)
+                seen |= set(got)
+            assert seen == set(negs), (n, h)
+    negs = [f"d{i}" for i in range(8)]
+    draws = {tuple(draw_negatives(s, e, q, "p", negs, 3)) for s in (1, 2) for e in (0, 1) for q in ("a", "b")}
+    assert len(draws) > 4  # seed, epoch and query id each move the draw
+    assert draw_negatives(1, 0, "a", "p", negs, 3) == draw_negatives(1, 0, "a", "p", negs, 3)
+    dup = ["x", "y", "x", "z"]
+    assert sorted(dup[i] for i in draw_negatives(3, 0, "q", "p", dup, 4)) == ["x", "x", "y", "z"]
+    assert sorted(dup[i] for e in (0, 1) for i in draw_negatives(3, e, "q", "p", dup, 2)) == ["x", "x", "y", "z"]
 
 
 def test_build_rows_joins_texts_and_counts(ray_local, tmp_path):
     """Rows per (query, positive) with texts from the corpus (TITLE/TEXT file, or a PASSAGE folder);
-    a query with a missing positive text or too few negatives with a text is counted and left out."""
+    a query with a missing positive text is counted and left out; one with fewer negatives (with a text)
+    than the training uses is kept and counted."""
     from raymine.ingest import passage_text
     from raymine.train_data import build_rows
 
@@ -152,13 +192,14 @@ def test_build_rows_joins_texts_and_counts(ray_local, tmp_path):
     extra = pa.table({C.QUERY_ID: ["qx", "qy"], C.QUERY: ["x?", "y?"], C.POSITIVE_IDS: [["nope"], ["p1"]],
                       C.NEGATIVE_IDS: [["n1_0", "n1_1"], ["n1_0", "gone"]]})
     pq.write_table(extra, Path(mined) / "part-1.parquet")
-    counts = build_rows(mined, corpus, str(tmp_path / "rows"), min_negatives=2)
-    assert {k: counts[k] for k in ("queries", "rows", "rows_too_few_negatives", "rows_positive_missing",
-                                   "negatives_missing_text")} == {"queries": 6, "rows": 6, "rows_too_few_negatives": 1,
-                                                                  "rows_positive_missing": 1, "negatives_missing_text": 1}
+    counts = build_rows(mined, corpus, str(tmp_path / "rows"), num_hard_negatives=2)
+    assert {k: counts[k] for k in ("queries", "rows", "rows_short", "rows_without_negatives", "negatives",
+                                   "rows_positive_missing", "negatives_missing_text")} == {
+        "queries": 6, "rows": 7, "rows_short": 1, "rows_without_negatives": 0, "negatives": 13,
+        "rows_positive_missing": 1, "negatives_missing_text": 1}
     got = sorted(pq.read_table(tmp_path / "rows").to_pylist(), key=lambda r: (r[C.QUERY_ID], r[C.POSITIVE_ID]))
     assert [(r[C.QUERY_ID], r[C.POSITIVE_ID]) for r in got] == [("q0", "p0"), ("q0", "p0b"), ("q1", "p1"), ("q2", "p2"),
-                                                                 ("q2", "p2b"), ("q3", "p3")]
+                                                                 ("q2", "p2b"), ("q3", "p3"), ("qy", "p1")]
     corpus_t = pq.read_table(corpus).to_pylist()
     text = {r[C.DOC_ID]: passage_text(r[C.TITLE], r[C.TEXT]) for r in corpus_t}
     for r in got:
@@ -170,10 +211,10 @@ def test_build_rows_joins_texts_and_counts(ray_local, tmp_path):
     (tmp_path / "corpus2").mkdir()
     pq.write_table(pa.table({C.DOC_ID: list(text), C.PASSAGE: [f"P:{v}" for v in text.values()]}),
                    tmp_path / "corpus2" / "part-0.parquet")
-    build_rows(mined, str(tmp_path / "corpus2"), str(tmp_path / "rows2"), min_negatives=1)
+    build_rows(mined, str(tmp_path / "corpus2"), str(tmp_path / "rows2"), num_hard_negatives=1)
     got2 = {(r[C.QUERY_ID], r[C.POSITIVE_ID]): r for r in pq.read_table(tmp_path / "rows2").to_pylist()}
     assert got2[("q1", "p1")][C.POSITIVE] == "P:" + text["p1"]
-    assert got2[("qy", "p1")][C.NEGATIVE_IDS] == ["n1_0"]  # one negative has no text; 1 >= min_negatives
+    assert got2[("qy", "p1")][C.NEGATIVE_IDS] == ["n1_0"]  # one negative has no text: the row keeps the other
 
 
 def test_rows_and_epoch_rebuilt_when_mined_table_is_rewritten_in_place(ray_local, tmp_path):
@@ -183,14 +224,14 @@ def test_rows_and_epoch_rebuilt_when_mined_table_is_rewritten_in_place(ray_local
 
     mined, corpus = write_mined(tmp_path, queries=4, negatives=2)
     rows_uri, epoch_uri = str(tmp_path / "rows"), str(tmp_path / "epoch")
-    assert build_rows(mined, corpus, rows_uri, min_negatives=2)["rows"] == 6  # q0, q2 have two positives
+    assert build_rows(mined, corpus, rows_uri, num_hard_negatives=2)["rows"] == 6  # q0, q2 have two positives
     first = [b.column(C.QUERY_ID).to_pylist() for b in iter_global_batches(write_epoch(rows_uri, 13, 0, epoch_uri), 1)]
     assert sorted(q for b in first for q in b) == ["q0", "q0", "q1", "q2", "q2", "q3"]
-    assert build_rows(mined, corpus, rows_uri, min_negatives=2)["rows"] == 6  # unchanged input: reused
+    assert build_rows(mined, corpus, rows_uri, num_hard_negatives=2)["rows"] == 6  # unchanged input: reused
 
     mined2, corpus2 = write_mined(tmp_path, queries=7, negatives=2)  # same paths, other content
     assert (mined2, corpus2) == (mined, corpus)
-    counts = build_rows(mined, corpus, rows_uri, min_negatives=2)
+    counts = build_rows(mined, corpus, rows_uri, num_hard_negatives=2)
     assert (counts["queries"], counts["rows"]) == (7, 11)  # q0, q2, q4, q6 have two positives
     got = [q for b in iter_global_batches(write_epoch(rows_uri, 13, 0, epoch_uri), 1) for q in b.column(C.QUERY_ID).to_pylist()]
     assert sorted(got) == sorted([f"q{i}" for i in range(7)] + ["q0", "q2", "q4", "q6"])
