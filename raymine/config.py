@@ -464,9 +464,6 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"export.score_teacher: {e.score_teacher!r} is not one of teachers {list(cfg.teachers)}")
     if e.num_negatives > m.num_negatives:
         raise ConfigError(f"export.num_negatives: {e.num_negatives} must be <= mine.num_negatives ({m.num_negatives})")
-    if cfg.train.num_hard_negatives > m.num_negatives:
-        raise ConfigError(f"train.num_hard_negatives: {cfg.train.num_hard_negatives} must be <= mine.num_negatives "
-                          f"({m.num_negatives}): training reads that many mined negatives per query")
 
 
 def _check_section(obj: Any, prefix: str) -> None:

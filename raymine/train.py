@@ -319,7 +319,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         points = set(validation_points(total_steps, val["every"]))
 
     def validate() -> None:
-        """Score the model at this step; a new best is written to ``best_uri`` (ties keep the earlier)."""
+        """Score the model at this step; a new best is written to its own file (ties keep the earlier step)."""
         if step == 0 and val.get("base_score") is not None and not history["val_steps"]:
             score = float(val["base_score"])  # the teacher's stored vectors are the base student's own
         else:
@@ -337,8 +337,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         history["val_scores"].append(score)
         if best is None or score > best[1]:
             sd = get_model_state_dict(wrapped, options=_state_options(cfg))
-            if rank == 0:
-                storage.write_bytes(val["best_uri"], _state_bytes({"step": step, "score": score, "model": sd}))
+            if rank == 0:  # one file per best step: a resumed run still finds the step its history keeps
+                storage.write_bytes(_best_file(val, step), _state_bytes({"step": step, "score": score, "model": sd}))
         if rank == 0:
             log.info("validation at step %d: nDCG@10 %.4f (best %.4f at step %d)", step, score,
                      *(best_point(list(zip(history["val_steps"], history["val_scores"], strict=True)))[::-1]))
@@ -432,7 +432,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     if vset is not None and history["val_steps"]:
         kept = best_point(list(zip(history["val_steps"], history["val_scores"], strict=True)))
         if kept[0] != step:  # restore the best weights before saving (every rank: FSDP shards them)
-            best = torch.load(io.BytesIO(storage.read_bytes(val["best_uri"])), map_location="cpu", weights_only=False)
+            best = torch.load(io.BytesIO(storage.read_bytes(_best_file(val, kept[0]))), map_location="cpu",
+                              weights_only=False)
+            if best["step"] != kept[0]:
+                raise RuntimeError(f"{_best_file(val, kept[0])} holds step {best['step']}, not {kept[0]}")
             set_model_state_dict(wrapped, best["model"], options=_state_options(cfg, strict=not cfg.lora))
             if rank == 0:
                 log.info("restored the weights of step %d (validation nDCG@10 %.4f; last step %d: %.4f)",
@@ -449,6 +452,11 @@ def _train_loop(config: dict[str, Any]) -> None:
            extra={"tokens_per_s": tok_s, "train_s": elapsed, "peak_rss_mib_after_load_per_rank": rss[:, 0].tolist(),
                   "peak_rss_mib_per_rank": rss[:, 1].tolist(), "last_step": step,
                   "kept_step": kept[0] if kept else step, "kept_score": kept[1] if kept else None})
+
+
+def _best_file(val: dict[str, Any], step: int) -> str:
+    """Where the weights of a best validation step are kept (beside Ray Train's checkpoints, never rotated)."""
+    return storage.join(val["best_dir"], f"best_step{step:08d}.pt")
 
 
 def _state_bytes(obj: Any) -> bytes:
@@ -558,9 +566,6 @@ def train_stage(
 
     t0 = time.perf_counter()
     rule = positive_aware_rule(cfg, mine_cfg)
-    if mine_cfg is not None and cfg.num_hard_negatives > mine_cfg.num_negatives:
-        raise ValueError(f"train.num_hard_negatives={cfg.num_hard_negatives} > mine.num_negatives="
-                         f"{mine_cfg.num_negatives}: the mined rows cannot hold that many")
     if storage_path is None:
         storage_path = model_dir.rstrip("/") + "_ray"
     if "://" not in storage_path:
@@ -574,7 +579,7 @@ def train_stage(
     run_name = f"{run_name}-{rows_key[:8]}"  # never resume a checkpoint trained on other rows
     counts = build_rows(mined_uri, corpus_uri, rows_uri, cfg.num_hard_negatives)
     if validation is not None:
-        validation = {**validation, "best_uri": storage.join(storage_path, f"{run_name}_best", "best_state.pt")}
+        validation = {**validation, "best_dir": storage.join(storage_path, f"{run_name}_best")}
     n_rows = counts["rows"]
     global_batch = cfg.num_workers * cfg.batch_size
     steps_per_epoch = n_rows // global_batch // cfg.grad_accum

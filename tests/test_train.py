@@ -114,7 +114,7 @@ def test_shipped_train_configs_load():
     assert (big.query_max_length, big.passage_max_length, big.lr, big.warmup_steps) == (192, 512, 1e-5, 100)
     assert (big.batch_size, big.grad_accum, big.num_hard_negatives, big.dtype, big.strategy) == (
         32, 4, 1, "bfloat16", "fsdp")
-    assert big.gradient_checkpointing and big.use_gpu and big.query_prompt and not big.passage_prompt
+    assert big.gradient_checkpointing and big.use_gpu and big.query_prompt and big.passage_prompt == "passage: "
     small = load_config(ROOT / "configs" / "minilm_cpu_train.yaml").train
     assert small.strategy == "ddp" and not small.use_gpu
 

@@ -116,12 +116,12 @@ def _score(model_dir: str, val: str) -> float:
 
 
 def test_training_that_hurts_ships_the_base_model_and_stops_early(ray_local, minilm_path, tmp_path):
-    """A learning rate that wrecks MiniLM: every later point scores below step 0, so step 0 is kept, the
+    """A learning rate that wrecks MiniLM (5e-2, no warm-up): every later point scores below step 0, so step 0 is kept, the
     saved model is the base model (same vectors), the report says so, and patience 1 stops at the first
     point without a gain."""
     from raymine.model import BiEncoder
 
-    res = _run(tmp_path, minilm_path, lr=5e-3, every=2, patience=1, steps=8)
+    res = _run(tmp_path, minilm_path, lr=5e-2, every=2, patience=1, steps=8)
     v = res["validation"]
     assert v["steps"] == [0, 2] and res["steps"] == 2  # early stop after one point without gain
     assert v["scores"][1] < v["scores"][0] and v["kept_step"] == 0 and v["base_kept"]
@@ -139,3 +139,49 @@ def test_a_later_step_wins_and_its_weights_reproduce_its_score(ray_local, minilm
     assert v["kept_step"] > 0 and v["kept_score"] > v["scores"][0] and not v["base_kept"]
     assert v["kept_score"] == max(v["scores"])
     assert _score(res["model_dir"], str(tmp_path / "validation")) == pytest.approx(v["kept_score"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage on real data: a dev split (queries embedded by the teacher's actor pool, top-k by exact search)
+# ------------------------------------------------------------------------------------------------
+def test_dev_split_pool_and_base_score_from_the_teacher(ray_local, tmp_path):
+    """scifact_mini with a dev split (its test qrels copied): every dev query with a judged passage is a
+    validation query; the pool holds its judged passages and its teacher top-3 (equal to a brute-force search
+    over the teacher's stored corpus vectors) plus a seeded fill; no training query is held out; the base
+    score (from the stored vectors, the student being the teacher) equals nDCG@10 computed here."""
+    import shutil
+
+    from raymine.config import load_config
+    from raymine.embed import read_embeddings
+    from raymine.pipeline import run_pipeline
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(__file__).parent / "data" / "scifact_mini", data)
+    shutil.copy(data / "qrels" / "test.tsv", data / "qrels" / "dev.tsv")
+    cfg = load_config(Path(__file__).parent / "data" / "tiny_e2e.yaml", overrides=[
+        f"output={tmp_path / 'out'}", f"ingest.data={data}", "teachers=minilm", "embed.num_actors=1",
+        "validation.top_k=3", "validation.pool_size=60"])
+    report = run_pipeline(cfg, ["mine"])
+    v = report["stages"]["validation"]
+    assert v["mode"] == "dev" and v["share"] == 0.0
+    q = pq.read_table(tmp_path / "out" / "validation" / QUERIES_FILE)
+    pool = pq.read_table(tmp_path / "out" / "validation" / POOL_FILE).column(C.DOC_ID).to_pylist()
+    rows = [line.split("\t") for line in (data / "qrels" / "dev.tsv").read_text().splitlines()[1:]]
+    corpus_ids = set(pq.read_table(tmp_path / "out" / "ingest" / "corpus").column(C.DOC_ID).to_pylist())
+    want: dict[str, set[str]] = {}
+    for qid, did, score in rows:
+        if int(score) > 0 and did in corpus_ids:
+            want.setdefault(qid, set()).add(did)
+    got = dict(zip(q.column(C.QUERY_ID).to_pylist(), q.column(C.POSITIVE_IDS).to_pylist(), strict=True))
+    assert {k: set(x) for k, x in got.items()} == want
+    ids, emb = read_embeddings(str(tmp_path / "out" / "embed" / "minilm" / "corpus"), C.DOC_ID)
+    qids, qemb = read_embeddings(str(tmp_path / "out" / "validation_work" / "embed" / "queries"), C.QUERY_ID)
+    top = {qq: {ids[j] for j in np.argsort(-(emb @ qemb[i]), kind="stable")[:3]} for i, qq in enumerate(qids)}
+    assert set(qids) == set(want) and all(top[qq] <= set(pool) for qq in qids)
+    assert set().union(*want.values()) <= set(pool) and len(pool) >= len(set().union(*want.values(), *top.values()))
+    by_id = dict(zip(ids, emb, strict=True))
+    scores = qemb @ np.stack([by_id[d] for d in pool]).T  # [Q, P]
+    ndcg = np.mean([_ndcg10([pool[j] for j in np.argsort(-scores[i], kind="stable")], want[x])
+                    for i, x in enumerate(qids)])
+    assert v["base_score"] == pytest.approx(ndcg, abs=6e-6)
+    assert report["stages"]["mine"]["counts"]["dropped"] == 0  # a dev split holds no training query out
