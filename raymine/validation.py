@@ -142,25 +142,15 @@ class ValidationSet:
 
 
 def encode_texts(model: Any, texts: Sequence[str], side: str, batch_size: int) -> np.ndarray:
-    """[N, d] float32 embeddings of ``texts`` with the student (eval mode, no grad), in length-sorted batches."""
-    import torch
-
+    """[N, d] float32 embeddings of ``texts`` with the student (``BiEncoder.encode``: eval mode, no grad), in
+    batches of similar length (longest first), returned in input order."""
     if not texts:
         return np.zeros((0, 0), np.float32)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out: list[np.ndarray | None] = [None] * len(texts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(order), batch_size):
-                idx = order[lo: lo + batch_size]
-                emb = model.encode([texts[i] for i in idx], side)  # [b, d]
-                for i, e in zip(idx, emb.float().cpu().numpy(), strict=True):
-                    out[i] = e
-    finally:
-        model.train(was_training)
-    return np.stack(out).astype(np.float32)  # [N, d]
+    emb = model.encode([texts[i] for i in order], side, batch_size=batch_size).float().cpu().numpy()  # [N, d]
+    out = np.empty_like(emb)
+    out[order] = emb
+    return out.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,6 +227,7 @@ def _dev_split(cfg: Any, layout: Any, teacher: str | None, upstream: Any) -> tup
     cands: dict[str, list[str]] = {q: [] for q in qids}
     if teacher is not None and v.top_k and qids:
         from raymine.embed import EmbedInput, embed_tables, iter_embedding_batches
+        from raymine.topk import MISSING_ID, brute_force_topk, merge_topk_by_id
 
         src = layout.path("validation_work", "dev_queries")
         storage.makedirs(src)
@@ -249,14 +240,13 @@ def _dev_split(cfg: Any, layout: Any, teacher: str | None, upstream: Any) -> tup
                      layout.path("validation_work", "embed"), upstream)
         qv = _embeddings_of(out, C.QUERY_ID, qids)
         q = np.stack([qv[x] for x in qids])  # [Q, d]
-        best_s = np.full((len(qids), 0), -np.inf, np.float32)
+        best_s = np.full((len(qids), 0), -np.inf, np.float32)  # running top-k: [Q, k]
         best_i = np.zeros((len(qids), 0), dtype=object)
         for ids, emb in iter_embedding_batches(layout.embed(teacher, "corpus"), C.DOC_ID):
-            s = np.concatenate([best_s, q @ emb.T], axis=1)  # [Q, k + b]
-            i = np.concatenate([best_i, np.broadcast_to(ids, (len(qids), len(ids)))], axis=1)
-            top = np.argsort(-s, axis=1, kind="stable")[:, : v.top_k]
-            best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
-        cands = {x: list(best_i[j]) for j, x in enumerate(qids)}
+            s, pos = brute_force_topk(emb, q, v.top_k)  # this part's top-k: [Q, k]
+            i = np.where(pos == MISSING_ID, "", np.asarray(ids, object)[np.maximum(pos, 0)])
+            best_s, best_i = merge_topk_by_id([best_s, s], [best_i, i], v.top_k)  # the search's merge, ties by id
+        cands = {x: [d for d in best_i[j] if d] for j, x in enumerate(qids)}
     return table, cands
 
 
