@@ -21,11 +21,11 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raymine.errors import UserError
+from raymine.errors import UserError, causes, quiet_ray_user_errors
 
 log = logging.getLogger("raymine")
 
@@ -38,7 +38,7 @@ EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
 USER_ERROR_TYPES = {
     "raymine.errors.UserError": "",
     "raymine.config.ConfigError": "fix that key in the config file or its key=value override",
-    "raymine.ingest.IngestError": "fix that line of the input (or set the matching ingest.on_* key where offered)",
+    "raymine.ingest.IngestError": "",  # each carries the hint of its rule (a missing folder is no bad line)
     "raymine.pipeline.PipelineError": "",
     "raymine.evaluate.EvaluationError": "check evaluate.tasks and the data folder",
 }
@@ -71,54 +71,136 @@ def default_config() -> Path:
     return repo
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The shipped configs by name (file stem): what ``--config NAME`` accepts."""
+    return {p.stem: p for p in sorted(default_config().parent.glob("*.yaml"))}
+
+
+def resolve_config(arg: str | None) -> Path:
+    """``--config``: a YAML file, else the name of a shipped config (``scifact_minilm``); none → the default."""
+    if not arg:
+        return default_config()
+    path = Path(arg)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    names = ", ".join(shipped)
+    if "/" not in arg and path.stem in shipped and path.suffix in ("", ".yaml"):
+        return shipped[path.stem]
+    if "/" in arg or arg.endswith((".yaml", ".yml")):
+        raise UserError(f"--config: {arg} does not exist", hint=f"give a YAML file or a shipped config's name: {names}")
+    raise UserError(f"--config: {arg!r} is neither a file nor a shipped config", hint=f"shipped: {names}")
+
+
+def _shipped_data(cfg: Any, config: Path) -> Any:
+    """A shipped config's relative ``ingest.data`` that is not found from the working dir: the copy shipped
+    with raymine. Shipped configs and data sit side by side (``configs/`` + ``data/`` in a checkout,
+    ``raymine/configs`` + ``raymine/data`` when installed), so the path resolves against the folder above."""
+    from dataclasses import replace
+
+    data = cfg.ingest.data
+    if config.resolve().parent != default_config().parent.resolve():
+        return cfg  # a user's config: relative paths mean the working dir, as written
+    if "://" in data or Path(data).is_absolute() or Path(data).exists():
+        return cfg
+    packaged = config.resolve().parent.parent / data
+    if not packaged.exists():
+        return cfg
+    log.info("ingest.data %s: not in the working dir; using the copy shipped with raymine (%s)", data, packaged)
+    return replace(cfg, ingest=replace(cfg.ingest, data=str(packaged)))
+
+
+def load_cli_config(config: str | None, overrides: list[str], data: str | None = None, output: str | None = None):
+    """The run's config as ``raymine run`` and ``raymine config show`` see it (flags become overrides)."""
+    from raymine.config import load_config
+
+    path = resolve_config(config)
+    overrides = list(overrides)
+    if data:
+        overrides.append(f"ingest.data={data}")
+    if output:
+        overrides.append(f"output={output}")
+    cfg = load_config(path, overrides)
+    if any(o.split("=", 1)[0].strip() == "ingest.data" for o in overrides):
+        return cfg
+    return _shipped_data(cfg, path)
+
+
+RUN_DESCRIPTION = """\
+Mine hard negatives for your training queries, fine-tune a retriever on them and evaluate it, on Ray.
+
+Stages, in order; each writes Parquet and a manifest under --output, and a re-run skips the finished
+stages and resumes an interrupted one per part:
+  ingest    read corpus, queries and qrels (BEIR folder, plain or .gz, or Parquet tables); always first
+  embed     encode queries and passages with every teacher (Hugging Face models, BM25)
+  search    top-k candidates per teacher from a sharded index (exact by default)
+  mine      positive-aware filtering (naive, shifted, abs, marginpos, percpos), sampling, teacher
+            ensembling; exports for sentence-transformers and FlagEmbedding
+  train     contrastive fine-tuning of the student (Ray Train)
+  evaluate  nDCG@10 of the student before and after training, on the test split
+--stages runs every stage up to the last one named: `--stages mine` = ingest, embed, search, mine."""
+
+RUN_EPILOG = """\
+configuration:
+  --config takes a shipped config's name (`raymine configs` lists them) or your YAML file; without it,
+  the demo scifact_minilm runs (SciFact, shipped with raymine; MiniLM + BM25 teachers; CPU).
+  key=value overrides any key: mine.method=marginpos mine.margin=0.05 teachers=bm25 search.num_shards=4.
+  `raymine config show [--config X] [key=value ...]` lists every key with its value, default and help.
+
+Ray:
+  --address, else RAY_ADDRESS, else a head started with `ray start --head` on this machine; with none
+  of them a private local Ray is started (`--address local` always starts one).
+
+examples:
+  raymine run                                          # the demo, start to finish
+  raymine run --stages mine --data my_beir/ --output runs/mine1 teachers=bm25
+  raymine run --config nv_retriever_v1_mistral7b --data s3://bucket/beir --output s3://bucket/runs/r1
+  ray job submit --working-dir . -- python jobs/mine_and_train.py --config my.yaml
+
+exit status: 0 done; 2 the input, config or flags need fixing (one line says what); 1 a bug or a
+resource failure (its traceback is printed); a re-run of the same command resumes."""
+
+
 def build_parser(prog: str = "raymine") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Positive-aware hard-negative mining and retriever training on Ray.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     r = sub.add_parser("run", help="mine, train and evaluate (the job of jobs/mine_and_train.py)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=RUN_DESCRIPTION, epilog=RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(r)
     sub.add_parser("configs", help="list the shipped configs")
+    c = sub.add_parser("config", help="inspect a config: `raymine config show`")
+    show = c.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, required=True).add_parser(
+        "show", help="every key with its value, default and help",
+        description="Every config key of the run with its value (after --config and overrides), its default "
+                    "and its help.")
+    show.add_argument("--config", default=None, help="shipped config name or YAML file (default: scifact_minilm)")
+    show.add_argument("overrides", nargs="*", help="key=value overrides, as for `raymine run`")
     return p
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``raymine run`` and ``jobs/mine_and_train.py`` (one definition)."""
-    p.add_argument("--config", default=None,
-                   help=f"YAML config (default: the shipped {DEFAULT_CONFIG_NAME}, the embedded SciFact run)")
-    p.add_argument("--data", help="BEIR folder or Parquet tables (overrides ingest.data)")
-    p.add_argument("--output", help="output folder or URI (overrides output)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list out of {','.join(STAGES)}")
-    p.add_argument("--log-level", default=os.environ.get("RAYMINE_LOG", "INFO"),
+    p.add_argument("--config", default=None, metavar="NAME|FILE",
+                   help="a shipped config's name (scifact_minilm, nv_retriever_v1_mistral7b, ...) or a YAML file "
+                        "(default: scifact_minilm, the embedded SciFact run)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster to attach to (host:port, ray://host:10001, auto) or 'local' for a new private "
+                        "instance (default: $RAY_ADDRESS, else a head started on this machine, else local)")
+    p.add_argument("--data", metavar="PATH", help="BEIR folder or Parquet tables (overrides ingest.data)")
+    p.add_argument("--output", metavar="PATH", help="output folder or URI (overrides output)")
+    p.add_argument("--stages", default=",".join(STAGES), metavar="S,...",
+                   help=f"comma list out of {','.join(STAGES)}; runs ingest and every stage up to the last one "
+                        "named (default: all)")
+    p.add_argument("--log-level", metavar="LEVEL", default=os.environ.get("RAYMINE_LOG", "INFO"),
                    help="DEBUG shows the traceback of user errors too (default: $RAYMINE_LOG or INFO)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. mine.method=naive search.num_shards=4")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. mine.method=naive search.num_shards=4")
 
 
 # ------------------------------------------------------------------------------------------------
 # The error rule
 # ------------------------------------------------------------------------------------------------
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and everything it wraps: Ray's ``cause``, Train's worker failures, ``__cause__``/``__context__``."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError / RayActorError
-        if isinstance(cause, BaseException):
-            todo.append(cause)
-        failures = getattr(e, "worker_failures", None)  # ray.train WorkerGroupError (Train V2): rank -> error
-        if isinstance(failures, dict):
-            todo.extend(v for v in failures.values() if isinstance(v, BaseException))
-        # Train V2 wraps a worker's exception in UserExceptionWithTraceback (private ``_base_exc``); a
-        # controller failure is ``controller_failure``
-        for attr in ("_base_exc", "controller_failure"):
-            inner = getattr(e, attr, None)
-            if isinstance(inner, BaseException):
-                todo.append(inner)
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+_causes = causes  # ``exc`` and everything it wraps (Ray's cause, Train's worker failures, __cause__/__context__)
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -211,23 +293,32 @@ def _where(exc: BaseException) -> str:
             break
     frames = traceback.extract_tb(inner.__traceback__) if inner.__traceback__ else []
     at = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
-    remote = ""
+    name, message, remote = type(inner).__name__, str(inner), ""
     for e in _causes(exc):  # Ray's report: "ray::fn() (pid=1, ip=10.0.0.1)" + the remote traceback
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours the task name
-        m = re.search(r"ray::([\w.<>]+)\(\)\s*\(pid=(\d+), ip=([\w.:]+)", text)
+        m = re.search(r"ray::(\S+?)\(\)\s*\(pid=(\d+), ip=([\w.:]+)", text)  # Ray Data: MapBatches(f)->Write
         if m:
             remote = f" in Ray task/actor {m.group(1)} (pid {m.group(2)}, node {m.group(3)})"
+            root = _REMOTE_ROOT.search(text, m.end())
+            if root and type(inner).__module__.startswith("ray."):  # Ray's wrapper (UserCodeException): its root
+                name, message, text = root.group(1).rpartition(".")[2], root.group(2), text[: root.start()]
+                at = ""
             files = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
             if files and not at:
                 at = f" at {files[-1][0]}:{files[-1][1]} ({files[-1][2]})"
             break
     stage = next((e.raymine_stage for e in _causes(exc) if getattr(e, "raymine_stage", None)), None)
     where = f" during stage {stage}" if stage else ""
-    return f"{type(inner).__name__}{at}{remote}{where}: {_one_line(str(inner), 300)}"
+    return f"{name}{at}{remote}{where}: {_one_line(message, 300)}"
+
+
+# the first exception line of a remote traceback's text ("ZeroDivisionError: division by zero"): its root cause
+_REMOTE_ROOT = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.M)
 
 
 def guard(fn: Callable[[], Any]) -> int:
     """Run ``fn`` under the error rule; return the exit code (0, 1 or 2)."""
+    quiet_ray_user_errors()  # Ray logs a failed task's traceback itself: not for a user error
     try:
         fn()
     except KeyboardInterrupt:
@@ -267,18 +358,8 @@ def parse_stages(text: str) -> list[str]:
 
 def run_command(args: argparse.Namespace) -> None:
     """Load and validate the config, then run the pipeline on Ray (started locally unless a cluster is set)."""
-    from raymine.config import load_config
-
     stages = parse_stages(args.stages)
-    config = Path(args.config) if args.config else default_config()
-    if not config.is_file():
-        raise UserError(f"--config: {config} does not exist", hint="give a YAML file; `raymine configs` lists the shipped ones")
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"ingest.data={args.data}")
-    if args.output:
-        overrides.append(f"output={args.output}")
-    cfg = load_config(config, overrides)
+    cfg = load_cli_config(args.config, args.overrides, data=args.data, output=args.output)
 
     import ray
 
@@ -286,7 +367,7 @@ def run_command(args: argparse.Namespace) -> None:
     from raymine.raycluster import init_ray, shutdown_ray
 
     owned = not ray.is_initialized()
-    init_ray()
+    init_ray(args.address)
     try:
         report = run_pipeline(cfg, stages)
     finally:
@@ -294,6 +375,38 @@ def run_command(args: argparse.Namespace) -> None:
             shutdown_ray()
     md = Path(cfg.output, "report.md")
     print(md.read_text() if "://" not in cfg.output and md.is_file() else report)
+
+
+def config_table(cfg: Any) -> str:
+    """Every key of ``cfg`` (teacher_defs expanded per teacher) with its value, default and help."""
+    import json
+
+    from raymine.config import Config, TeacherConfig, describe, to_dict
+
+    rows = []
+    for row in describe(Config):  # the dataclasses' order: sections as in the YAML files
+        if row[0] != "teacher_defs":
+            rows.append(row)
+            continue
+        for name in cfg.teacher_defs:  # a teacher's field left out of the YAML takes TeacherConfig's default
+            rows += describe(TeacherConfig, f"teacher_defs.{name}.")
+    values = to_dict(cfg)
+
+    def value(key: str) -> str:
+        node = values
+        for part in key.split("."):
+            node = node[part]
+        return json.dumps(node, default=str)
+
+    table = [("KEY", "VALUE", "DEFAULT", "HELP")] + [(k, value(k), d, h) for k, d, h in rows]
+    w = [min(max(len(r[i]) for r in table), cap) for i, cap in enumerate((48, 40, 40))]
+    return "\n".join(f"{k:<{w[0]}}  {v:<{w[1]}}  {d:<{w[2]}}  {h}".rstrip() for k, v, d, h in table)
+
+
+def config_show_command(args: argparse.Namespace) -> None:
+    cfg = load_cli_config(args.config, args.overrides)
+    print(f"# {resolve_config(args.config)}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
+    print(config_table(cfg))
 
 
 def main(argv: list[str] | None = None, prog: str = "raymine") -> int:
@@ -315,10 +428,11 @@ def main(argv: list[str] | None = None, prog: str = "raymine") -> int:
         build_parser(prog).print_help()
         return EXIT_USER
     if args.command == "configs":
-        folder = default_config().parent
-        for p in sorted(folder.glob("*.yaml")):
-            print(p)
+        for name, p in shipped_configs().items():
+            print(f"{name:<40} {p}")
         return EXIT_OK
+    if args.command == "config":
+        return guard(lambda: config_show_command(args))
     code = guard(lambda: _setup_logging(args.log_level))
     return code or guard(lambda: run_command(args))
 

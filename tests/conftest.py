@@ -18,10 +18,12 @@ TINY_BEIR = Path(__file__).resolve().parent / "data" / "tiny_beir"
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray instance shared by every test that needs one; shut down at the end."""
+    """A private local Ray instance shared by every test that needs one; shut down at the end.
+
+    ``address="local"``: never attach to a head left running on this machine (or another test's)."""
     from raymine.raycluster import init_ray, shutdown_ray
 
-    init_ray(num_cpus=4)
+    init_ray(address="local", num_cpus=4)
     yield
     shutdown_ray()
 

@@ -5,6 +5,7 @@ folder, a malformed corpus line (file:line in the line), and errors raised insid
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,9 +197,91 @@ def test_job_script_process_exit_code_and_single_line(tmp_path):
 
 
 def test_console_script_help():
+    """`raymine run --help` is written for users: what run does, the stages, overrides, Ray, examples."""
     p = subprocess.run([sys.executable, "-m", "raymine.cli", "run", "--help"], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert p.returncode == 0 and "--config" in p.stdout
+    assert p.stdout.count("\n") < 80
+    assert "Mine hard negatives for your training queries" in p.stdout
+    for stage in ("ingest", "embed", "search", "mine", "train", "evaluate"):
+        assert re.search(rf"^  {stage} +\S", p.stdout, re.M), stage  # one line per stage
+    for text in ("key=value", "raymine config show", "--address", "RAY_ADDRESS", "ray start --head", "examples:",
+                 "ray job submit", "--config nv_retriever_v1_mistral7b", "exit status"):
+        assert text in p.stdout, text
+    assert "issue 14" not in p.stdout and "One rule for errors" not in p.stdout  # not the module's docstring
+
+
+# ------------------------------------------------------------------------------------------------
+# --config NAME, the default's data from the package, `raymine config show`
+# ------------------------------------------------------------------------------------------------
+def test_config_takes_a_shipped_name_or_a_path(tmp_path):
+    shipped = ROOT / "configs"
+    assert cli.resolve_config(None) == shipped / "scifact_minilm.yaml"
+    assert cli.resolve_config("nv_retriever_v1_mistral7b") == shipped / "nv_retriever_v1_mistral7b.yaml"
+    assert cli.resolve_config("scifact_minilm.yaml") == shipped / "scifact_minilm.yaml"
+    own = tmp_path / "scifact_minilm.yaml"  # a file of the user's wins over a shipped name
+    own.write_text("mine:\n  perc: 0.9\n")
+    assert cli.resolve_config(str(own)) == own
+    assert set(cli.shipped_configs()) == {p.stem for p in shipped.glob("*.yaml")}
+
+
+def test_unknown_config_name_lists_the_shipped_ones(capsys):
+    assert cli.main(["run", "--config", "scifact_mini"]) == 2
+    line = _one_line(capsys)
+    names = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
+    assert line == f"error: --config: 'scifact_mini' is neither a file nor a shipped config — shipped: {names}", line
+
+
+def test_shipped_default_data_found_from_another_folder(tmp_path, monkeypatch):
+    """data/scifact of the shipped default resolves against the shipped copy when the working dir lacks it;
+    a user's config, --data and an ingest.data override keep their path as written."""
+    monkeypatch.chdir(tmp_path)
+    cfg = cli.load_cli_config(None, [])
+    assert cfg.ingest.data == str(ROOT / "data" / "scifact")
+    assert cli.load_cli_config("nv_retriever_v1_mistral7b", []).ingest.data == str(ROOT / "data" / "scifact")
+    assert cli.load_cli_config(None, [], data="data/scifact").ingest.data == "data/scifact"
+    assert cli.load_cli_config(None, ["ingest.data=data/scifact"]).ingest.data == "data/scifact"
+    own = tmp_path / "own.yaml"
+    own.write_text("ingest:\n  data: data/scifact\n")
+    assert cli.load_cli_config(str(own), []).ingest.data == "data/scifact"
+    (tmp_path / "data" / "scifact").mkdir(parents=True)  # found from the working dir: kept relative
+    assert cli.load_cli_config(None, []).ingest.data == "data/scifact"
+
+
+def test_config_show_lists_every_key_with_value_default_and_help(capsys):
+    from raymine.config import Config, TeacherConfig, describe
+
+    assert cli.main(["config", "show", "--config", "scifact_minilm", "mine.perc=0.9", "teachers=bm25"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"# {ROOT / 'configs' / 'scifact_minilm.yaml'} + mine.perc=0.9 teachers=bm25"
+    rows = {line.split()[0]: line for line in out[2:]}
+    keys = {k for k, _, _ in describe(Config) if k != "teacher_defs"}
+    keys |= {f"teacher_defs.{t}.{k}" for t in ("minilm", "bm25") for k, _, _ in describe(TeacherConfig)}
+    assert set(rows) == keys
+    assert re.fullmatch(r"mine\.perc +0\.9 +0\.95 +'percpos': keep .*", rows["mine.perc"]), rows["mine.perc"]
+    assert re.fullmatch(r'teachers +\["bm25"\] +\["minilm", "bm25"\] +teachers used .*', rows["teachers"])
+    assert re.fullmatch(r'teacher_defs\.bm25\.kind +"bm25" +"dense" +.*', rows["teacher_defs.bm25.kind"])
+
+
+def test_config_show_bad_override_is_one_line(capsys):
+    assert cli.main(["config", "show", "mine.nosuch=1"]) == 2
+    assert "unknown config key 'mine.nosuch'" in _one_line(capsys)
+
+
+def test_address_flag_reaches_init_ray(monkeypatch, tmp_path):
+    """`--address` is parsed by both entry points and handed to init_ray (which attaches like ray.init())."""
+    seen = {}
+
+    def fake_init(address=None, **_):
+        seen["address"] = address
+        raise UserError("stop here")
+
+    monkeypatch.setattr("raymine.raycluster.init_ray", fake_init)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)  # as in a fresh process, whatever this one holds
+    assert cli.main(["run", "--address", "10.0.0.1:6379", "--output", str(tmp_path / "o")]) == 2
+    assert seen == {"address": "10.0.0.1:6379"}
+    assert cli.main(["run", "--output", str(tmp_path / "o")]) == 2
+    assert seen == {"address": None}
 
 
 @pytest.mark.parametrize("argv", [[], ["configs"]])
@@ -221,7 +304,7 @@ def test_local_ray_starts_without_the_auth_notice_and_keeps_auth(tmp_path):
     env["HOME"] = str(tmp_path)
     temp_dir = tempfile.mkdtemp(prefix="rmauth", dir="/tmp")  # short: Ray's socket paths have a length limit
     code = ("import ray\nfrom raymine.raycluster import init_ray, shutdown_ray\n"
-            f"init_ray(num_cpus=1, _temp_dir={temp_dir!r})\n"
+            f"init_ray(address='local', num_cpus=1, _temp_dir={temp_dir!r})\n"
             "print('task', ray.get(ray.remote(lambda: 1).remote()))\nshutdown_ray()\n")
     try:
         p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -106,7 +106,10 @@ def test_console_script_and_package_data_declared():
     assert st["package-dir"]["raymine.configs"] == "configs"
     assert "*.yaml" in st["package-data"]["raymine.configs"]
     subpackages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "raymine").rglob("__init__.py")}
-    assert subpackages | {"raymine.configs"} == set(st["packages"]), "list every raymine package in pyproject"
+    data_dirs = {".".join(("raymine", *p.relative_to(ROOT).parts)) for p in (ROOT / "data").rglob("*") if p.is_dir()}
+    assert st["package-dir"]["raymine.data"] == "data"
+    assert subpackages | {"raymine.configs", "raymine.data"} | data_dirs == set(st["packages"]), \
+        "list every raymine package (and every shipped data folder) in pyproject"
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +120,7 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "raymine", src / "raymine", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "configs", src / "configs")
+    shutil.copytree(ROOT / "data", src / "data")
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
                     str(src)], check=True, capture_output=True, timeout=300)
@@ -131,6 +135,9 @@ def test_wheel_ships_cli_configs_and_entry_point(wheel):
         entry = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     for yaml_file in (ROOT / "configs").glob("*.yaml"):
         assert f"raymine/configs/{yaml_file.name}" in names
+    for f in (ROOT / "data" / "scifact").rglob("*"):  # the default's data, every file of it
+        if f.is_file():
+            assert f"raymine/{f.relative_to(ROOT).as_posix()}" in names, f
     assert {"raymine/cli.py", "raymine/errors.py", "raymine/_deps.py"} <= names
     assert "raymine = raymine.cli:main" in entry
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
@@ -223,7 +230,9 @@ def test_every_ray_pod_has_dev_shm_and_shared_storage():
             env = {e["name"]: e for e in c["env"]}
             assert env["HF_HOME"]["value"].startswith("/mnt/shared/")  # one model cache for every node
     options = " ".join(LAUNCHER["docker"]["run_options"])
-    assert re.search(r"--shm-size=\d+g", options) and "/mnt/shared:/mnt/shared" in options
+    for per_type in ("head_run_options", "worker_run_options"):  # sized per node type (tests/test_cluster_files.py)
+        assert re.search(r"--shm-size=\d+g", " ".join(LAUNCHER["docker"][per_type])), per_type
+    assert "/mnt/shared:/mnt/shared" in options
     assert "HF_HOME=/mnt/shared/" in options
 
 

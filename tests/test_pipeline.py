@@ -210,7 +210,7 @@ def test_every_query_dropped_reports_and_stops_before_training(tmp_path):
     """Degenerate mining (issue 14): every candidate over the ceiling → mining writes its report and dropped
     table, the exports are empty, and the requested train stage stops with exit 2 naming the reasons."""
     job = [sys.executable, str(ROOT / "jobs" / "mine_and_train.py"), "--config", str(ROOT / TINY),
-           "--output", str(tmp_path / "out"), "--stages", "train", "teachers=bm25", "mine.method=abs",
+           "--output", str(tmp_path / "out"), "--address", "local", "--stages", "train", "teachers=bm25", "mine.method=abs",
            "mine.abs_threshold=-5"]
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
