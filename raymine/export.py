@@ -17,7 +17,9 @@ than ``export.num_negatives`` when that optional cut is set; else fewer than one
 corpus text (they are left out of their row; the row itself is kept when it still qualifies).
 
 Layouts (``exports/<format>/part-*.parquet|jsonl``; a part's name is a hash of its rows' keys, so a retried
-task rewrites the same file):
+task rewrites the same file). The jsonl layouts are also written as ONE file, ``exports/<format>.jsonl``
+(:func:`concat_parts`, a Ray task per format streaming the parts): NeMo's and FlagEmbedding's loaders open
+files. Usage of every layout: ``docs/exports.md``.
 
 - ``st_ntuple`` — sentence-transformers ``(anchor, positive, negative_1..negative_n)``, one row per
   (query, positive), n = every mined negative (``mine.num_negatives``), or the first ``export.num_negatives``
@@ -33,24 +35,25 @@ task rewrites the same file):
   (Column names other than the label are free in sentence-transformers; the label column must be one of
   ``label``, ``labels``, ``score``, ``scores`` — its ``DEFAULT_LABEL_COLUMNS``.)
 - ``flagembedding`` — FlagEmbedding's fine-tune data, one json line per query:
-  ``{"query": str, "pos": [str], "neg": [str], "pos_scores": [float], "neg_scores": [float], "prompt": str,
-  "type": str}`` (github.com/FlagOpen/FlagEmbedding, examples/finetune/embedder/README.md, "2. Data format";
-  its loader ``FlagEmbedding/abc/finetune/embedder/AbsDataset.py`` reads a folder of .json/.jsonl files with
-  ``datasets.load_dataset('json')``, so the export folder is a valid ``--train_data``). ``pos_scores`` /
-  ``neg_scores`` are used with ``--knowledge_distillation True`` (indexed like ``pos`` / ``neg``);
-  ``prompt`` replaces ``--query_instruction_for_retrieval`` for that line; ``type`` is for bge-en-icl.
+  ``{"query": str, "pos": [str], "neg": [str], "pos_scores"?: [float], "neg_scores"?: [float], "prompt"?: str,
+  "type"?: str}`` (github.com/FlagOpen/FlagEmbedding, examples/finetune/embedder/README.md, "2. Data format";
+  its loader ``FlagEmbedding/abc/finetune/embedder/AbsDataset.py`` reads each file with
+  ``datasets.load_dataset('json')``). ``pos_scores`` / ``neg_scores`` (indexed like ``pos`` / ``neg``) are
+  used with ``--knowledge_distillation True``; ``prompt`` replaces ``--query_instruction_for_retrieval`` for
+  that line whenever the key is there, so it is written only when one is set; ``type`` is for bge-en-icl.
 - ``nemo`` — NeMo retriever customisation (NeMo Customizer embedding) lines ``{"query": str, "pos_doc": str,
   "neg_doc": [str]}``, one per (query, positive) (docs.nvidia.com/nemo-platform, customizer-reference,
-  "Dataset Format Requirements", Embedding Model; NeMo AutoModel's retrieval dataset reads the same
-  inline-text form).
+  "Dataset Format Requirements", Embedding Model; NeMo AutoModel's inline retrieval dataset,
+  ``make_retrieval_dataset(data_dir_list=[file])``, reads the same form and ``open()``s each path).
 
 Scores: teachers' scales differ (BM25 vs cosine) and an ensembled mined row holds negatives of several
 teachers, with positive scores from its first teacher only, so its scores share no scale. A row carries
 scores only when its ``teacher`` is exactly ``export.score_teacher`` (default: the first of ``teachers``):
-then every positive and negative score came from that one teacher. Other rows: FlagEmbedding writes null
-scores (``export.unscored="null"``; fine without knowledge distillation, which drops the score columns) or
-leaves them out (``"drop"``, counted); sentence-transformers layouts with ``st_scores`` leave them out
-(its collator cannot take a null label). Scores are never re-computed or mixed.
+then every positive and negative score came from that one teacher. Other rows: FlagEmbedding writes the
+line without score keys (``export.unscored="omit"``, never null: fine without knowledge distillation, which
+drops the score columns) or leaves the row out (``"drop"``, counted: every line then has scores, as
+knowledge distillation needs); sentence-transformers layouts with ``st_scores`` leave them out (its
+collator cannot take a null label). Scores are never re-computed or mixed.
 """
 from __future__ import annotations
 
@@ -236,8 +239,7 @@ def format_records(fmt: str, rows: list[_Row], plan: ExportPlan
             continue
         ps, ns = r.pos_scores or [], r.neg_scores or []
         if fmt == "flagembedding":
-            out.append({"query": r.query, "pos": r.pos, "neg": r.neg, "pos_scores": r.pos_scores,
-                        "neg_scores": r.neg_scores, "prompt": plan.prompt, "type": plan.data_type})
+            out.append(flagembedding_record(r, plan))
             continue
         for k, p in enumerate(r.pos):
             if fmt == "nemo":
@@ -266,6 +268,19 @@ def format_records(fmt: str, rows: list[_Row], plan: ExportPlan
             for j, d in enumerate(r.neg):
                 out.append({C.ANCHOR: r.query, DOCUMENT: d, **({SCORE: ns[j]} if with_scores else {LABEL: 0})})
     return out, left_out
+
+
+def flagembedding_record(r: _Row, plan: ExportPlan) -> dict[str, Any]:
+    """One FlagEmbedding line. Keys without a value are left out, never null: a ``prompt`` key (even empty)
+    replaces ``--query_instruction_for_retrieval``, and null scores fail ``--knowledge_distillation``."""
+    rec: dict[str, Any] = {"query": r.query, "pos": r.pos, "neg": r.neg}
+    if r.pos_scores is not None and r.neg_scores is not None:
+        rec.update(pos_scores=r.pos_scores, neg_scores=r.neg_scores)
+    if plan.prompt:
+        rec["prompt"] = plan.prompt
+    if plan.data_type:
+        rec["type"] = plan.data_type
+    return rec
 
 
 def format_schema(fmt: str, plan: ExportPlan) -> pa.Schema | None:
@@ -354,6 +369,28 @@ def _part_name(batch: pa.Table) -> str:
     return "part-" + hashlib.sha1("\x1e".join(keys).encode("utf-8")).hexdigest()[:20]
 
 
+def concat_parts(folder: str, dest: str) -> int:
+    """Ray task: the ``*.jsonl`` parts directly in ``folder`` (name order) streamed into the one file ``dest``
+    (written beside it as ``dest.tmp``, then moved: a reader never sees half a file). Returns its bytes.
+
+    The consumers open files, not folders: NeMo AutoModel's inline retrieval loader ``open()``s each path of
+    ``data_dir_list``; FlagEmbedding's ``--train_data`` takes a file (a folder is read file by file, and its
+    per-file checks would see parts with and without score keys as different datasets)."""
+    names = sorted(n for n in storage.list_files(folder) if n.endswith(".jsonl") and "/" not in n and "\\" not in n)
+    storage.makedirs(_parent(dest))
+    fs, path = storage.resolve(dest + ".tmp")
+    total = 0
+    with fs.open_output_stream(path) as out:
+        for n in names:
+            src_fs, src = storage.resolve(storage.join(folder, n))
+            with src_fs.open_input_stream(src) as f:
+                while chunk := f.read(8 << 20):
+                    out.write(chunk)
+                    total += len(chunk)
+    fs.move(path, storage.resolve(dest)[1])
+    return total
+
+
 def _round(x: float) -> float:
     """float32 scores as their shortest decimal (0.8123457, not 0.8123456835746765)."""
     return float(f"{x:.7g}")
@@ -416,6 +453,7 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
         _run_export(cfg, layout, plan, corpus, counts)
     finally:
         ctx.hash_shuffle_operator_actor_num_cpus_override = saved
+    files = _single_files(layout.exports, plan.formats)
     dropped = {r: counts[r] for r in ROW_REASONS}
     if counts["exported_rows"] + sum(dropped.values()) != counts["mined_rows"]:
         raise RuntimeError(f"export: accounting mismatch {counts}")
@@ -425,9 +463,20 @@ def export_stage(cfg: Config, layout: Layout) -> dict:
         "ntuple_width": plan.ntuple_width, "score_teacher": plan.score_teacher,
         "formats": {fmt: {"rows": counts[f"{fmt}.rows"], "records": counts[f"{fmt}.records"],
                           **{why: counts[f"{fmt}.{why}"] for why in FORMAT_REASONS},
-                          "path": storage.join(layout.exports, fmt)} for fmt in plan.formats},
+                          "path": storage.join(layout.exports, fmt),
+                          **({"file": files[fmt]} if fmt in files else {})} for fmt in plan.formats},
     }
     return run.finish(dropped_path=storage.join(layout.exports, DROPPED))
+
+
+def _single_files(exports: str, formats: tuple[str, ...]) -> dict[str, str]:
+    """``exports/<format>.jsonl`` for each jsonl layout: its parts concatenated by one Ray task per format."""
+    import ray
+
+    files = {f: storage.join(exports, f + ".jsonl") for f in formats if f in JSONL_FORMATS}
+    task = ray.remote(num_cpus=0.25, max_retries=3)(concat_parts)
+    ray.get([task.remote(storage.join(exports, f), uri) for f, uri in files.items()])
+    return files
 
 
 def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, counts: dict[str, int]) -> None:

@@ -41,6 +41,11 @@ nothing usable (issue 14)      error naming the data path and the counts: an emp
                                checks, no training query with a positive
 ============================== ================================================================
 
+Inside the Ray Data job the workers never raise for bad input: a read task, dedupe or per-query partition
+writes what it found as a small record under the stage's work folder (:func:`found`, like Spark's
+bad-records path) and carries on as with 'skip'; the driver raises the first (by file, line) once after
+the pass (:func:`raise_found`), so the user sees one line and not Ray's traceback of a failed task.
+
 A query "of a split" is one that appears in that split's qrels. Every such query ends up either
 with positives or in ``dropped`` with its reason.
 
@@ -115,16 +120,38 @@ _QCOUNTS = ("_n_qrels", "_n_kept", "_n_graded", "_n_nonpos", "_n_unknown_doc", "
             "_n_empty_query")
 
 
+# what to do, per rule (the CLI appends it to the one line); rules not listed: fix that line / that file
+_HINTS = {
+    "missing_path": "check --data / ingest.data (a local folder or a URI such as s3://bucket/data)",
+    "missing_file": "check --data / ingest.data and ingest.train_split; the layouts are in `raymine run --help`",
+    "duplicate_id": "give each id once, or set ingest.on_duplicate_id=skip to keep the first",
+    "empty_text": "fill in the text, or set ingest.on_empty_text=skip to drop such rows",
+    "unknown_id": "fix the id, or set ingest.on_unknown_qrel=skip to drop such qrels",
+    "empty_corpus": "",  # the message says what to fix
+    "no_queries": "",
+    "no_qrels": "check that the qrels name ids of the corpus and queries files",
+    "no_train_queries": "a training query needs a qrel with score > 0 to a known doc",
+}
+
+
 class IngestError(UserError, ValueError):
-    """Input that cannot be used; the message names the file, the line and the rule."""
+    """Input that cannot be used; the message names the file, the line and the rule, ``hint`` what to do."""
 
     def __init__(self, file: str, line: int | None, rule: str, detail: str):
         self.file, self.line, self.rule, self.detail = file, line, rule, detail
         where = f"{file}:{line}" if line is not None else file
-        super().__init__(f"{where}: [{rule}] {detail}")
+        super().__init__(f"{where}: [{rule}] {detail}",
+                         hint=_HINTS.get(rule, "fix that line of the input" if line is not None else "fix that file"))
+
+    def __str__(self) -> str:  # the message only; the hint is the CLI's to append
+        return Exception.__str__(self)
 
     def __reduce__(self):  # raised inside Ray workers: must survive pickling
         return IngestError, (self.file, self.line, self.rule, self.detail)
+
+    def to_record(self) -> dict[str, Any]:
+        """The error as data (a worker's report to the driver)."""
+        return {"file": self.file, "line": self.line, "rule": self.rule, "detail": self.detail}
 
 
 @dataclass
@@ -593,13 +620,39 @@ DROPPED_SCHEMA = pa.schema([(C.QUERY_ID, _STR), (C.REASON, _STR)])
 QRELS_SCHEMA = pa.schema([(C.QUERY_ID, _STR), (C.DOC_ID, _STR), (C.SCORE, pa.int32())])
 
 
-def read_files_batch(batch: pa.Table, kind: str, rows_per_block: int) -> Iterator[pa.Table]:
+def found(err: IngestError, errors: str | None) -> None:
+    """Bad input found in a worker, as data: one small JSON file under ``errors`` (named by its content, so a
+    retried task rewrites it) that the driver raises once after the pass (:func:`raise_found`). Raising in a
+    Ray task would print Ray's traceback above raymine's line. Without a folder (in-process use): raised."""
+    if errors is None:
+        raise err
+    rec = json.dumps(err.to_record(), sort_keys=True)
+    name = hashlib.sha1(rec.encode("utf-8")).hexdigest()[:20] + ".json"
+    storage.write_bytes(storage.join(errors, name), rec.encode("utf-8"))
+
+
+def raise_found(errors: str, names: list[str]) -> None:
+    """Driver: raise the first (by file order, then line) of the errors the workers reported under ``errors``.
+
+    At most one report per read task (a file stops at its first bad line) and per partition of a check."""
+    recs = [storage.read_json(storage.join(errors, n)) for n in sorted(storage.list_files(errors))]
+    if recs:
+        order = {n: i for i, n in enumerate(names)}
+        r = min(recs, key=lambda r: (order.get(r["file"], -1), r["line"] or 0, r["rule"], r["detail"]))
+        raise IngestError(r["file"], r["line"], r["rule"], r["detail"])
+
+
+def read_files_batch(batch: pa.Table, kind: str, rows_per_block: int, errors: str | None = None) -> Iterator[pa.Table]:
     """Read task: each row of ``batch`` (``uri``, ``file`` index) is one file, streamed out in blocks of
-    ``_READ_SCHEMA[kind]``; format errors raise :class:`IngestError` with the file and line."""
+    ``_READ_SCHEMA[kind]``; a format error (file and line) ends that file's read and is reported with
+    :func:`found` (the rows before it are yielded; the driver raises after the pass)."""
     schema = _READ_SCHEMA[kind]
     for uri, f in zip(batch["uri"].to_pylist(), batch["file"].to_pylist(), strict=True):
         yield schema.empty_table()  # an empty file still gives the dataset its schema
-        yield from _file_blocks(uri, f, kind, rows_per_block, schema)
+        try:
+            yield from _file_blocks(uri, f, kind, rows_per_block, schema)
+        except IngestError as e:
+            found(e, errors)
 
 
 def _file_blocks(uri: str, f: int, kind: str, rows: int, schema: pa.Schema) -> Iterator[pa.Table]:
@@ -630,10 +683,12 @@ def _file_blocks(uri: str, f: int, kind: str, rows: int, schema: pa.Schema) -> I
         yield pa.Table.from_pydict(dict(zip(schema.names, buf, strict=True)), schema=schema)
 
 
-def dedupe_block(block: pa.Table, kind: str, names: list[str], on_duplicate_id: str, on_empty_text: str) -> pa.Table:
+def dedupe_block(block: pa.Table, kind: str, names: list[str], on_duplicate_id: str, on_empty_text: str,
+                 errors: str | None = None) -> pa.Table:
     """One hash partition of a corpus/queries table (every row of an id is in it): flag later definitions
     of an id (``_DUP``; first = smallest (file, line)) and blank kept texts (``_EMPTY``); docs get their
-    PASSAGE and TEXT_HASH. Raises per ``on_duplicate_id`` / ``on_empty_text`` = 'error'."""
+    PASSAGE and TEXT_HASH. With ``on_duplicate_id`` / ``on_empty_text`` = 'error', the partition's first such
+    row (by file, line) is reported with :func:`found`; the block is flagged as with 'skip' either way."""
     id_col = C.DOC_ID if kind == "doc" else C.QUERY_ID
     t = block.sort_by([(id_col, "ascending"), (_FILE, "ascending"), (_LINE, "ascending")])
     n = t.num_rows
@@ -643,18 +698,23 @@ def dedupe_block(block: pa.Table, kind: str, names: list[str], on_duplicate_id: 
     dup = np.zeros(n, bool)  # [n]
     empty = np.zeros(n, bool)  # [n]
     first = 0
+    bad: list[tuple[int, int, IngestError]] = []  # (file, line, error): the partition's first of each rule
     for i in range(n):
         if i and ids[i] == ids[i - 1]:
             dup[i] = True
-            if on_duplicate_id == "error":
-                raise IngestError(names[files[i]], lines[i], "duplicate_id",
-                                  f"{kind} id {ids[i]!r} already defined at {_at(names, files[first], lines[first], files[i])}")
+            if on_duplicate_id == "error" and (not bad or (files[i], lines[i]) < bad[0][:2]):
+                bad = [(files[i], lines[i], IngestError(
+                    names[files[i]], lines[i], "duplicate_id",
+                    f"{kind} id {ids[i]!r} already defined at {_at(names, files[first], lines[first], files[i])}"))]
         else:
             first = i
             empty[i] = _is_blank(kind, titles[i], texts[i])
     if on_empty_text == "error" and empty.any():
         i = min(np.nonzero(empty)[0], key=lambda i: (files[i], lines[i]))
-        raise IngestError(names[files[i]], lines[i], "empty_text", f"{kind} {ids[i]!r} has empty text")
+        bad.append((files[i], lines[i], IngestError(names[files[i]], lines[i], "empty_text",
+                                                    f"{kind} {ids[i]!r} has empty text")))
+    if bad:
+        found(min(bad, key=lambda b: b[:2])[2], errors)
     t = t.append_column(_DUP, pa.array(dup)).append_column(_EMPTY, pa.array(empty))
     if kind == "doc":
         kept = ~(dup | empty)
@@ -689,25 +749,27 @@ def twins_block(block: pa.Table) -> pa.Table:
                      _KNOWN: pa.array(np.ones(n, bool))})
 
 
-def per_query_block(block: pa.Table, names: list[str], on_unknown_qrel: str) -> pa.Table:
+def per_query_block(block: pa.Table, names: list[str], on_unknown_qrel: str, errors: str | None = None) -> pa.Table:
     """One hash partition of the annotated qrels by QUERY_ID (every qrel of a query is in it) → one row per
     query of the split: TEXT, POSITIVE_IDS (score > 0, first by (file, line), each once), EXCLUDED_IDS
-    (twins of the positives, sorted), REASON (null = a training query)."""
+    (twins of the positives, sorted), REASON (null = a training query). With ``on_unknown_qrel='error'`` the
+    partition's first qrel (by file, line) naming an unknown id is reported with :func:`found`."""
     t = block.sort_by([(C.QUERY_ID, "ascending"), (_FILE, "ascending"), (_LINE, "ascending")])
     qids, dids, scores, files, lines, known, twins, qtext, qempty = (
         t[c].to_pylist() for c in (C.QUERY_ID, C.DOC_ID, C.SCORE, _FILE, _LINE, _KNOWN, _TWINS, _QTEXT, _QEMPTY))
     out: dict[str, list[Any]] = {c: [] for c in (C.QUERY_ID, C.TEXT, C.POSITIVE_IDS, C.EXCLUDED_IDS, C.REASON)}
+    if on_unknown_qrel == "error":
+        unknown = [k for k in range(t.num_rows) if qempty[k] is None or not known[k]]
+        if unknown:
+            k = min(unknown, key=lambda k: (files[k], lines[k]))
+            what, rid = ("query", qids[k]) if qempty[k] is None else ("doc", dids[k])
+            found(IngestError(names[files[k]], lines[k], "unknown_id", f"qrel names unknown {what} {rid!r}"), errors)
     i, n = 0, t.num_rows
     while i < n:
         j = i
         while j < n and qids[j] == qids[i]:
             j += 1
         q_ok = qempty[i] is False
-        if on_unknown_qrel == "error":
-            for k in range(i, j):
-                if qempty[k] is None or not known[k]:
-                    what, rid = ("query", qids[k]) if qempty[k] is None else ("doc", dids[k])
-                    raise IngestError(names[files[k]], lines[k], "unknown_id", f"qrel names unknown {what} {rid!r}")
         pos: list[str] = []
         excl: set[str] = set()
         if q_ok:
@@ -854,15 +916,15 @@ def _partitions(cfg: IngestConfig, files: dict[str, list[str]]) -> int:
     return int(min(4096, max(1, size // (64 << 20))))
 
 
-def _read(files: list[str], kind: str, cfg: IngestConfig):
-    """One read task per file (listed on the driver: names only)."""
+def _read(files: list[str], kind: str, cfg: IngestConfig, errors: str):
+    """One read task per file (listed on the driver: names only); format errors reported under ``errors``."""
     import ray.data
 
     items = ray.data.from_arrow(pa.table({"uri": pa.array(files, _STR), "file": pa.array(range(len(files)), pa.int32())}))
     if len(files) > 1:
         items = items.repartition(len(files))
     return items.map_batches(read_files_batch, batch_size=1, batch_format="pyarrow",
-                             fn_kwargs={"kind": kind, "rows_per_block": cfg.rows_per_block})
+                             fn_kwargs={"kind": kind, "rows_per_block": cfg.rows_per_block, "errors": errors})
 
 
 def _hash_partition(ds, parts: int, key: str):
@@ -973,7 +1035,12 @@ def ingest_stage(cfg: IngestConfig, layout: Layout) -> dict[str, Any]:
     Returns the manifest: ``counts`` as :func:`read_beir` reports them (ints only), ``files``: counts per
     input file, ``report``: skip samples (file:line) and notes, ``input_fingerprint``.
     Five Ray Data passes: corpus, queries, twins, qrels, per-query (a sixth sorts for ``max_queries``).
+    ``ingest.format=pairs``: the pairs are first converted into that input layout (:mod:`raymine.pairs`).
     """
+    if cfg.format == "pairs":
+        from raymine.pairs import pairs_stage
+
+        cfg = pairs_stage(cfg, layout)
     files = _input_files(cfg.data, cfg.train_split)
     fingerprint = input_fingerprint(cfg.data)
     key = storage.stage_key("ingest", _keyed(cfg), fingerprint)
@@ -999,17 +1066,20 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
     per_file: dict[str, dict[str, int]] = {}
     join_args = {"aggregator_ray_remote_args": {"num_cpus": 0.25}}
     w = {name: storage.join(work, name) for name in ("doc_hash", "query_keys", "doc_keys", "qrels", "train")}
+    errors = storage.join(work, "errors")  # bad input the workers found, as data (see `found`)
+    storage.delete_dir(errors)
 
     # 1-2. corpus and queries: read (a task per file) → hash-partition by id → first definition wins
     for kind, table in (("doc", "corpus"), ("query", "queries")):
         id_col = C.DOC_ID if kind == "doc" else C.QUERY_ID
-        ds = _hash_partition(_read(files[table], kind, cfg), parts, id_col)
+        ds = _hash_partition(_read(files[table], kind, cfg, errors), parts, id_col)
         ds = ds.map_batches(dedupe_block, batch_size=None, batch_format="pyarrow", fn_kwargs={
             "kind": kind, "names": files[table], "on_duplicate_id": cfg.on_duplicate_id,
-            "on_empty_text": cfg.on_empty_text})
+            "on_empty_text": cfg.on_empty_text, "errors": errors})
         outputs = ({"corpus": (layout.corpus, "corpus"), "doc_hash": (w["doc_hash"], "doc_hash")} if kind == "doc"
                    else {"query_keys": (w["query_keys"], "query_keys")})
         summary = _by_file(_execute(ds, outputs, text_summary_block), files[table])
+        raise_found(errors, files[table])
         _add_skips(report, summary, {"_dup": f"duplicate_{kind}_id", "_blank": f"empty_{kind}_text"})
         read = sum(c[f"{_LINE}_count"] for c in summary.values())
         kept = read - sum(c["n_dup_sum"] + c["n_blank_sum"] for c in summary.values())
@@ -1032,12 +1102,13 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
         r["n"] for r in _execute(ds, {"doc_keys": (w["doc_keys"], "all")}, _twin_count_block))
 
     # 4. qrels joined to the docs (known? twins) and the queries (known? blank?)
-    qrels = _read(files["qrels"], "qrels", cfg)
+    qrels = _read(files["qrels"], "qrels", cfg, errors)
     local = joins.is_small([*files["qrels"], w["doc_keys"], w["query_keys"]])
     qrels = joins.join(qrels, _parquet(w["doc_keys"]), "left_outer", parts, (C.DOC_ID,), local, **join_args)
     qrels = joins.join(qrels, _parquet(w["query_keys"]), "left_outer", parts, (C.QUERY_ID,), local, **join_args)
     summary = _by_file(_execute(qrels, {"work": (w["qrels"], "all"), "qrels": (layout.qrels, "qrels")},
                                 qrels_summary_block), files["qrels"])
+    raise_found(errors, files["qrels"])
     _add_skips(report, summary, {f"_qrel_{r}": f"qrel_{r}" for r in ("unknown_query", "empty_query_text", "unknown_doc")})
     counts["qrels_read"] = sum(c[f"{_LINE}_count"] for c in summary.values())
     for k, flag in (("qrels_kept", "_kept"), ("qrels_graded_above_1", "_graded"), ("qrels_not_positive", "_nonpos")):
@@ -1055,14 +1126,15 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
         raise no_qrels
 
     # 5. one row per query of the split (hash-partitioned by QUERY_ID): positives, twins, or a drop reason;
-    # with on_unknown_qrel=error it raises on the first unknown id it meets (file and line)
+    # with on_unknown_qrel=error the first unknown id (file and line) is raised after the pass
     ds = _hash_partition(_parquet(w["qrels"]), parts, C.QUERY_ID).map_batches(
         per_query_block, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"names": files["qrels"], "on_unknown_qrel": cfg.on_unknown_qrel})
+        fn_kwargs={"names": files["qrels"], "on_unknown_qrel": cfg.on_unknown_qrel, "errors": errors})
     limit = cfg.max_queries
     train_uri = w["train"] if limit else layout.train_queries
     rows = _execute(ds, {"train": (train_uri, "train"), "dropped": (layout.train_dropped, "dropped")},
                     split_summary_block)
+    raise_found(errors, files["qrels"])
     if counts["qrels_kept"] == 0:
         raise no_qrels
     reasons: dict[str, int] = defaultdict(int)

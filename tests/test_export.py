@@ -99,7 +99,7 @@ def _canon(records: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Independent reference, straight from MINED and the {id: text} dict
 # ------------------------------------------------------------------------------------------------
-def _reference(fmt: str, score_teacher: str = "minilm", st_scores: bool = False, unscored: str = "null",
+def _reference(fmt: str, score_teacher: str = "minilm", st_scores: bool = False, unscored: str = "omit",
                prompt: str = "", data_type: str = "normal") -> list[dict]:
     out = []
     for qid, teacher, query, pos, ps, neg, ns in MINED:
@@ -112,10 +112,12 @@ def _reference(fmt: str, score_teacher: str = "minilm", st_scores: bool = False,
         if fmt == "flagembedding":
             if unscored == "drop" and not scored:
                 continue
-            out.append({"query": query, "pos": [p for p, _ in P], "neg": [n for n, _ in N],
-                        "pos_scores": [f32(s) for _, s in P] if scored else None,
-                        "neg_scores": [f32(s) for _, s in N] if scored else None,
-                        "prompt": prompt, "type": data_type})
+            line = {"query": query, "pos": [p for p, _ in P], "neg": [n for n, _ in N]}
+            if scored:  # scores only where they are real; no key (never null) otherwise
+                line.update(pos_scores=[f32(s) for _, s in P], neg_scores=[f32(s) for _, s in N])
+            line.update({"prompt": prompt} if prompt else {})  # an empty prompt would override the CLI's
+            line.update({"type": data_type} if data_type else {})
+            out.append(line)
             continue
         if fmt == "nemo":
             out += [{"query": query, "pos_doc": p, "neg_doc": [n for n, _ in N]} for p, _ in P]
@@ -213,10 +215,11 @@ def test_every_format_equals_the_reference_and_every_query_is_accounted_for(defa
     assert EXPORTED | set(DROPPED) == {r[0] for r in MINED} and not EXPORTED & set(DROPPED)
     # done: the same call is skipped
     assert export_stage(_cfg(Path(layout.root)), layout)["finished_at"] == m["finished_at"]
-    # FlagEmbedding with unscored=null (default): every exported row is a line, null scores where the
+    # FlagEmbedding with unscored=omit (default): every exported row is a line, without score keys where the
     # row's negatives come from several teachers or from a teacher other than score_teacher (minilm)
     lines = _read(layout, "flagembedding")
-    assert {ln["query"] for ln in lines if ln["pos_scores"] is None} == {"heart disease", "bm25 only"}
+    assert {ln["query"] for ln in lines if "pos_scores" not in ln} == {"heart disease", "bm25 only"}
+    assert all("prompt" not in ln and ln["type"] == "normal" for ln in lines)  # no prompt configured: no key
 
 
 def test_result_is_independent_of_files_blocks_and_partitions(default_run, tmp_path, monkeypatch):
@@ -264,9 +267,10 @@ def test_flagembedding_lines_follow_its_data_format(scored_run, tmp_path):
     pos_scores/neg_scores numeric lists indexed like pos/neg; prompt str; type str."""
     import datasets
 
-    layout, _ = scored_run
-    files = sorted(str(p) for p in (Path(layout.exports) / "flagembedding").glob("*.jsonl"))
-    ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    layout, m = scored_run
+    single = m["counts"]["formats"]["flagembedding"]["file"]  # what --train_data names
+    assert single == str(Path(layout.exports) / "flagembedding.jsonl")
+    ds = datasets.load_dataset("json", data_files=single, split="train", cache_dir=str(tmp_path / "hf"))
     assert set(ds.column_names) == {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type"}
     assert ds["query"] == ["bm25 only"]  # q7: the one exported row wholly from bm25
     for row in ds:
@@ -278,6 +282,49 @@ def test_flagembedding_lines_follow_its_data_format(scored_run, tmp_path):
         assert all(isinstance(s, (int, float)) for s in teacher_scores)
         assert max(row["neg_scores"]) < min(row["pos_scores"])  # one teacher's scale: negatives below positives
         assert row["prompt"] == "Given a claim: " and row["type"] == "normal"
+
+
+def test_jsonl_layouts_are_also_one_file_each(default_run, tmp_path):
+    """NeMo AutoModel's inline loader opens files (``data_dir_list``), FlagEmbedding's ``--train_data`` a file:
+    ``exports/<format>.jsonl`` holds exactly the lines of the format's parts; the Parquet layouts stay folders."""
+    import datasets
+
+    layout, m = default_run
+    ex = Path(layout.exports)
+    assert sorted(p.name for p in ex.glob("*.jsonl")) == ["flagembedding.jsonl", "nemo.jsonl"]
+    for fmt in ("flagembedding", "nemo"):
+        assert m["counts"]["formats"][fmt]["file"] == str(ex / f"{fmt}.jsonl")
+        single = [json.loads(x) for x in (ex / f"{fmt}.jsonl").read_text("utf-8").splitlines()]
+        assert _canon(single) == _canon(_read(layout, fmt)) and _close(single, _reference(fmt)), fmt
+        assert len(single) == m["counts"]["formats"][fmt]["records"]
+        assert not list(ex.glob(f"{fmt}.jsonl.tmp"))
+    assert all("file" not in m["counts"]["formats"][f] for f in FORMATS if f.startswith("st_"))
+    # FlagEmbedding's reading of the default file (unscored=omit, no prompt): no null anywhere in a line, and
+    # no 'prompt' column, so its --query_instruction_for_retrieval applies; without --knowledge_distillation
+    # it drops the score columns (rows of other teachers read as None there, never as a null in the file)
+    text = (ex / "flagembedding.jsonl").read_text("utf-8")
+    assert "null" not in text and '"prompt"' not in text
+    ds = datasets.load_dataset("json", data_files=str(ex / "flagembedding.jsonl"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert "prompt" not in ds.column_names and {"pos_scores", "neg_scores"} <= set(ds.column_names)
+    scored = {r["query"]: r["pos_scores"] for r in ds}
+    assert scored["what is aspirin"] == pytest.approx([0.9]) and scored["heart disease"] is None
+
+
+def test_flagembedding_line_keys_follow_the_config():
+    """Pure: a prompt key only when one is set; score keys only with the score teacher's scores."""
+    from raymine.export import ExportPlan, _Row, flagembedding_record
+
+    plan = ExportPlan(formats=("flagembedding",), min_negatives=1, ntuple_width=1, score_teacher="t",
+                      unscored="omit", st_scores=False, prompt="", data_type="")
+    row = _Row(qid="q", teacher="t", query="Q", pos=["P"], neg=["N"], pos_scores=None, neg_scores=None, missing=0)
+    assert flagembedding_record(row, plan) == {"query": "Q", "pos": ["P"], "neg": ["N"]}
+    scored = _Row(qid="q", teacher="t", query="Q", pos=["P"], neg=["N"], pos_scores=[0.5], neg_scores=[0.25],
+                  missing=0)
+    with_prompt = ExportPlan(**{**plan.__dict__, "prompt": "Represent: ", "data_type": "normal"})
+    assert flagembedding_record(scored, with_prompt) == {
+        "query": "Q", "pos": ["P"], "neg": ["N"], "pos_scores": [0.5], "neg_scores": [0.25],
+        "prompt": "Represent: ", "type": "normal"}
 
 
 def test_nemo_lines_follow_the_customizer_embedding_format(default_run):
