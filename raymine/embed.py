@@ -181,16 +181,25 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     """
     import ray
 
-    if teacher.kind != "dense":
-        raise ValueError(f"embed needs a dense teacher, got kind={teacher.kind!r}; BM25 is raymine.bm25")
+    if teacher.kind not in ("dense", "openai"):
+        raise ValueError(f"embed needs a dense or served (openai) teacher, got kind={teacher.kind!r}; BM25 is "
+                         "raymine.bm25")
     for spec in inputs:
         if spec.side not in ("query", "passage"):
             raise ValueError(f"side must be 'query' or 'passage', got {spec.side!r}")
-    key = storage.stage_key(STAGE, to_dict(teacher), to_dict(cfg), [to_dict_input(s) for s in inputs], input_key)
+    actor, extra, served = EmbedPieces, {}, None
+    if teacher.kind == "openai":  # a served teacher: same pieces and parts, requests instead of a model
+        from raymine import served
+
+        actor = served.ServedPieces
+    teacher_key = served.key_config(teacher) if served else to_dict(teacher)
+    key = storage.stage_key(STAGE, teacher_key, to_dict(cfg), [to_dict_input(s) for s in inputs], input_key)
     done, run = storage.begin(stage_dir, f"{STAGE}:{teacher.model}", key,
                               config={"teacher": to_dict(teacher), "embed": to_dict(cfg)}, resume=True)
     if run is None:
         return done
+    if served:  # one tiny request before any work: an endpoint that does not answer ends here (exit 2)
+        extra = {"dim": served.probe(teacher)}
 
     todo: list[dict[str, Any]] = []
     expected: dict[str, int] = {}
@@ -222,8 +231,9 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     if todo:
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         out = ds.map_batches(
-            EmbedPieces,
-            fn_constructor_kwargs={"teacher": teacher, "inputs": list(inputs), "threads": _threads_per_actor(cfg)},
+            actor,
+            fn_constructor_kwargs={"teacher": teacher, "inputs": list(inputs), "threads": _threads_per_actor(cfg),
+                                   **extra},
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo)), max_tasks_in_flight_per_actor=1),
@@ -233,6 +243,8 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
             # (max_restarts=-1, max_task_retries=-1 in ray 2.60); a piece's part is rewritten whole.
         )
         for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+            if served:
+                served.raise_piece_errors(b)  # returned as data by the actor: one line, no worker traceback
             for j in range(len(b["part"])):
                 side = inputs[int(b["input"][j])].side
                 per_side[side]["rows"] += int(b["rows"][j])

@@ -294,12 +294,12 @@ def open_index(teacher: TeacherConfig, search: SearchConfig, corpus_uri: str, co
     sharded BM25 over the corpus passages. Use as a context manager (frees the shard actors)."""
     from dataclasses import replace
 
-    docs = parts.num_rows(corpus_emb_uri if teacher.kind == "dense" else corpus_uri)
+    docs = parts.num_rows(corpus_emb_uri if teacher.kind != "bm25" else corpus_uri)
     if search.num_shards > max(1, docs):
         log.warning("search: %d shards requested for %d documents; using %d (lower search.num_shards)",
                     search.num_shards, docs, max(1, docs))
         search = replace(search, num_shards=max(1, docs))
-    if teacher.kind == "dense":
+    if teacher.kind != "bm25":  # dense or served: the embed stage's vectors
         from raymine.index import ShardedIndex
 
         return ShardedIndex.from_parquet(corpus_emb_uri, search)

@@ -284,7 +284,7 @@ def validation_stage(cfg: Any, layout: Any, upstream: Any) -> dict[str, Any]:
     mode = "none" if v.split == "none" else ("dev" if has_dev else "train_slice")
     if mode == "none":
         return run.finish(mode="none", share=0.0, teacher=None, base_score=None)
-    embedded = [n for n in cfg.teachers if cfg.teacher(n).kind == "dense"]
+    embedded = [n for n in cfg.teachers if cfg.teacher(n).kind != "bm25"]  # dense or served
     teacher = next(iter(embedded), None)
     reuse = reusable_teacher(cfg, enc, embedded)
     share = 0.0
