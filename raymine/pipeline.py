@@ -56,6 +56,10 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
         raise PipelineError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     upto = max(STAGES.index(s) for s in stages)
     t0 = time.time()
+    from raymine.served import probe_teachers
+
+    with in_stage("embed"):
+        probe_teachers(cfg, Layout(cfg.output))  # a served teacher that does not answer ends the run before any work
     storage.makedirs(cfg.output)
     with storage.RunLock(cfg.output):
         run = _Run(cfg, Layout(cfg.output))
@@ -93,7 +97,7 @@ class _Run:
         L = self.layout
         for name in self.cfg.teachers:
             t = self.cfg.teacher(name)
-            if t.kind != "dense":
+            if t.kind == "bm25":  # dense and served (openai) teachers are embedded here
                 continue
             inputs = [EmbedInput("passage", L.corpus, C.DOC_ID, C.PASSAGE, L.embed(name, "corpus")),
                       EmbedInput("query", L.train_queries, C.QUERY_ID, C.TEXT, L.embed(name, "queries"))]
@@ -106,7 +110,7 @@ class _Run:
         cfg, L = self.cfg, self.layout
         for name in cfg.teachers:
             t = cfg.teacher(name)
-            dense = t.kind == "dense"
+            dense = t.kind != "bm25"  # vectors from the embed stage (in-process or served)
             spec = SearchSpec(teacher=name, queries_uri=L.train_queries,
                               query_emb_uri=L.embed(name, "queries") if dense else None, out_uri=L.search(name),
                               mine=cfg.mine, search=cfg.search, rows_per_piece=cfg.embed.rows_per_block)
@@ -185,6 +189,12 @@ class _Run:
         from raymine.evaluate import evaluate_models
 
         cfg, L = self.cfg, self.layout
+        missing = _missing_test_split(cfg)
+        if missing:  # pairs input has no test split: nothing to evaluate on
+            log.warning("evaluate: skipped, %s", missing)
+            self.report["stages"]["evaluate"] = {"stage": "evaluate", "skipped": missing}
+            self.report["evaluate_skipped"] = missing
+            return
         models = {"before": student_encoder(cfg), "after": student_encoder(cfg, model=_abs(L.model))}
         key = storage.stage_key("evaluate", to_dict(cfg.evaluate), [to_dict(m) for m in models.values()],
                                 cfg.ingest.data, self.keys["train"])
@@ -227,6 +237,20 @@ class _Run:
         ids, emb = read_embeddings(folder, C.DOC_ID)  # [n], [n, dim]
         text = _passages_by_id(L.corpus)
         return {text[i]: e for i, e in zip(ids, emb, strict=True) if i in text}
+
+
+def _missing_test_split(cfg: Config) -> str | None:
+    """Why the evaluate stage has nothing to run (its only task is the data's own test split and the data has
+    none, e.g. pairs input), else None."""
+    from raymine.ingest import table_files
+
+    e = cfg.evaluate
+    if tuple(e.tasks) != ("local",):
+        return None
+    if table_files(cfg.ingest.data, "qrels", e.split):
+        return None
+    return (f"{cfg.ingest.data} has no {e.split} split (qrels/{e.split}); give a BEIR folder with one, or "
+            f"evaluate.tasks=<MTEB task names>")
 
 
 def _passages_by_id(corpus_uri: str) -> dict[str, str]:
@@ -313,6 +337,8 @@ def render_report(report: dict[str, Any], out: str | None = None) -> str:
         lines += ["", "## Figures", ""]
         for title, rel in figures:
             lines += [f"**{title}**", "", f"![{title}]({rel})", ""]
+    if report.get("evaluate_skipped"):
+        lines += ["", f"Evaluation skipped: {report['evaluate_skipped']}."]
     ev = report.get("evaluate")
     if ev:
         lines += ["", "## Evaluation", "", "| model | task | nDCG@10 | recall@100 | MRR@10 |", "|---|---|---:|---:|---:|"]
