@@ -8,17 +8,26 @@ Only documents that share at least one term with the query (score > 0) are candi
 BM25 scores are never negative, a zero means no term overlap, and bm25s orders those arbitrarily.
 Ties are broken by doc id (smaller id string first), so no result depends on row order or sharding.
 
-Sharded BM25 (scores equal to one bm25s index over the whole corpus, bit for bit):
-1. one distributed pass: one Ray task per shard reads its rows, tokenises them with bm25s's tokenizer
-   and counts (:func:`count_terms`: document frequency per term, total length, number of docs);
-2. the driver sums those vocabulary-sized counts (:func:`sum_counts` → :class:`CorpusStats`);
-3. every shard actor builds its term-doc score matrix from the GLOBAL statistics
-   (:func:`build_shard_matrix`, the same float32/float64 arithmetic as bm25s), and scores a query
-   by adding the columns of its tokens in query order (:func:`query_scores`, as bm25s does);
-4. the ceiling is applied inside each shard; the per-shard lists merge exactly
-   (:func:`raymine.topk.merge_topk_by_id`).
+Sharded BM25 (scores equal to one bm25s index over the whole corpus, bit for bit; the driver
+receives scalars only, never a vocabulary-sized object):
+1. count: one Ray task per shard reads its rows, tokenises them with bm25s's tokenizer and counts
+   (:func:`count_terms`: number of docs, total length, and the document frequency of each term, split
+   into P tables by a stable hash of the term, :func:`term_partition`);
+2. reduce: one Ray task per term partition sums the shards' counts of its terms (the global df) and joins
+   them back to each shard's own terms (:func:`reduce_partition`); the driver sums only the scalars
+   (N, total length → avgdl, vocabulary size), the tables go from task to task through the object store;
+3. every shard actor gathers the global df of ITS terms (one table per partition, :func:`shard_stats`),
+   builds its term-doc score matrix (:func:`build_shard_matrix`, the same float32/float64 arithmetic as
+   bm25s), and scores a query from the posting lists of its tokens only (:func:`sparse_scores`: the rows
+   that share a term, accumulated in query-token order as bm25s does; every other row scores a constant);
+4. the top-k runs over the touched rows plus at most k untouched ones (:func:`sparse_top_k`), so a
+   query costs what its posting lists cost, not the shard size; the ceiling is applied inside each shard;
+   the per-shard lists merge exactly (:func:`raymine.topk.merge_topk_by_id`).
+BM25L/BM25+ add, to every row, the non-occurrence scores of the query's terms over the GLOBAL vocabulary:
+a term a shard lacks still counts there, so the client first asks the shards for those per-token values
+(any shard holding a term knows its global df) and sends each query's float32 sum with the search.
 bm25s has no public way to take external statistics, hence steps 1–3 here (tested against bm25s).
-The maths (steps 1–3) is pure functions; only :class:`BM25Shard`'s driver handle imports Ray.
+The maths is pure functions; only :class:`ShardedBM25` (the driver handle) imports Ray.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -186,19 +196,24 @@ def tokenize(texts: Sequence[str], stopwords: str = "en") -> list[list[str]]:
     return bm25s.tokenize(list(texts), stopwords=stopwords or None, return_ids=False, show_progress=False)
 
 
+TERM, DF = "term", "df"  # columns of the count / df tables (never leave the workers)
+_DF_SCHEMA = pa.schema([(TERM, pa.string()), (DF, pa.int64())])
+
+
 @dataclass(frozen=True)
 class TermCounts:
-    """Term statistics of one set of rows (one shard): what the driver sums. Vocabulary-sized."""
+    """Term statistics of one set of rows (one shard): scalars, and the (term, df) table of each of the
+    ``P`` term partitions (``parts[p]``: this shard's terms hashing to p, with their df in these rows)."""
 
-    terms: tuple[str, ...]  # [v] the terms occurring in these rows
-    df: np.ndarray  # int64 [v] rows containing each term
     num_docs: int
     total_len: int  # sum of the rows' lengths in tokens
+    parts: list[pa.Table]  # [P] tables (TERM, DF)
 
 
 @dataclass(frozen=True)
 class CorpusStats:
-    """Corpus-wide BM25 statistics: number of docs, total length, document frequency per term."""
+    """Corpus-wide BM25 statistics as one shard sees them: number of docs, total length, and the GLOBAL
+    document frequency of the terms this shard needs (its own terms; not the whole vocabulary)."""
 
     num_docs: int
     total_len: int
@@ -210,27 +225,50 @@ class CorpusStats:
         return float(np.float64(self.total_len) / np.float64(self.num_docs)) if self.num_docs else 0.0
 
 
-def count_terms(token_lists: Sequence[Sequence[str]]) -> TermCounts:
-    """Document frequencies and lengths of tokenised rows."""
+def term_partition(terms: Sequence[str], num_parts: int) -> np.ndarray:
+    """Partition of each term: crc32 of its UTF-8 bytes mod ``num_parts`` (stable across processes,
+    unlike ``hash``). int64 [len(terms)]."""
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    return np.fromiter((zlib.crc32(t.encode()) for t in terms), np.int64, len(terms)) % num_parts
+
+
+def count_terms(token_lists: Sequence[Sequence[str]], num_parts: int = 1) -> TermCounts:
+    """Document frequencies and lengths of tokenised rows, the df split into ``num_parts`` term partitions."""
     df: dict[str, int] = {}
     total = 0
     for toks in token_lists:
         total += len(toks)
         for t in set(toks):
             df[t] = df.get(t, 0) + 1
-    return TermCounts(tuple(df), np.fromiter(df.values(), np.int64, len(df)), len(token_lists), total)
+    terms = pa.array(list(df), pa.string())
+    counts = np.fromiter(df.values(), np.int64, len(df))  # [v]
+    part = term_partition(list(df), num_parts)  # [v]
+    parts = [pa.table([terms.filter(pa.array(part == p)), pa.array(counts[part == p])], schema=_DF_SCHEMA)
+             for p in range(num_parts)]
+    return TermCounts(len(token_lists), total, parts)
 
 
-def sum_counts(parts: Iterable[TermCounts]) -> CorpusStats:
-    """Driver side: the corpus statistics as the sum of the shards' counts."""
+def reduce_partition(parts: Sequence[pa.Table]) -> tuple[int, list[pa.Table]]:
+    """One term partition: the shards' (term, df) tables of it → (number of distinct terms, each shard's
+    own terms with their GLOBAL df). A reduce by term, then a join back to the shards; no Python loop."""
+    import pyarrow.compute as pc
+
+    parts = [t.cast(_DF_SCHEMA) for t in parts]
+    total = pa.concat_tables(parts).group_by(TERM).aggregate([(DF, "sum")])  # [v_p] TERM, DF_sum
+    glob = total.column(f"{DF}_sum").combine_chunks()
+    out = [pa.table([t.column(TERM), glob.take(pc.index_in(t.column(TERM), value_set=total.column(TERM)))],
+                    schema=_DF_SCHEMA) for t in parts]
+    return total.num_rows, out
+
+
+def shard_stats(num_docs: int, total_len: int, df_parts: Iterable[pa.Table]) -> CorpusStats:
+    """A shard's statistics: the global scalars and the global df of its terms (its tables from every
+    partition's :func:`reduce_partition`)."""
     df: dict[str, int] = {}
-    n = total = 0
-    for p in parts:
-        n += p.num_docs
-        total += p.total_len
-        for t, c in zip(p.terms, p.df.tolist(), strict=True):
-            df[t] = df.get(t, 0) + c
-    return CorpusStats(n, total, df)
+    for t in df_parts:
+        df.update(zip(t.column(TERM).to_pylist(), t.column(DF).to_pylist(), strict=True))
+    return CorpusStats(num_docs, total_len, df)
 
 
 def idf(df: int, n: int, method: str) -> float:
@@ -327,28 +365,68 @@ def build_shard_matrix(token_lists: Sequence[Sequence[str]], stats: CorpusStats,
     return ShardMatrix(vocab, indptr, row[order].astype(np.int32), score[order].astype(np.float32), n)
 
 
-def query_scores(m: ShardMatrix, tokens: Sequence[str], nonocc: dict[str, np.float32] | None = None) -> np.ndarray:
-    """BM25 score of every shard row for one tokenised query → float32 [num_docs].
-
-    Columns are added in query-token order (repeated tokens count again), as bm25s does; ``nonocc``
-    (BM25L/BM25+: term → non-occurrence score over the GLOBAL vocabulary) adds its sum to every row."""
-    s = np.zeros(m.num_docs, np.float32)
-    for t in tokens:
-        c = m.vocab.get(t)
-        if c is not None:
-            lo, hi = m.indptr[c], m.indptr[c + 1]
-            s[m.rows[lo:hi]] += m.data[lo:hi]  # rows unique within a column: = np.add.at
-    if nonocc is not None:
-        extra = np.array([nonocc[t] for t in tokens if t in nonocc], np.float32)
-        s += extra.sum()  # the same float32 sum bm25s takes over the query's ids
-    return s
+DENSE_FRACTION = 0.125  # postings >= this × shard rows: a dense accumulator beats sorting them (SciFact: ~0.5)
 
 
-def search_rows(scores: np.ndarray, k: int, ceiling: float) -> tuple[np.ndarray, int]:
-    """(rows of the top-k with 0 < score < ceiling, ties by lower row; docs scoring ``>= ceiling``)."""
-    rows = top_k_rows(scores, k, ceiling)
-    above = 0 if np.isposinf(ceiling) else int((scores >= ceiling).sum())
-    return rows, above
+def sparse_scores(m: ShardMatrix, tokens: Sequence[str], extra: np.float32 | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """BM25 scores of one tokenised query from its posting lists only: ``(rows int64 [t] ascending,
+    scores float32 [t], rest)`` where ``rows`` are shard rows sharing a term with the query (all of them
+    whose term sum is not 0) and every other row scores ``rest``. Cost: the query's posting lists (plus
+    their sort), not the shard size.
+
+    Each row's terms are added in query-token order (repeated tokens count again), in float32, then
+    ``extra`` (BM25L/BM25+: the float32 sum of the query's non-occurrence scores over the GLOBAL
+    vocabulary) — the same operations, in the same order, as bm25s's dense accumulator, so equal bit for bit.
+    A query whose posting lists reach ``DENSE_FRACTION`` of the shard (small shards, common terms) uses
+    a dense float32 buffer, cheaper there than sorting the postings; the result is the same."""
+    spans = [(m.indptr[c], m.indptr[c + 1]) for t in tokens if (c := m.vocab.get(t)) is not None]
+    rest = np.float32(0) if extra is None else np.float32(0) + np.float32(extra)
+    if not spans:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), rest
+    if len(spans) == 1:  # one posting list: rows already unique and ascending
+        rows, acc = m.rows[spans[0][0]:spans[0][1]].astype(np.int64), m.data[spans[0][0]:spans[0][1]].copy()
+    elif sum(hi - lo for lo, hi in spans) >= DENSE_FRACTION * m.num_docs:
+        dense = np.zeros(m.num_docs, np.float32)  # [n]
+        for lo, hi in spans:
+            dense[m.rows[lo:hi]] += m.data[lo:hi]  # rows unique within a column: = np.add.at
+        rows = np.flatnonzero(dense)  # [t] a row summing to 0 scores 0 + extra = rest: the same as untouched
+        acc = dense[rows]
+    else:
+        cat = np.concatenate([m.rows[lo:hi] for lo, hi in spans])  # [P] rows, query-token order
+        rows, inv = np.unique(cat, return_inverse=True)  # [t], [P]
+        rows = rows.astype(np.int64)
+        acc = np.zeros(rows.size, np.float32)
+        np.add.at(acc, inv, np.concatenate([m.data[lo:hi] for lo, hi in spans]))  # in order: = dense +=
+    if extra is not None:
+        acc += np.float32(extra)
+    return rows, acc, rest
+
+
+def sparse_top_k(rows: np.ndarray, scores: np.ndarray, rest: float, num_docs: int, k: int,
+                 ceiling: float = np.inf) -> tuple[np.ndarray, np.ndarray, int]:
+    """The top-k of a sparse score vector (``rows`` ascending with ``scores``; every other row of
+    ``num_docs`` scores ``rest``) with 0 < score < ceiling, best first, ties by lower row — exactly
+    :func:`top_k_rows` of the dense vector. Returns ``(rows int64 [<=k], scores float32, above)``,
+    ``above`` = rows scoring ``>= ceiling`` (0 with no ceiling). Untouched rows tie at ``rest``, so only
+    the first k of them (lowest rows) can be chosen: cost O(touched + k)."""
+    if np.isnan(ceiling):
+        raise ValueError("ceiling is NaN; use +inf for 'no ceiling'")
+    n_rest = num_docs - rows.size
+    above = 0 if np.isposinf(ceiling) else int((scores >= ceiling).sum()) + (n_rest if rest >= ceiling else 0)
+    if k > 0 and n_rest > 0 and 0 < rest < ceiling:  # untouched rows are candidates: the k lowest
+        lim = min(num_docs, k + rows.size)
+        free = np.ones(lim, bool)
+        free[rows[rows < lim]] = False
+        extra_rows = np.flatnonzero(free)[:k]  # [<=k]
+        cand = np.concatenate([rows, extra_rows])
+        cs = np.concatenate([scores, np.full(extra_rows.size, rest, np.float32)])
+        order = np.argsort(cand, kind="stable")  # rows ascending: top_k_rows's "lower position" = lower row
+        cand, cs = cand[order], cs[order]
+    else:
+        cand, cs = rows, scores
+    pos = top_k_rows(cs, k, ceiling)
+    return cand[pos], cs[pos], above
 
 
 # ================================================================================================
@@ -405,17 +483,28 @@ def read_passages(uri: str, pieces: Sequence[Any], cols: Sequence[str]) -> tuple
     return (pa.concat_arrays(ids) if ids else pa.array([], pa.string())), texts
 
 
-def count_shard(uri: str, pieces: Sequence[Any], cols: Sequence[str], stopwords: str) -> TermCounts:
-    """Step 1 for one shard (a Ray task body): read, tokenise, count."""
+def count_shard(uri: str, pieces: Sequence[Any], cols: Sequence[str], stopwords: str, num_parts: int
+                ) -> tuple[Any, ...]:
+    """Step 1 for one shard (a Ray task body, ``num_returns = 1 + num_parts``): read, tokenise, count.
+    Returns ``(num_docs, total_len)`` then this shard's (term, df) table of each term partition."""
     _, texts = read_passages(uri, pieces, cols)
-    return count_terms(tokenize(texts, stopwords))
+    c = count_terms(tokenize(texts, stopwords), num_parts)
+    return ((c.num_docs, c.total_len), *c.parts)
+
+
+def reduce_task(*parts: pa.Table) -> tuple[Any, ...]:
+    """Step 2 for one term partition (a Ray task body, ``num_returns = 1 + num_shards``): the partition's
+    vocabulary size, then each shard's terms of this partition with their global df."""
+    v, out = reduce_partition(parts)
+    return (v, *out)
 
 
 class BM25Shard:
-    """One shard: its rows (kept in doc-id order) scored with the corpus-wide statistics."""
+    """One shard: its rows (kept in doc-id order) scored with the corpus-wide statistics. Holds its own
+    terms only (matrix, global df → non-occurrence scores), never the corpus vocabulary."""
 
     def __init__(self, uri: str, pieces: list[Any], cols: list[str], teacher_cfg: dict[str, Any],
-                 stats: CorpusStats) -> None:
+                 num_docs: int, total_len: int, *df_parts: pa.Table) -> None:
         import pyarrow.compute as pc
 
         t0 = time.time()
@@ -429,10 +518,11 @@ class BM25Shard:
         self._sorted = names  # [n] fixed-width unicode, for searchsorted lookups
         tokens = tokenize([texts[i] for i in order], cfg.bm25_stopwords)
         del texts
+        stats = shard_stats(num_docs, total_len, df_parts)  # the global df of this shard's terms
         self.matrix = build_shard_matrix(tokens, stats, cfg.bm25_k1, cfg.bm25_b, cfg.bm25_method)
         del tokens
         self.nonocc = ({t: nonoccurrence(d, stats, cfg.bm25_k1, cfg.bm25_b, cfg.bm25_method) for t, d in stats.df.items()}
-                       if cfg.bm25_method in _NONOCCURRENCE else None)  # vocabulary-sized, BM25L/BM25+ only
+                       if cfg.bm25_method in _NONOCCURRENCE else None)  # this shard's terms, BM25L/BM25+ only
         self.num_docs = len(names)
         self.build_s = time.time() - t0
 
@@ -443,8 +533,23 @@ class BM25Shard:
                 "build_s": round(self.build_s, 3), "pid": os.getpid(),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
 
-    def search(self, token_lists: list[list[str]], k: int, ceilings: np.ndarray | None):
-        """Shard top-k: ``(scores f32 [nq,k'], doc ids object [nq,k'], above int64 [nq])``, k' = min(k, n)."""
+    def nonocc_values(self, token_lists: list[list[str]]) -> np.ndarray:
+        """BM25L/BM25+: the non-occurrence score of every query token (flattened, float32 [sum of lengths]),
+        NaN for a term this shard lacks (another shard holding it knows its global df)."""
+        out = np.full(sum(map(len, token_lists)), np.nan, np.float32)
+        if self.nonocc is not None:
+            for j, t in enumerate(t for toks in token_lists for t in toks):
+                if (v := self.nonocc.get(t)) is not None:
+                    out[j] = v
+        return out
+
+    def _scores(self, toks: list[str], extra: np.ndarray | None, q: int):
+        return sparse_scores(self.matrix, toks, None if extra is None else extra[q])
+
+    def search(self, token_lists: list[list[str]], k: int, ceilings: np.ndarray | None,
+               extra: np.ndarray | None = None):
+        """Shard top-k: ``(scores f32 [nq,k'], doc ids object [nq,k'], above int64 [nq])``, k' = min(k, n).
+        ``extra`` (BM25L/BM25+): float32 [nq] non-occurrence sums over the global vocabulary."""
         nq = len(token_lists)
         kk = max(0, min(k, self.num_docs))
         out_s = np.full((nq, kk), -np.inf, np.float32)
@@ -453,13 +558,15 @@ class BM25Shard:
         if self.num_docs == 0:
             return out_s, out_i, above
         for q, toks in enumerate(token_lists):
-            s = query_scores(self.matrix, toks, self.nonocc)  # [n]
-            rows, above[q] = search_rows(s, kk, np.inf if ceilings is None else float(ceilings[q]))
-            out_s[q, : rows.size] = s[rows]
-            out_i[q, : rows.size] = self._sorted[rows]
+            rows, s, rest = self._scores(toks, extra, q)  # touched rows only
+            c = np.inf if ceilings is None else float(ceilings[q])
+            top, ts, above[q] = sparse_top_k(rows, s, rest, self.num_docs, kk, c)
+            out_s[q, : top.size] = ts
+            out_i[q, : top.size] = self._sorted[top]
         return out_s, out_i, above
 
-    def lookup(self, token_lists: list[list[str]], qidx: np.ndarray, doc_ids: list[str]) -> np.ndarray:
+    def lookup(self, token_lists: list[list[str]], qidx: np.ndarray, doc_ids: list[str],
+               extra: np.ndarray | None = None) -> np.ndarray:
         """Score of doc ``doc_ids[j]`` for query ``qidx[j]``; NaN for ids not in this shard. [m]"""
         out = np.full(len(doc_ids), np.nan, np.float32)
         if self.num_docs == 0 or not doc_ids:
@@ -469,7 +576,10 @@ class BM25Shard:
         hit = self._sorted[rows] == want
         for q in np.unique(qidx[hit]):
             sel = hit & (qidx == q)
-            out[sel] = query_scores(self.matrix, token_lists[q], self.nonocc)[rows[sel]]
+            touched, s, rest = self._scores(token_lists[q], extra, q)
+            at = np.minimum(np.searchsorted(touched, rows[sel]), max(touched.size - 1, 0))  # [m_q]
+            found = touched[at] == rows[sel] if touched.size else np.zeros(at.size, bool)
+            out[sel] = np.where(found, s[at] if touched.size else rest, rest)
         return out
 
 
@@ -481,30 +591,37 @@ class ShardedBM25(ShardActors):
 
     Same client interface as :class:`raymine.index.ShardedIndex` (``search_batch``, ``lookup_scores``,
     ``num_docs``, ``exact``, ``close``, context manager); the payload is query texts. Use
-    :meth:`from_parquet`. The driver holds the vocabulary-sized statistics only while building; they
-    stay in the object store as the actors' constructor argument, so a shard that dies restarts and
-    rebuilds the same rows with the same statistics (the price: each shard tokenises its rows twice,
-    once to count and once to build). Memory per shard: the term-doc score matrix (12 bytes per
-    distinct (doc, term) pair, as bm25s), the sorted doc ids, and for BM25L/BM25+ a vocabulary-sized
-    table of non-occurrence scores. The client pickles as actor handles + metadata (Ray tasks can
-    share it) and every call is stateless."""
+    :meth:`from_parquet`. The driver holds scalars (``stats``: docs, total length, vocabulary size) and
+    object refs; the df tables travel from the count tasks to the reduce tasks to the actors in the
+    object store. The client that built the index keeps the refs of the actors' df tables alive, so a
+    shard that dies restarts and rebuilds the same rows with the same statistics (the price: each shard
+    tokenises its rows twice, once to count and once to build); Ray stores objects under 100 KiB in their
+    owner's memory, the driver's here, so small corpora's tables sit there (S × S of them, each < 100 KiB).
+    Memory per shard: the term-doc score matrix (12 bytes per distinct (doc, term) pair, as bm25s), the
+    sorted doc ids, the global df of its own terms and, for BM25L/BM25+, their non-occurrence scores.
+    The client pickles as actor handles + metadata (Ray tasks can share it) and every call is stateless."""
 
     exact = True
 
     def __init__(self, actors: list, sizes: list[int], teacher_cfg: TeacherConfig, cfg: SearchConfig, uri: str,
-                 infos: list[dict[str, Any]], stats_ref: Any = None) -> None:
+                 infos: list[dict[str, Any]], stats: dict[str, int] | None = None, keep: Any = None) -> None:
         self.actors = actors
         self.sizes = sizes
         self.teacher_cfg = teacher_cfg
         self.cfg = cfg
         self.uri = uri
         self.infos = infos
-        self._stats_ref = stats_ref  # keeps the actors' constructor argument alive (restarts rebuild from it)
+        self.stats = dict(stats or {})  # scalars: num_docs, total_len, vocab_size
+        self._keep = keep  # the actors' constructor arguments (restarts rebuild from them); not pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_keep": None}  # tasks get handles + scalars, not the S×S refs
 
     @classmethod
     def from_parquet(cls, corpus_uri: str, teacher_cfg: TeacherConfig, cfg: SearchConfig,
                      shard_rows: Sequence[int] | None = None) -> ShardedBM25:
-        """Count (one Ray task per shard), sum the counts, start ``cfg.num_shards`` shard actors.
+        """Count (one Ray task per shard), reduce by term (one task per term partition, P = S), start
+        ``cfg.num_shards`` shard actors, each given the global df of its own terms. The driver sums scalars.
 
         ``corpus_uri``: a Parquet file or folder with ``DOC_ID`` and ``PASSAGE`` (else TITLE/TEXT).
         ``shard_rows`` overrides the balanced split (rows per shard, consecutive in file-name order)."""
@@ -523,22 +640,42 @@ class ShardedBM25(ShardActors):
             raise ValueError(f"{corpus_uri}: cannot index an empty corpus")
         sizes = list(shard_rows) if shard_rows is not None else balanced_sizes(total, cfg.num_shards)
         plans = plan_shards(groups, sizes)
-        count = ray.remote(count_shard).options(num_cpus=cfg.num_cpus_per_shard, max_retries=3)
-        stats = sum_counts(ray.get([count.remote(corpus_uri, p, cols, teacher_cfg.bm25_stopwords) for p in plans]))
+        num_parts = len(plans)  # P term partitions = S shards
+        opts = {"num_cpus": cfg.num_cpus_per_shard, "max_retries": 3}
+        count = ray.remote(count_shard).options(num_returns=1 + num_parts, **opts)
+        counts = [count.remote(corpus_uri, p, cols, teacher_cfg.bm25_stopwords, num_parts) for p in plans]  # [S][1+P]
+        reduce = ray.remote(reduce_task).options(num_returns=1 + len(plans), **opts)
+        reduced = [reduce.remote(*[c[1 + p] for c in counts]) for p in range(num_parts)]  # [P][1 + S]
+        scalars = ray.get([c[0] for c in counts])  # [S] (num_docs, total_len): all the driver reads
+        del counts  # the count tables are freed once the reduce tasks have read them
+        n_docs, n_tokens = sum(d for d, _ in scalars), sum(t for _, t in scalars)
         t1 = time.time()
-        stats_ref = ray.put(stats)
-        del stats
-        # a shard that dies restarts and rebuilds the same rows from Parquet and the same statistics
+        # a shard that dies restarts and rebuilds the same rows from Parquet and the same df tables
         remote = ray.remote(BM25Shard).options(num_cpus=cfg.num_cpus_per_shard, max_restarts=-1, max_task_retries=-1)
         tcfg = to_dict(teacher_cfg)
-        actors = [remote.remote(corpus_uri, p, cols, tcfg, stats_ref) for p in plans]
+        actors = [remote.remote(corpus_uri, plan, cols, tcfg, n_docs, n_tokens, *[r[1 + s] for r in reduced])
+                  for s, plan in enumerate(plans)]
+        vocab = sum(ray.get([r[0] for r in reduced]))
         infos = ray.get([a.info.remote() for a in actors])
+        stats = {"num_docs": n_docs, "total_len": n_tokens, "vocab_size": int(vocab)}
         log.info("bm25: %d shards %s of %d docs, %d terms; counted in %.1f s, built in %.1f s", len(actors), sizes,
-                 total, sum(i["terms"] for i in infos), t1 - t0, time.time() - t1)
-        return cls(actors, sizes, teacher_cfg, cfg, corpus_uri, infos, stats_ref)
+                 total, vocab, t1 - t0, time.time() - t1)
+        return cls(actors, sizes, teacher_cfg, cfg, corpus_uri, infos, stats, [r[1:] for r in reduced])
 
     def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
         return tokenize(texts, self.teacher_cfg.bm25_stopwords)
+
+    def _extra(self, toks: Any, token_lists: list[list[str]]) -> np.ndarray | None:
+        """BM25L/BM25+: each query's float32 sum of the non-occurrence scores of its tokens in the GLOBAL
+        vocabulary (query order, repeats counted, as bm25s); None for the other methods. [nq]"""
+        import ray
+
+        if self.teacher_cfg.bm25_method not in _NONOCCURRENCE:
+            return None
+        vals = np.fmax.reduce(ray.get([a.nonocc_values.remote(toks) for a in self.actors]), axis=0)  # [tokens]
+        bounds = np.concatenate([[0], np.cumsum([len(t) for t in token_lists])])
+        return np.array([(v := vals[lo:hi])[~np.isnan(v)].sum() for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)],
+                        np.float32)
 
     def search_batch(self, texts: Sequence[str], k: int, ceilings: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -557,8 +694,10 @@ class ShardedBM25(ShardActors):
                 raise ValueError(f"{c.shape[0]} ceilings for {nq} queries")
             if np.isnan(c).any():
                 raise ValueError("ceilings contain NaN; use +inf for 'no ceiling'")
-        toks = ray.put(self.tokenize(texts))
-        parts = ray.get([a.search.remote(toks, k, c) for a in self.actors])
+        token_lists = self.tokenize(texts)
+        toks = ray.put(token_lists)
+        extra = self._extra(toks, token_lists)
+        parts = ray.get([a.search.remote(toks, k, c, extra) for a in self.actors])
         s, ids = merge_topk_by_id([p[0] for p in parts], [p[1] for p in parts], k)
         above = np.sum([p[2] for p in parts], axis=0).astype(np.int64)
         return s, ids, above, 0
@@ -573,8 +712,10 @@ class ShardedBM25(ShardActors):
         lens = np.fromiter((len(d) for d in doc_ids), np.int64, len(doc_ids))
         flat = [str(d) for ds in doc_ids for d in ds]
         qidx = np.repeat(np.arange(len(texts)), lens)  # [m]
-        toks = ray.put(self.tokenize(texts))
-        parts = ray.get([a.lookup.remote(toks, qidx, flat) for a in self.actors])
+        token_lists = self.tokenize(texts)
+        toks = ray.put(token_lists)
+        extra = self._extra(toks, token_lists)
+        parts = ray.get([a.lookup.remote(toks, qidx, flat, extra) for a in self.actors])
         found = np.sum([~np.isnan(p) for p in parts], axis=0)
         if (found > 1).any():
             dup = sorted({flat[j] for j in np.flatnonzero(found > 1)})[:5]

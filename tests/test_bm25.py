@@ -1,10 +1,12 @@
 """BM25 teacher: hand-computed lucene scores, agreement with bm25s's own retrieve, exact ceiling search;
-sharded BM25 (corpus-wide statistics) against one bm25s index over the whole corpus."""
+sharded BM25 (corpus-wide statistics from a distributed count + reduce, sparse scoring) against one bm25s
+index over the whole corpus, and the sparse scoring against a dense reference kept here."""
 from __future__ import annotations
 
 import gzip
 import json
 import math
+import pickle
 from itertools import islice
 from pathlib import Path
 
@@ -16,12 +18,17 @@ import pytest
 from raymine.bm25 import (
     METHODS,
     BM25Teacher,
+    CorpusStats,
     ShardedBM25,
+    ShardMatrix,
     build_shard_matrix,
     count_terms,
     nonoccurrence,
-    query_scores,
-    sum_counts,
+    reduce_partition,
+    shard_stats,
+    sparse_scores,
+    sparse_top_k,
+    term_partition,
     tokenize,
     top_k_rows,
 )
@@ -201,35 +208,160 @@ def bm25s_reference(texts: list[str], method: str, k1: float = 1.5, b: float = 0
     return lambda toks: np.asarray(ref.get_scores_from_ids(ref.get_tokens_ids(toks)), np.float32)
 
 
+def distributed_stats(parts: list[list[list[str]]], num_parts: int) -> tuple[list[CorpusStats], int]:
+    """Steps 1–2 without Ray: count each shard into ``num_parts`` term partitions, reduce each partition,
+    give each shard its tables → (each shard's statistics, vocabulary size)."""
+    counts = [count_terms(p, num_parts) for p in parts]
+    reduced = [reduce_partition([c.parts[q] for c in counts]) for q in range(num_parts)]  # [P] (v_q, [S])
+    n, total = sum(c.num_docs for c in counts), sum(c.total_len for c in counts)
+    return [shard_stats(n, total, [r[1][s] for r in reduced]) for s in range(len(parts))], sum(r[0] for r in reduced)
+
+
+def dense_scores(m: ShardMatrix, tokens: list[str], extra: np.float32 | None) -> np.ndarray:
+    """The dense reference (what the library did before): a float32 [n] accumulator, columns added in
+    query-token order, then ``extra`` added to every row."""
+    s = np.zeros(m.num_docs, np.float32)
+    for t in tokens:
+        if (c := m.vocab.get(t)) is not None:
+            s[m.rows[m.indptr[c]:m.indptr[c + 1]]] += m.data[m.indptr[c]:m.indptr[c + 1]]
+    if extra is not None:
+        s += np.float32(extra)
+    return s
+
+
+def densify(rows: np.ndarray, scores: np.ndarray, rest: np.float32, n: int) -> np.ndarray:
+    out = np.full(n, rest, np.float32)
+    out[rows] = scores
+    return out
+
+
+def global_extra(stats: list[CorpusStats], tokens: list[str], method: str, k1: float, b: float) -> np.float32 | None:
+    """BM25L/BM25+: the float32 sum of the query tokens' non-occurrence scores, each from a shard that
+    holds the term (what the client gathers from the actors)."""
+    if method not in ("bm25l", "bm25+"):
+        return None
+    vals = []
+    for t in tokens:
+        holder = next((st for st in stats if t in st.df), None)
+        if holder is not None:
+            vals.append(nonoccurrence(holder.df[t], holder, k1, b, method))
+    return np.array(vals, np.float32).sum()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_shard_scores_from_global_stats_equal_bm25s(scifact, method):
-    """Pure maths, no Ray: every split (uneven, an empty shard, a 1-doc shard) scores bit for bit as bm25s."""
+    """Pure maths, no Ray: every split (uneven, an empty shard, a 1-doc shard) and number of term
+    partitions scores bit for bit as bm25s, though no shard sees the whole vocabulary."""
     _, _, texts, queries = scifact
     score = bm25s_reference(texts, method, k1=1.2, b=0.6)
     toks = tokenize(texts, "en")
     qtoks = tokenize(queries, "en")
     want = np.stack([score(q) for q in qtoks])  # [nq, n]
-    for sizes in [(1500,), (700, 0, 800), (1, 1499), (300, 301, 299, 600)]:
+    vocab = len({t for d in toks for t in d})
+    for sizes, num_parts in [((1500,), 1), ((700, 0, 800), 3), ((1, 1499), 2), ((300, 301, 299, 600), 4)]:
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         parts = [toks[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        stats = sum_counts(count_terms(p) for p in parts)
-        assert stats.num_docs == 1500 and stats.total_len == sum(map(len, toks))
-        mats = [build_shard_matrix(p, stats, 1.2, 0.6, method) for p in parts]
-        nonocc = ({t: nonoccurrence(d, stats, 1.2, 0.6, method) for t, d in stats.df.items()}
-                  if method in ("bm25l", "bm25+") else None)
-        got = np.stack([np.concatenate([query_scores(m, q, nonocc) for m in mats]) for q in qtoks])
+        stats, v = distributed_stats(parts, num_parts)
+        assert v == vocab and all(st.num_docs == 1500 and st.total_len == sum(map(len, toks)) for st in stats)
+        assert all(set(st.df) == {t for d in p for t in d} for st, p in zip(stats, parts, strict=True))  # own terms
+        mats = [build_shard_matrix(p, st, 1.2, 0.6, method) for p, st in zip(parts, stats, strict=True)]
+        got = np.stack([np.concatenate([densify(*sparse_scores(m, q, global_extra(stats, q, method, 1.2, 0.6)),
+                                                m.num_docs) for m in mats]) for q in qtoks])
         np.testing.assert_array_equal(got, want)
     assert (want > 0).sum() > 1000
 
 
-def test_sum_counts_and_bad_stats():
-    a, b = count_terms([["x", "y", "x"], []]), count_terms([["y"]])
-    stats = sum_counts([a, b])
-    assert stats.df == {"x": 1, "y": 2} and stats.num_docs == 3 and stats.total_len == 4
+def test_counts_reduce_and_bad_stats():
+    a, b = count_terms([["x", "y", "x"], []], 2), count_terms([["y"], ["z", "y"]], 2)
+    assert (a.num_docs, a.total_len, b.num_docs, b.total_len) == (2, 3, 2, 3)
+    part = dict(zip(["x", "y", "z"], term_partition(["x", "y", "z"], 2).tolist(), strict=True))
+    for c, local in [(a, {"x": 1, "y": 1}), (b, {"y": 2, "z": 1})]:  # each term in its hash partition
+        for q in range(2):
+            assert dict(zip(*c.parts[q].to_pydict().values(), strict=True)) == {t: d for t, d in local.items()
+                                                                                 if part[t] == q}
+    reduced = [reduce_partition([a.parts[q], b.parts[q]]) for q in range(2)]
+    assert sum(v for v, _ in reduced) == 3
+    sa, sb = (shard_stats(4, 6, [r[1][s] for r in reduced]) for s in range(2))
+    assert sa.df == {"x": 1, "y": 3} and sb.df == {"y": 3, "z": 1} and sa.avgdl == 1.5  # global df, own terms
+    assert term_partition(["x", "y", "z"], 2).tolist() == term_partition(["x", "y", "z"], 2).tolist()
     with pytest.raises(ValueError, match="missing from the corpus statistics"):
-        build_shard_matrix([["zzz"]], stats, 1.5, 0.75, "lucene")
+        build_shard_matrix([["zzz"]], sa, 1.5, 0.75, "lucene")
     with pytest.raises(ValueError, match="bm25_method"):
-        build_shard_matrix([["x"]], stats, 1.5, 0.75, "bm26")
+        build_shard_matrix([["x"]], sa, 1.5, 0.75, "bm26")
+    with pytest.raises(ValueError, match="num_parts"):
+        count_terms([["x"]], 0)
+
+
+def random_matrix(rng: np.random.Generator, n: int, v: int) -> ShardMatrix:
+    """A hand-made shard matrix, most columns with coarse values (-0.5 … 1, zeros included: ties
+    everywhere, touched rows that score exactly the untouched constant), some with arbitrary float32
+    values (where the order and precision of the float32 sums show)."""
+    rows, data, indptr = [], [], [0]
+    for _ in range(v):
+        r = np.sort(rng.choice(n, size=int(rng.integers(0, n + 1)), replace=False)).astype(np.int32)
+        rows.append(r)
+        coarse = rng.choice(np.array([-0.5, 0.0, 0.25, 0.5, 1.0], np.float32), size=r.size)
+        data.append(coarse if rng.random() < 0.6 else rng.uniform(0, 3, r.size).astype(np.float32))  # rounding
+        indptr.append(indptr[-1] + r.size)
+    return ShardMatrix({f"t{c}": c for c in range(v)}, np.array(indptr, np.int64), np.concatenate(rows),
+                       np.concatenate(data), n)
+
+
+def reference_rows(dense: np.ndarray, k: int, ceiling: float) -> list[int]:
+    """Independent: rows with 0 < score < ceiling, score descending, ties by row."""
+    return sorted((i for i in range(dense.size) if 0 < dense[i] < ceiling), key=lambda i: (-dense[i], i))[:k]
+
+
+@pytest.mark.parametrize("dense_fraction", [0.0, np.inf])  # every query on the dense buffer / on the sort
+def test_sparse_scoring_equals_dense_reference(monkeypatch, dense_fraction):
+    """Sparse accumulate + top-k over the touched rows == the dense vector's, on random matrices (ties,
+    ceilings at existing scores and at the untouched constant, k beyond the touched rows, repeated and
+    unknown tokens, a constant for untouched rows as BM25L/BM25+ give), through both accumulators."""
+    from raymine import bm25
+
+    monkeypatch.setattr(bm25, "DENSE_FRACTION", dense_fraction)
+    rng = np.random.default_rng(7)
+    checked = with_rest = 0
+    for trial in range(60):
+        n, v = int(rng.integers(1, 40)), int(rng.integers(1, 8))
+        m = random_matrix(rng, n, v)
+        for _ in range(4):
+            toks = [f"t{int(c)}" for c in rng.integers(0, v + 2, size=int(rng.integers(0, 6)))]  # t{v}+: unknown
+            extra = None if trial % 3 == 0 else np.float32(rng.choice([0.0, 0.25, 0.5, -0.25]))
+            dense = dense_scores(m, toks, extra)  # [n]
+            rows, sc, rest = sparse_scores(m, toks, extra)
+            assert rows.dtype == np.int64 and sc.dtype == np.float32 and np.all(np.diff(rows) > 0)
+            np.testing.assert_array_equal(densify(rows, sc, rest, n), dense)  # bit for bit
+            posted = {r for t in toks if t in m.vocab for r in m.rows[m.indptr[m.vocab[t]]:m.indptr[m.vocab[t] + 1]]}
+            nonzero = set(np.flatnonzero(dense_scores(m, toks, None)).tolist())  # term sum != 0
+            assert nonzero <= set(rows.tolist()) <= posted  # only posting-list rows; every one that scores
+            levels = np.unique(dense)
+            for ceiling in [np.inf, float(rest), float(rest) + 0.1, *rng.choice(levels, size=2).tolist(), -1.0]:
+                for k in [0, 1, 3, max(rows.size, 1) + 2, n, n + 5]:
+                    got, got_s, above = sparse_top_k(rows, sc, rest, n, k, ceiling)
+                    want = reference_rows(dense, k, ceiling)
+                    assert got.tolist() == want, (trial, toks, ceiling, k)
+                    np.testing.assert_array_equal(got_s, dense[want])
+                    assert above == (0 if np.isposinf(ceiling) else int((dense >= ceiling).sum()))
+                    checked += 1
+                    with_rest += int(rest > 0 and any(r not in rows for r in want))
+    assert checked > 5000 and with_rest > 100  # untouched rows really were chosen
+    with pytest.raises(ValueError, match="NaN"):
+        sparse_top_k(np.zeros(0, np.int64), np.zeros(0, np.float32), np.float32(0), 3, 2, float("nan"))
+
+
+def test_sparse_scoring_cost_follows_posting_lists():
+    """A query touching 3 rows of a 200k-row shard returns 3 rows, and the top-k with k=5 beyond them
+    only the 5 lowest untouched rows: nothing shard-sized is built."""
+    n = 200_000
+    m = ShardMatrix({"a": 0, "b": 1}, np.array([0, 2, 3], np.int64), np.array([7, 150_000, 7], np.int32),
+                    np.array([1.0, 2.0, 0.5], np.float32), n)
+    rows, sc, rest = sparse_scores(m, ["b", "a", "zz"], np.float32(0.25))
+    assert rows.tolist() == [7, 150_000] and sc.tolist() == [1.75, 2.25] and rest == np.float32(0.25)
+    got, got_s, above = sparse_top_k(rows, sc, rest, n, 5, 2.0)
+    assert got.tolist() == [7, 0, 1, 2, 3] and got_s.tolist() == [1.75] + [0.25] * 4 and above == 1
+    got, _, above = sparse_top_k(rows, sc, rest, n, 5, 0.25)  # the constant is at the ceiling: excluded
+    assert got.tolist() == [] and above == n
 
 
 def write_corpus(folder: Path, ids: list[str], texts: list[str], splits=(0.4, 0.45, 1.0), passage=True,
@@ -327,3 +459,48 @@ def test_sharded_bm25_bad_input(ray_local, tmp_path):
         ShardedBM25.from_parquet(str(tmp_path / "bad.parquet"), TeacherConfig(kind="bm25"), cfg)
     with pytest.raises(ValueError, match="kind 'bm25'"):
         ShardedBM25.from_parquet(uri, TeacherConfig(), cfg)
+
+
+def vocab_corpus(rng: np.random.Generator, n: int, vocab: int) -> tuple[list[str], list[str]]:
+    """n docs over ``vocab`` words, the word 'rareword' in one doc only, twin texts (ties)."""
+    words = [f"w{i}x" for i in range(vocab)]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 12)))) for _ in range(n)]
+    texts[-1] += " rareword"
+    texts[:10] = texts[10:20]
+    return [f"doc{i:04d}" for i in range(n)], texts
+
+
+def test_sharded_bm25_driver_holds_scalars_and_bm25plus_equals_bm25s(ray_local, tmp_path):
+    """BM25+ through Ray (a query term only the last shard holds still adds its non-occurrence score in
+    every shard) equals one bm25s index, search (k beyond the touched docs) and lookup; the driver keeps
+    scalars and object refs only: the client's pickled size does not grow with a 40× larger vocabulary."""
+    import ray
+
+    rng = np.random.default_rng(3)
+    tcfg = TeacherConfig(kind="bm25", bm25_stopwords="", bm25_method="bm25+")
+    sizes = []
+    for vocab in (50, 2000):
+        ids, texts = vocab_corpus(rng, 240, vocab)
+        uri = write_corpus(tmp_path / f"v{vocab}", ids, texts)
+        score = bm25s_reference(texts, "bm25+", stopwords="")
+        queries = ["w1x w2x rareword", "rareword", "w3x w3x w4x", "nothing matches"]
+        full = np.stack([score(q) for q in tokenize(queries, "")])  # [nq, n]
+        with ShardedBM25.from_parquet(uri, tcfg, SearchConfig(num_shards=2)) as index:
+            assert index.stats == {"num_docs": 240, "total_len": sum(len(t.split()) for t in texts),
+                                   "vocab_size": len({w for t in texts for w in t.split()})}
+            assert all(type(x) is int for x in index.stats.values())
+            assert all(isinstance(r, ray.ObjectRef) for refs in index._keep for r in refs)  # not materialised
+            sizes.append(len(pickle.dumps(index)))
+            ceil = np.array([np.inf, np.inf, np.sort(full[2])[-3], np.inf], np.float32)
+            s, got, above, _ = index.search_batch(queries, 250, ceil)
+            id_arr = np.array(ids, object)
+            for q in range(len(queries)):
+                want_ids, want_s = reference_topk(full[q], id_arr, 250, float(ceil[q]))
+                assert got[q].tolist() == want_ids + [""] * (250 - len(want_ids))
+                np.testing.assert_array_equal(s[q, : len(want_ids)], want_s)
+                assert above[q] == (0 if np.isposinf(ceil[q]) else int((full[q] >= ceil[q]).sum()))
+            assert len(reference_topk(full[1], id_arr, 250, np.inf)[0]) == 240  # untouched docs score too
+            got = index.lookup_scores(queries[:2], [[ids[0], ids[-1], "nope"], [ids[5]]])
+            np.testing.assert_array_equal(got[0], [full[0, 0], full[0, -1], np.nan])
+            np.testing.assert_array_equal(got[1], [full[1, 5]])
+    assert abs(sizes[0] - sizes[1]) < 64, sizes
