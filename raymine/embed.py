@@ -10,15 +10,19 @@ per-row passes through the driver: it plans pieces and sums the small per-piece 
 Resumable per part: a new invocation after a crash (driver, node, whole cluster) keeps every part whose
 footer has the piece's row count and embeds only the missing pieces; Ray's own in-run retries stay as
 they are (an actor that dies is restarted and its in-flight pieces retried). Reading the parts in name
-order gives the input order. The pool is sized so every actor stays busy: one piece per task
-(``max_tasks_in_flight_per_actor=1``), pieces queued longest table first, a small corpus cut into at least
-``PIECES_PER_ACTOR`` pieces per actor (:func:`piece_rows`), torch threads per actor = the node's cores divided
-among the pool's actors on CPU; the manifest reports actors used, their busy fraction and their start-up.
+order gives the input order. Pieces are planned from the data and the config only, never from the pool
+(:func:`piece_rows`: ``rows_per_block``, a small corpus cut into at least ``MIN_PASSAGE_PIECES``), and the
+stage key leaves out the pool's resources (:func:`key_config`), so a run resumed on a resized cluster keeps
+every finished part. The pool is sized so every actor stays busy: one piece per task
+(``max_tasks_in_flight_per_actor=1``), torch threads per actor = the node's cores divided among the pool's
+actors on CPU; the manifest reports actors used, their busy fraction and their start-up. Actors report each
+part's rows and bytes with its write: the driver never reads a part back.
 """
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -118,7 +122,7 @@ class EmbedPieces:
              EMBEDDING: embeddings_to_arrow(emb.astype(self.out_dtype, copy=False))},
             schema=embedding_schema(spec.id_column, emb.shape[1] if emb.size else self.encoder.dim, self.storage_dtype),
         )
-        parts.write_part(out, spec.out_uri, int(piece["part"]))
+        _, self.last_bytes = parts.write_part_sized(out, spec.out_uri, int(piece["part"]))
         return table.num_rows, int(np.asarray(self.encoder.last_truncated).sum())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -126,12 +130,15 @@ class EmbedPieces:
         rows = np.zeros(n, np.int64)
         cut = np.zeros(n, np.int64)
         busy = np.zeros(n, np.float64)
+        size = np.zeros(n, np.int64)
         for j in range(n):
             t0 = time.perf_counter()
             piece = {k: batch[k][j] for k in ("path", "row_group", "lo", "hi", "part")}
             rows[j], cut[j] = self.embed_piece(int(batch["input"][j]), piece)
+            size[j] = self.last_bytes
             busy[j] = time.perf_counter() - t0
         return {"input": batch["input"], "part": batch["part"], "rows": rows, "truncated": cut, "busy_s": busy,
+                "bytes": size,
                 "actor": np.full(n, os.getpid(), np.int64), "node": np.array([_node()] * n, dtype=object),
                 "t_init": np.full(n, self.t_init), "t_ready": np.full(n, self.t_ready)}
 
@@ -157,18 +164,27 @@ def _threads_per_actor(cfg: EmbedConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, cfg.num_actors))
 
 
-PIECES_PER_ACTOR = 4  # at least this many passage pieces per actor where the corpus allows it
+MIN_PASSAGE_PIECES = 8  # a passage table is cut into at least this many pieces where the batch size allows
 
 
 def piece_rows(side: str, total_rows: int, cfg: EmbedConfig, batch_size: int) -> int:
-    """Rows per piece of one input: ``cfg.rows_per_block``, except that a passage table too small to give every
-    actor ``PIECES_PER_ACTOR`` pieces of that size is cut finer (never below one encoder batch), so no actor
-    idles while another embeds a whole small corpus. Queries keep ``rows_per_block``: the search stage maps
-    query piece ``i`` to query-embedding part ``i`` with that size."""
+    """Rows per piece of one input, from the data and the config only (never the pool, so piece ``i`` and its
+    part are the same whatever the cluster a run resumes on): ``cfg.rows_per_block``, except that a passage
+    table too small to give ``MIN_PASSAGE_PIECES`` pieces of that size is cut finer (never below one encoder
+    batch), so a small corpus still spreads over the actors. 8 is the earlier per-pool rule (4 pieces per
+    actor) at the default 2 actors: default pieces, and so vectors, are unchanged (SciFact's 5,183 passages:
+    pieces of 256). Queries keep ``rows_per_block``: search maps query piece ``i`` to query-embedding part
+    ``i`` with that size."""
     if side == "query":
         return cfg.rows_per_block
-    fair = -(-total_rows // (PIECES_PER_ACTOR * max(1, cfg.num_actors)))  # ceil
-    return max(1, min(cfg.rows_per_block, max(fair, batch_size)))
+    small = -(-total_rows // MIN_PASSAGE_PIECES)  # ceil
+    return max(1, min(cfg.rows_per_block, max(small, batch_size)))
+
+
+def key_config(cfg: EmbedConfig) -> dict[str, Any]:
+    """What of the pool config decides the vectors: the piece size, and CPU vs GPU (GPU encodes in half
+    precision). Actors, CPUs and GPUs per actor are resources: a run resumed with another pool keeps its parts."""
+    return {"rows_per_block": cfg.rows_per_block, "gpu": cfg.num_gpus_per_actor > 0}
 
 
 def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[EmbedInput], stage_dir: str,
@@ -193,7 +209,7 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
 
         actor = served.ServedPieces
     teacher_key = served.key_config(teacher) if served else to_dict(teacher)
-    key = storage.stage_key(STAGE, teacher_key, to_dict(cfg), [to_dict_input(s) for s in inputs], input_key)
+    key = storage.stage_key(STAGE, teacher_key, key_config(cfg), [to_dict_input(s) for s in inputs], input_key)
     done, run = storage.begin(stage_dir, f"{STAGE}:{teacher.model}", key,
                               config={"teacher": to_dict(teacher), "embed": to_dict(cfg)}, resume=True)
     if run is None:
@@ -204,21 +220,20 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     todo: list[dict[str, Any]] = []
     expected: dict[str, int] = {}
     kept = 0
-    planned: list[list[parts.Piece]] = []
+    written: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per input: planned rows, rows, bytes [pieces]
     for which, spec in enumerate(inputs):
         groups = parts.row_groups(spec.table_uri)  # footers, read once
         size = piece_rows(spec.side, sum(n for *_, n in groups), cfg, teacher.batch_size)
         pieces = parts.plan_pieces(spec.table_uri, size, groups)
-        planned.append(pieces)
         missing = [c for c in (spec.id_column,) if c not in parts.schema(spec.table_uri).names] if pieces else []
         if missing:
             raise ValueError(f"{spec.table_uri}: column(s) {missing} missing")
         expected[spec.side] = sum(p.rows for p in pieces)
-        for i, p in enumerate(pieces):
-            if storage.valid_part(storage.join(spec.out_uri, parts.part_name(i)), p.rows):
-                kept += 1
-                continue
-            todo.append({**p.to_row(), "part": i, "input": which})
+        plan = np.fromiter((p.rows for p in pieces), np.int64, len(pieces))
+        have, nbytes = parts.kept_parts(spec.out_uri, plan)  # one listing; footers checked by Ray tasks
+        written.append((plan, np.where(have, plan, -1), nbytes))
+        kept += int(have.sum())
+        todo.extend({**p.to_row(), "part": i, "input": which} for i, p in enumerate(pieces) if not have[i])
     if kept:
         log.info("embed %s: resuming, %d part(s) already written, %d piece(s) to embed", teacher.model, kept, len(todo))
 
@@ -246,18 +261,19 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
             if served:
                 served.raise_piece_errors(b)  # returned as data by the actor: one line, no worker traceback
             for j in range(len(b["part"])):
-                side = inputs[int(b["input"][j])].side
+                which, part = int(b["input"][j]), int(b["part"][j])
+                written[which][1][part], written[which][2][part] = int(b["rows"][j]), int(b["bytes"][j])
+                side = inputs[which].side
                 per_side[side]["rows"] += int(b["rows"][j])
                 per_side[side]["truncated"] += int(b["truncated"][j])
                 actors[int(b["actor"][j])] = actors.get(int(b["actor"][j]), 0.0) + float(b["busy_s"][j])
                 ready[int(b["actor"][j])] = (float(b["t_init"][j]), float(b["t_ready"][j]))
                 nodes.add(str(b["node"][j]))
     wall = max(time.time() - t_map, 1e-9)
-    for spec, pieces in zip(inputs, planned, strict=True):
-        n_written = sum(storage.parquet_rows(storage.join(spec.out_uri, parts.part_name(i))) or 0
-                        for i in range(len(pieces)))
-        if n_written != expected[spec.side]:
-            raise RuntimeError(f"embed {spec.side}: {n_written} rows written, the input has {expected[spec.side]}")
+    for spec, (plan, rows, _) in zip(inputs, written, strict=True):
+        if not np.array_equal(rows, plan):  # every part kept or reported by its actor, with its piece's rows
+            raise RuntimeError(f"embed {spec.side}: {int(rows[rows > 0].sum())} rows in {int((rows >= 0).sum())} "
+                               f"part(s) written, the input has {expected[spec.side]} in {len(plan)} piece(s)")
         if per_side[spec.side]["truncated"]:
             max_len = teacher.query_max_length if spec.side == "query" else teacher.passage_max_length
             log.warning("embed %s: %d of %d %s texts truncated at %d tokens (raise the teacher's %s_max_length "
@@ -280,10 +296,25 @@ def embed_tables(teacher: TeacherConfig, cfg: EmbedConfig, inputs: Sequence[Embe
     log.info("embed %s: %d texts in %.1f s by %d actor(s), busy %.0f%%; actors ready %s s after the start "
              "(imports + model load %s s)", teacher.model, stats["rows"], wall, len(actors),
              100 * (run.counts["busy_fraction"] or 0), startup, load)
-    return run.finish(model=teacher.model, query_prompt=teacher.query_prompt, passage_prompt=teacher.passage_prompt,
+    return run.finish(parts=_part_records(stage_dir, inputs, written), model=teacher.model, query_prompt=teacher.query_prompt, passage_prompt=teacher.passage_prompt,
                       pooling=teacher.pooling, normalize=teacher.normalize, dim=dim,
                       storage_dtype=teacher.storage_dtype, busy_s_per_actor=sorted(round(v, 2) for v in actors.values()),
                       ready_s_per_actor=startup, load_s_per_actor=load, wall_s=round(wall, 2))
+
+
+def _part_records(stage_dir: str, inputs: Sequence[EmbedInput],
+                  written: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Any:
+    """The parts under ``stage_dir`` as ``storage.part_table``, from what was kept and what the actors reported
+    (an output folder outside the stage folder is not the stage's to verify, as with a listing)."""
+    names, sizes, rows = [], [], []
+    for spec, (_, r, b) in zip(inputs, written, strict=True):
+        rel = storage.relative(spec.out_uri, stage_dir)
+        if rel is None:
+            continue
+        names.extend(posixpath.join(rel, parts.part_name(i)) if rel else parts.part_name(i) for i in range(len(r)))
+        sizes.append(b)
+        rows.append(r)
+    return storage.part_table(names, np.concatenate(sizes) if sizes else [], np.concatenate(rows) if rows else [])
 
 
 def to_dict_input(spec: EmbedInput) -> dict[str, str]:
@@ -300,7 +331,8 @@ def embedding_files(uri: str) -> list[str]:
 
     fs, root = storage.resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")),
+                   key=parts.sort_key)  # numbered parts by number: 5-digit names of older runs too
     return [f"{root}/{n}" for n in names]
 
 

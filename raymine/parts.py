@@ -3,24 +3,56 @@
 A *piece* is a slice of one row group of one Parquet file, planned from footers only (the driver never
 reads rows). Stages that resume per part map piece ``i`` of their input to output part ``i``
 (``part_name(i)``), so a re-run after a crash redoes only the pieces whose part is missing or damaged,
-and reading the output parts in name order gives the input order.
+and reading the output parts in name order gives the input order: names carry 9 digits (sorted as text
+up to 10^9 parts), and :func:`sort_key` orders numbered parts of any width by number, so folders written
+with the older 5-digit names (or past 99,999 parts) still read in input order.
 """
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymine import storage
 
-PART = "part-{:05d}.parquet"
+PART = "part-{:09d}.parquet"  # 9 digits: text order = input order up to 10^9 parts
+LEGACY_PART = "part-{:05d}.parquet"  # names written before (5 digits, a 6th from part 100,000 on)
+_NUMBERED = re.compile(r"part-(\d+(?:-\d+)*)\.parquet")  # part-<i> and ingest's part-<task>-<block>
 
 
 def part_name(i: int) -> str:
     return PART.format(i)
+
+
+def part_index(name: str) -> int | None:
+    """``i`` of a file named exactly ``part_name(i)`` (a path's base name), else None."""
+    m = re.fullmatch(r"part-(\d{9,})\.parquet", name.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1])
+    return int(m.group(1)) if m and part_name(int(m.group(1))) == m.group(0) else None
+
+
+def sort_key(path: str) -> str:
+    """Sort key giving input order for numbered parts of any width: each number of a ``part-N[-M].parquet``
+    base name zero-padded to 20 digits (equal-width names keep their text order; other names are unchanged)."""
+    head, sep, base = path.rpartition("/")
+    m = _NUMBERED.fullmatch(base)
+    if m is None:
+        return path
+    return head + sep + "part-" + "-".join(d.zfill(20) for d in m.group(1).split("-")) + ".parquet"
+
+
+def find_part(folder_uri: str, i: int) -> str:
+    """URI of part ``i`` of a folder table: its 9-digit name, or the older 5-digit one where only that exists
+    (a folder written before the rename). Called by workers: two metadata calls at most."""
+    uri = storage.join(folder_uri, part_name(i))
+    if storage.exists(uri):
+        return uri
+    legacy = storage.join(folder_uri, LEGACY_PART.format(i))
+    return legacy if storage.exists(legacy) else uri
 
 
 @dataclass(frozen=True)
@@ -59,7 +91,7 @@ def list_parquet(uri: str) -> list[str]:
     ]
     if not files:
         raise FileNotFoundError(f"{uri}: no .parquet files")
-    return sorted(files)
+    return sorted(files, key=sort_key)
 
 
 def row_groups(uri: str) -> list[tuple[str, int, int]]:
@@ -137,10 +169,56 @@ def _read_files(batch: pa.Table, uri: str, columns: list[str] | None) -> Iterato
 def write_part(table: pa.Table, folder_uri: str, i: int) -> str:
     """Write ``table`` as part ``i`` of a folder table; returns its URI. Written under a temporary name and
     moved into place, so a part that exists is complete."""
+    return write_part_sized(table, folder_uri, i)[0]
+
+
+def write_part_sized(table: pa.Table, folder_uri: str, i: int) -> tuple[str, int]:
+    """:func:`write_part`, also returning the part's size in bytes: the worker reports its part's metadata
+    (rows, bytes) with the write, so the driver never reads it back part by part."""
     uri = storage.join(folder_uri, part_name(i))
     fs, path = storage.resolve(uri)
     fs.create_dir(os.path.dirname(path) if "://" not in uri else path.rsplit("/", 1)[0], recursive=True)
     tmp = path + ".tmp"
     pq.write_table(table, tmp, filesystem=fs)
+    size = fs.get_file_info(tmp).size
     fs.move(tmp, path)
-    return uri
+    return uri, int(size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume: which parts of an earlier run to keep (one listing + footer checks in parallel Ray tasks)
+# ------------------------------------------------------------------------------------------------
+CHECK_CHUNK = 256  # parts whose footers one Ray task checks
+
+
+def kept_parts(folder_uri: str, expected_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept bool [n], bytes int64 [n]) of parts ``0..n-1`` of ``folder_uri`` left by an earlier run of the
+    same key: a part is kept when its footer has ``expected_rows[i]`` rows; a damaged one is deleted (so the
+    caller redoes it). The driver lists the folder once; the footers of the parts the listing holds are
+    read by Ray tasks, ``CHECK_CHUNK`` parts each (none when the folder is empty: a first run costs one
+    listing)."""
+    n = len(expected_rows)
+    kept, size = np.zeros(n, bool), np.zeros(n, np.int64)
+    present = []
+    for name, nbytes in storage.list_files(folder_uri).items():
+        i = part_index(name) if "/" not in name and os.sep not in name else None
+        if i is not None and i < n:
+            present.append(i)
+            size[i] = nbytes
+    if not present:
+        return kept, size
+    import ray
+
+    idx = np.sort(np.asarray(present, np.int64))
+    check = ray.remote(num_cpus=0.25)(_check_parts)
+    chunks = [idx[lo : lo + CHECK_CHUNK] for lo in range(0, len(idx), CHECK_CHUNK)]
+    for chunk, ok in zip(chunks, ray.get([check.remote(folder_uri, c, expected_rows[c]) for c in chunks]), strict=True):
+        kept[chunk] = ok
+    size[~kept] = 0
+    return kept, size
+
+
+def _check_parts(folder_uri: str, idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``kept_parts``' task: footer row count == expected, for each part of ``idx`` (damaged ones deleted)."""
+    return np.fromiter((storage.valid_part(storage.join(folder_uri, part_name(int(i))), int(r))
+                        for i, r in zip(idx, rows, strict=True)), bool, len(idx))

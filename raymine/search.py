@@ -5,8 +5,10 @@ for the sharded BM25 index). Output: one row per query (``SEARCH_SCHEMA``), Parq
 The driver starts the shard actors and plans query *pieces* (``raymine.parts``, from Parquet footers);
 Ray Data tasks take one piece each, read its queries (ids, positives, excluded ids, text or the aligned
 query-embedding part), ask every shard through the index client, merge, and write output part ``i`` for
-piece ``i`` themselves. The driver sums per-piece counts only. A re-run after a crash (driver, node)
-searches only the pieces whose part is missing or damaged.
+piece ``i`` themselves. The driver sums per-piece counts (and each part's rows and bytes, reported with
+its write) only. A re-run after a crash (driver, node) searches only the pieces whose part is missing or
+damaged; the stage key leaves out resources (task counts, CPUs, threads, and the shard count where the
+merge is exact), so a run resumed on a resized cluster keeps every finished part.
 
 What is searched for each query is a pure function of the config (:func:`search_plan`): its depth
 (``required_depth`` + slack, or ``search.depth``) and its score ceiling (the mining method's, from the
@@ -44,7 +46,6 @@ from raymine.index import _embeddings, recall_at_k
 log = logging.getLogger(__name__)
 
 STAGE = "search"
-PART = "part-{:05d}.parquet"
 
 SEARCH_SCHEMA = pa.schema(
     [
@@ -123,8 +124,7 @@ COUNTS = ("queries", "positives_not_found", "queries_with_positive_not_found", "
 def _query_payload(spec: SearchSpec, i: int, table: pa.Table, dense: bool):
     if not dense:
         return table.column(TEXT).to_pylist()
-    emb = pq.read_table(storage.join(spec.query_emb_uri, parts.part_name(i)),
-                        filesystem=storage.resolve(spec.query_emb_uri)[0])
+    emb = pq.read_table(parts.find_part(spec.query_emb_uri, i), filesystem=storage.resolve(spec.query_emb_uri)[0])
     if emb.column(QUERY_ID).to_pylist() != table.column(QUERY_ID).to_pylist():
         raise ValueError(f"{spec.query_emb_uri}: part {i} does not hold the queries of piece {i} of "
                          f"{spec.queries_uri}; re-run the embed stage")
@@ -132,7 +132,8 @@ def _query_payload(spec: SearchSpec, i: int, table: pa.Table, dense: bool):
 
 
 def search_piece(index: Any, spec: SearchSpec, i: int, piece: dict, dense: bool) -> dict[str, int]:
-    """Search the queries of one piece and write part ``i``; returns its counts."""
+    """Search the queries of one piece and write part ``i``; returns its counts and the part's ``rows`` and
+    ``bytes``."""
     counts = dict.fromkeys(COUNTS, 0)
     table = parts.read_piece(spec.queries_uri, piece, [QUERY_ID, TEXT, POSITIVE_IDS, EXCLUDED_IDS])
     qids = table.column(QUERY_ID).to_pylist()
@@ -181,7 +182,9 @@ def search_piece(index: Any, spec: SearchSpec, i: int, piece: dict, dense: bool)
             TEACHER: pa.array([spec.teacher] * nq, pa.string()),
             ABOVE_CEILING: pa.array(above, pa.int64()),
         }, schema=SEARCH_SCHEMA))
-    parts.write_part(pa.concat_tables(out) if out else SEARCH_SCHEMA.empty_table(), spec.out_uri, i)
+    table = pa.concat_tables(out) if out else SEARCH_SCHEMA.empty_table()
+    counts["bytes"] = parts.write_part_sized(table, spec.out_uri, i)[1]
+    counts["rows"] = table.num_rows
     return counts
 
 
@@ -194,7 +197,8 @@ def _search_batch(batch: dict[str, np.ndarray], index: Any, spec: SearchSpec, de
     for j in range(len(batch["part"])):
         piece = {k: batch[k][j] for k in ("path", "row_group", "lo", "hi")}
         rows.append(search_piece(index, spec, int(batch["part"][j]), piece, dense))
-    return {k: np.array([r[k] for r in rows], np.int64) for k in COUNTS}
+    return {"part": np.asarray(batch["part"], np.int64),
+            **{k: np.array([r[k] for r in rows], np.int64) for k in (*COUNTS, "rows", "bytes")}}
 
 
 def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
@@ -217,15 +221,33 @@ _NOT_SEARCHED = ("batch_size", "join_partitions", "report_sample", "ensemble", "
                  "sample_weighting", "sample_temperature")
 
 
+# search keys that are resources: they change how fast, never what is found
+_RESOURCES = ("num_cpus_per_shard", "threads_per_shard", "search_tasks", "num_cpus_per_task")
+
+
+def search_key_config(search: SearchConfig, dense: bool) -> dict[str, Any]:
+    """What of the search config decides the candidates. Resources are left out, GPUs kept only as CPU vs GPU
+    (another device, other score bits), and the shard count too where the merge is exact (Flat, BM25: every
+    shard scores its rows exactly, the merge keeps the global top-k with ties by id); an IVF/PQ index's
+    shards are trained apart, so their number stays in."""
+    from raymine.index import _is_exact
+
+    key = {k: v for k, v in to_dict(search).items() if k not in _RESOURCES}
+    key["num_gpus_per_shard"] = search.num_gpus_per_shard > 0
+    if not dense or _is_exact(search.index_factory):
+        key.pop("num_shards")
+    return key
+
+
 def stage_key(spec: SearchSpec, upstream: Any) -> str:
     """The search stage's key for one teacher: its spec plus the keys of the stages it reads. Mining keys
     that do not change the search are left out (a new mining seed re-mines without re-searching; the seed
-    counts only when it chooses hidden positives)."""
+    counts only when it chooses hidden positives), and so are resources (:func:`search_key_config`)."""
     mine = {k: v for k, v in to_dict(spec.mine).items() if k not in _NOT_SEARCHED}
     if spec.mine.hide_positive_fraction == 0:
         mine.pop("seed", None)
-    return storage.stage_key(STAGE, spec.teacher, to_dict(spec.search), mine, spec.queries_uri,
-                             spec.query_emb_uri, spec.rows_per_piece, upstream)
+    return storage.stage_key(STAGE, spec.teacher, search_key_config(spec.search, spec.query_emb_uri is not None),
+                             mine, spec.queries_uri, spec.query_emb_uri, spec.rows_per_piece, upstream)
 
 
 def search_teacher(index: Any, spec: SearchSpec, key: Any, dense: bool) -> dict[str, Any]:
@@ -242,8 +264,10 @@ def search_teacher(index: Any, spec: SearchSpec, key: Any, dense: bool) -> dict[
     if run is None:
         return done
     pieces = parts.plan_pieces(spec.queries_uri, spec.rows_per_piece)
-    todo = [{**p.to_row(), "part": i} for i, p in enumerate(pieces)
-            if not storage.valid_part(storage.join(spec.out_uri, parts.part_name(i)), p.rows)]
+    plan = np.fromiter((p.rows for p in pieces), np.int64, len(pieces))
+    have, nbytes = parts.kept_parts(spec.out_uri, plan)  # one listing; footers checked by Ray tasks
+    rows = np.where(have, plan, -1)
+    todo = [{**p.to_row(), "part": i} for i, p in enumerate(pieces) if not have[i]]
     if len(todo) < len(pieces):
         log.info("search[%s]: resuming, %d of %d part(s) already written", spec.teacher, len(pieces) - len(todo),
                  len(pieces))
@@ -256,13 +280,15 @@ def search_teacher(index: Any, spec: SearchSpec, key: Any, dense: bool) -> dict[
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in COUNTS:
                 counts[k] += int(np.asarray(b[k]).sum())
-    written = sum(storage.parquet_rows(storage.join(spec.out_uri, parts.part_name(i))) or 0 for i in range(len(pieces)))
-    total = sum(p.rows for p in pieces)
-    if written != total:
-        raise RuntimeError(f"search[{spec.teacher}]: {written} rows written, the queries table has {total}")
+            rows[b["part"]], nbytes[b["part"]] = b["rows"], b["bytes"]
+    total = int(plan.sum())
+    if not np.array_equal(rows, plan):  # every part kept or reported by its task, with its piece's rows
+        raise RuntimeError(f"search[{spec.teacher}]: {int(rows[rows > 0].sum())} rows in {int((rows >= 0).sum())} "
+                           f"part(s) written, the queries table has {total} in {len(plan)} piece(s)")
     run.counts.update({**counts, "queries_total": total, "pieces": len(todo), "parts_kept": len(pieces) - len(todo)})
     recall = _recall(index, spec) if dense and not index.exact else None
-    return run.finish(teacher=spec.teacher, recall=recall,
+    records = storage.part_table([parts.part_name(i) for i in range(len(plan))], nbytes, rows)
+    return run.finish(parts=records, teacher=spec.teacher, recall=recall,
                       index={"factory": "bm25" if not dense else spec.search.index_factory,
                              "shards": getattr(index, "sizes", None), "num_docs": index.num_docs})
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
+import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from raymine.config import config_hash
 from raymine.errors import UserError
@@ -43,6 +45,19 @@ def join(uri: str, *parts: str) -> str:
     import os
 
     return os.path.join(uri, *parts)
+
+
+def relative(uri: str, root: str) -> str | None:
+    """``uri``'s path below ``root`` ("" for ``root`` itself, "/"-separated), or None when it is not below it."""
+    if ("://" in uri) != ("://" in root):
+        return None
+    if "://" in uri:
+        u, r = uri.rstrip("/"), root.rstrip("/")
+        return "" if u == r else (u[len(r) + 1:] if u.startswith(r + "/") else None)
+    import os
+
+    rel = os.path.relpath(os.path.abspath(uri), os.path.abspath(root))
+    return None if rel == ".." or rel.startswith(".." + os.sep) else ("" if rel == "." else rel.replace(os.sep, "/"))
 
 
 def exists(uri: str) -> bool:
@@ -135,23 +150,62 @@ def parquet_rows(uri: str) -> int | None:
         return None
 
 
-def _part_records(stage_dir: str) -> dict[str, dict[str, int]]:
-    """{part: {bytes, rows}} of the files a stage wrote (rows for Parquet parts, from their footers)."""
-    parts = {}
+def _part_records(stage_dir: str) -> pa.Table:
+    """(name, bytes, rows) of the files a stage wrote (rows for Parquet parts, from their footers): for stages
+    whose workers do not report their parts (one footer read per part on the driver)."""
+    names, sizes, rows = [], [], []
     for name, size in sorted(list_files(stage_dir).items()):
         if posixpath.basename(name).startswith("_") or name.startswith("."):
             continue
-        rec = {"bytes": size}
-        if name.endswith(".parquet"):
-            rec["rows"] = parquet_rows(join(stage_dir, name))
-        parts[name] = rec
-    return parts
+        names.append(name)
+        sizes.append(size)
+        rows.append(parquet_rows(join(stage_dir, name)) if name.endswith(".parquet") else None)
+    return part_table(names, sizes, rows)
+
+
+PARTS_FILE = "_parts.arrow"  # the parts of a stage with more than INLINE_PARTS of them (Arrow IPC: name, bytes, rows)
+INLINE_PARTS = 1000  # up to this many parts are listed in the manifest itself (and so in report.json)
+
+
+def part_table(names: Any, sizes: Any, rows: Any) -> pa.Table:
+    """The parts of a stage as a table: name (relative to the stage folder), bytes, rows (null: not Parquet)."""
+    return pa.table({"name": pa.array(names, pa.string()), "bytes": pa.array(sizes, pa.int64()),
+                     "rows": pa.array(rows, pa.int64())})
+
+
+def _summarise_parts(stage_dir: str, table: pa.Table) -> dict[str, Any]:
+    """The manifest's ``parts``: every part inline while there are few; past ``INLINE_PARTS`` the list goes to
+    the side file ``PARTS_FILE`` (one write) and the manifest keeps its count, bytes and rows."""
+    table = table.sort_by("name")
+    if table.num_rows <= INLINE_PARTS:
+        return {n: {"bytes": b, **({} if r is None and not n.endswith(".parquet") else {"rows": r})}
+                for n, b, r in zip(*(table.column(c).to_pylist() for c in ("name", "bytes", "rows")), strict=True)}
+    fs, path = resolve(join(stage_dir, PARTS_FILE))
+    with fs.open_output_stream(path) as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    return {"file": PARTS_FILE, "count": table.num_rows, "bytes": int(pa.compute.sum(table.column("bytes")).as_py()),
+            "rows": int(pa.compute.sum(table.column("rows")).as_py() or 0)}
+
+
+def listed_parts(stage_dir: str, manifest: dict[str, Any]) -> dict[str, int | None]:
+    """{part: bytes} a manifest recorded: inline, or read from its side file (one read)."""
+    listed = manifest.get("parts") or {}
+    if isinstance(listed.get("file"), str):
+        try:
+            fs, path = resolve(join(stage_dir, listed["file"]))
+            with fs.open_input_file(path) as f:
+                t = pa.ipc.open_file(f).read_all()
+        except (OSError, pa.ArrowInvalid):
+            return {listed["file"]: None}  # a side file gone or damaged: the stage is redone
+        return dict(zip(t.column("name").to_pylist(), t.column("bytes").to_pylist(), strict=True))
+    return {name: rec.get("bytes") for name, rec in listed.items()}
 
 
 @dataclass
 class StageRun:
-    """Timing and counts of one stage; ``finish`` writes the manifest that marks it complete, listing every
-    part it wrote with its size and row count so a re-run can verify them without reading the data."""
+    """Timing and counts of one stage; ``finish`` writes the manifest that marks it complete, recording every
+    part it wrote with its size and row count (inline, or in a side file past ``INLINE_PARTS``) so a re-run
+    can verify them from one listing without reading the data."""
 
     stage_dir: str
     stage: str
@@ -160,7 +214,10 @@ class StageRun:
     started: float = field(default_factory=time.time)
     counts: dict[str, Any] = field(default_factory=dict)
 
-    def finish(self, **extra: Any) -> dict[str, Any]:
+    def finish(self, parts: pa.Table | None = None, **extra: Any) -> dict[str, Any]:
+        """Write the manifest. ``parts``: the stage's parts as :func:`part_table` (what its workers reported
+        with each write); without it, the stage folder is listed and each Parquet footer read here."""
+        records = _part_records(self.stage_dir) if parts is None else parts
         manifest = {
             "stage": self.stage,
             "key": self.key,
@@ -169,7 +226,7 @@ class StageRun:
             "wall_s": round(time.time() - self.started, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
-            "parts": _part_records(self.stage_dir),
+            "parts": _summarise_parts(self.stage_dir, records),
         }
         write_json(join(self.stage_dir, MANIFEST), manifest)
         log.info("%s: done in %.1f s %s", self.stage, manifest["wall_s"], self.counts)
@@ -182,12 +239,13 @@ def stage_key(*parts: Any) -> str:
 
 
 def damaged_parts(stage_dir: str, manifest: dict[str, Any]) -> list[str]:
-    """Parts listed in a manifest that are missing or whose size changed (a listing only, no reads)."""
-    listed = manifest.get("parts")
+    """Parts recorded in a manifest that are missing or whose size changed (a listing, plus the side file's
+    one read where the manifest has one; no part is read)."""
+    listed = listed_parts(stage_dir, manifest)
     if not listed:
         return []
     have = list_files(stage_dir)
-    return [name for name, rec in listed.items() if have.get(name) != rec.get("bytes")]
+    return [name for name, size in listed.items() if have.get(name) != size]
 
 
 def completed(stage_dir: str, key: str) -> dict[str, Any] | None:

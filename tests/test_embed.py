@@ -105,7 +105,7 @@ def test_one_pool_equals_single_process_in_input_order(both_run):
 def test_parquet_layout_and_streaming_reader(both_run):
     rows, _, _, _, inputs, _, _ = both_run
     files = embedding_files(inputs[0].out_uri)
-    assert [os.path.basename(f) for f in files] == [f"part-{i:05d}.parquet" for i in range(9)]
+    assert [os.path.basename(f) for f in files] == [f"part-{i:09d}.parquet" for i in range(9)]
     schema = pq.read_schema(files[0])
     assert schema.field(DOC_ID).type == pa.string()
     assert schema.field(EMBEDDING).type == pa.list_(pa.float32(), 384)
@@ -141,11 +141,11 @@ def test_killed_run_resumes_only_missing_parts_identically(both_run, tmp_path):
     shutil.copytree(tmp / "out", tmp_path / "out")
     moved = [replace(s, out_uri=s.out_uri.replace(str(tmp / "out"), str(tmp_path / "out"))) for s in inputs]
     os.remove(tmp_path / "out" / "_manifest.json")  # the driver died before finishing
-    os.remove(tmp_path / "out" / "corpus" / "part-00003.parquet")
-    os.remove(tmp_path / "out" / "queries" / "part-00001.parquet")
-    with open(tmp_path / "out" / "corpus" / "part-00007.parquet", "r+b") as f:  # an interrupted copy
+    os.remove(tmp_path / "out" / "corpus" / "part-000000003.parquet")
+    os.remove(tmp_path / "out" / "queries" / "part-000000001.parquet")
+    with open(tmp_path / "out" / "corpus" / "part-000000007.parquet", "r+b") as f:  # an interrupted copy
         f.truncate(100)
-    kept = {f: os.stat(f).st_mtime_ns for f in embedding_files(moved[0].out_uri) if "00007" not in f}
+    kept = {f: os.stat(f).st_mtime_ns for f in embedding_files(moved[0].out_uri) if "000000007" not in f}
     m = embed_tables(teacher, cfg, moved, str(tmp_path / "out"), input_key="k1")
     assert m["counts"]["pieces"] == 3 and m["counts"]["parts_kept"] == 11 - 3  # 7 corpus + 1 query part kept
     for f, t in kept.items():
@@ -154,6 +154,42 @@ def test_killed_run_resumes_only_missing_parts_identically(both_run, tmp_path):
     assert list(ids) == list(ref_ids)
     np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
     assert m["counts"]["passage_rows"] == 15 + 15 and m["counts"]["query_rows"] == 14
+
+
+def test_killed_run_resumed_with_another_pool_redoes_no_finished_part(both_run, tmp_path):
+    """Killed mid-embed (no manifest, parts missing) and resumed with 1 actor instead of 2: the same key, so
+    every finished part is kept untouched, only the missing pieces are embedded, and the vectors equal the
+    uninterrupted 2-actor run's bit for bit. The manifest's parts (what the actors reported with each
+    write) equal a listing with every footer read."""
+    import shutil
+
+    from raymine import storage
+    from raymine.embed import embed_tables
+
+    _, _, teacher, cfg, inputs, tmp, manifest = both_run
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    moved = [replace(s, out_uri=s.out_uri.replace(str(tmp / "out"), str(tmp_path / "out"))) for s in inputs]
+    os.remove(tmp_path / "out" / "_manifest.json")
+    for name in ("corpus/part-000000000.parquet", "corpus/part-000000008.parquet", "queries/part-000000000.parquet"):
+        os.remove(tmp_path / "out" / name)
+    kept = {f: os.stat(f).st_mtime_ns for s in moved for f in embedding_files(s.out_uri)}
+    resized = replace(cfg, num_actors=1, num_cpus_per_actor=1.0)
+    m = embed_tables(teacher, resized, moved, str(tmp_path / "out"), input_key="k1")
+    assert m["key"] == manifest["key"]
+    assert m["counts"]["pieces"] == 3 and m["counts"]["parts_kept"] == 11 - 3 and m["counts"]["actors_used"] == 1
+    assert m["counts"]["passage_rows"] == 15 + 5 and m["counts"]["query_rows"] == 16
+    assert {f: os.stat(f).st_mtime_ns for f in kept} == kept  # no finished part redone
+    for spec, ref in zip(moved, inputs, strict=True):
+        idc = DOC_ID if spec.side == "passage" else QUERY_ID
+        ids, emb = read_embeddings(spec.out_uri, idc)
+        ref_ids, ref_emb = read_embeddings(ref.out_uri, idc)
+        assert list(ids) == list(ref_ids)
+        np.testing.assert_array_equal(emb, ref_emb)
+    listing = storage._part_records(str(tmp_path / "out"))
+    assert m["parts"] == manifest["parts"] == {
+        n: {"bytes": b, "rows": r} for n, b, r in zip(*(listing.column(c).to_pylist() for c in ("name", "bytes", "rows")),
+                                                       strict=True)}
+    assert len(m["parts"]) == 11 and storage.completed(str(tmp_path / "out"), m["key"]) == m
 
 
 def test_float16_storage_and_config_change_reruns(ray_local, minilm_path, tmp_path):
@@ -195,13 +231,27 @@ def test_bad_arguments_fail_before_any_work(ray_local, minilm_path, tmp_path):
                      [EmbedInput("passage", path, "pid", TEXT, str(tmp_path / "o"))], str(tmp_path / "o"), "k")
 
 
-def test_piece_rows_cut_small_corpora_finer_for_the_pool():
+def test_piece_rows_cut_small_corpora_finer_whatever_the_pool():
     from raymine.embed import piece_rows
 
     cfg = EmbedConfig(num_actors=2, rows_per_block=256)
-    assert piece_rows("passage", 5183, cfg, 32) == 256  # SciFact: 21 pieces of 256 already feed 2 actors
-    assert piece_rows("passage", 300, cfg, 32) == 38  # ceil(300 / (4 pieces x 2 actors)): 8 pieces, not 2
+    assert piece_rows("passage", 5183, cfg, 32) == 256  # SciFact: 21 pieces of 256, as before
+    assert piece_rows("passage", 300, cfg, 32) == 38  # ceil(300 / 8 pieces): 8 pieces, not 2 (as before at 2 actors)
     assert piece_rows("passage", 20, cfg, 32) == 32  # never below one encoder batch
     assert piece_rows("query", 300, cfg, 32) == 256  # queries keep the size search maps parts with
     assert piece_rows("passage", 300, EmbedConfig(num_actors=2, rows_per_block=16), 32) == 16  # never above it
-    assert piece_rows("passage", 300, EmbedConfig(num_actors=64, rows_per_block=256), 8) == 8
+    assert piece_rows("passage", 300, EmbedConfig(num_actors=64, rows_per_block=256), 8) == 38  # pool left out
+    for actors in (1, 3, 64):  # the pool never moves a piece boundary
+        for n in (20, 300, 5183, 10**6):
+            assert piece_rows("passage", n, replace(cfg, num_actors=actors), 32) == piece_rows("passage", n, cfg, 32)
+
+
+def test_embed_key_leaves_out_the_pool_resources():
+    from raymine.embed import key_config
+
+    cfg = EmbedConfig(num_actors=2, num_cpus_per_actor=0.5, rows_per_block=256)
+    for other in (replace(cfg, num_actors=64), replace(cfg, num_cpus_per_actor=4.0), replace(cfg, num_actors=1)):
+        assert key_config(other) == key_config(cfg)
+    assert key_config(replace(cfg, num_gpus_per_actor=1.0)) == key_config(replace(cfg, num_gpus_per_actor=0.5))
+    assert key_config(replace(cfg, num_gpus_per_actor=1.0)) != key_config(cfg)  # GPU encodes in half precision
+    assert key_config(replace(cfg, rows_per_block=128)) != key_config(cfg)  # other pieces, other batches

@@ -214,13 +214,41 @@ def test_search_died_part_way_rerun_searches_only_missing_parts(reference, synth
     shutil.copytree(reference / "search" / "dense", out)
     os.remove(out / "_manifest.json")
     for i in (3, 4, 5, 17):
-        os.remove(out / f"part-{i:05d}.parquet")
-    with open(out / "part-00008.parquet", "r+b") as f:
+        os.remove(out / f"part-{i:09d}.parquet")
+    with open(out / "part-000000008.parquet", "r+b") as f:
         f.truncate(64)
     sm, mm, _ = search_and_mine(synthetic, tmp_path)
     assert sm["counts"]["pieces"] == 5 and sm["counts"]["parts_kept"] == 15 and sm["counts"]["queries"] == 50
     assert_tables_equal(candidates_table(tmp_path), candidates_table(reference))
     assert_tables_equal(mined_table(tmp_path), mined_table(reference))
+
+
+def test_search_killed_mid_stage_resumed_with_another_shard_count(reference, synthetic, tmp_path):
+    """A search killed part-way (no manifest, parts missing) and resumed with 3 shards and 3 query tasks
+    instead of 2 and 1: exact search, so the same key; the finished parts are kept untouched, only the
+    missing pieces are searched, and candidates and negatives equal the uninterrupted 2-shard run."""
+    import shutil
+
+    out = tmp_path / "search" / "dense"
+    shutil.copytree(reference / "search" / "dense", out)
+    os.remove(out / "_manifest.json")
+    for i in (0, 9, 19):
+        os.remove(out / f"part-{i:09d}.parquet")
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    resized = replace(SEARCH, num_shards=3, search_tasks=3, threads_per_shard=0)
+    sm, mm, infos = search_and_mine(synthetic, tmp_path, search=resized)
+    assert len(infos) == 3
+    assert sm["key"] == json_key(reference)
+    assert sm["counts"]["pieces"] == 3 and sm["counts"]["parts_kept"] == 17 and sm["counts"]["queries"] == 30
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # no finished part redone
+    assert_tables_equal(candidates_table(tmp_path), candidates_table(reference))
+    assert_tables_equal(mined_table(tmp_path), mined_table(reference))
+
+
+def json_key(out: Path) -> str:
+    import json
+
+    return json.loads((out / "search" / "dense" / "_manifest.json").read_text())["key"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,4 +390,4 @@ def test_driver_killed_mid_mining_resumes_identical(reference, synthetic, tmp_pa
     assert "up to date" in text  # the finished search stage was skipped, not redone
     assert (out / "search" / "dense" / "_manifest.json").read_text() == search_manifest
     assert_tables_equal(mined_table(out), mined_table(reference))
-    assert_tables_equal(read_sorted(out / "mine" / "dropped.parquet"), read_sorted(reference / "mine" / "dropped.parquet"))
+    assert_tables_equal(read_sorted(out / "mine" / "dropped"), read_sorted(reference / "mine" / "dropped"))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,3 +51,89 @@ def test_read_dataset_of_an_empty_table_has_its_schema(ray_local, tmp_path):
     ds = parts.read_dataset(str(root), ["id"])
     assert ds.count() == 0
     assert ds.schema().names == ["id"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Part names at scale, resume checks, and manifests that summarise their parts
+# ------------------------------------------------------------------------------------------------
+def test_part_names_sort_in_input_order_up_to_10_to_the_8():
+    idx = [0, 1, 9, 10, 99_999, 100_000, 100_001, 999_999, 1_000_000, 12_345_678, 99_999_999, 10**8, 10**8 + 1,
+           999_999_999]
+    names = [parts.part_name(i) for i in idx]
+    assert sorted(names) == names  # as text: what any reader of the folder does
+    assert [parts.part_index(n) for n in names] == idx
+    assert parts.part_index("part-00012.parquet") is None and parts.part_index("part-0000000012.parquet") is None
+    # older 5-digit names (a 6th digit from 100,000 on) sort as text wrongly, by sort_key rightly
+    legacy = [parts.LEGACY_PART.format(i) for i in (9, 10, 99_999, 100_000, 100_001, 1_000_000)]
+    assert sorted(legacy) != legacy
+    assert sorted(reversed(legacy), key=parts.sort_key) == legacy
+    # ingest's part-<task>-<block> by numbers; other names keep their text order
+    assert sorted(["d/part-10-2.parquet", "d/part-9-10.parquet", "d/part-9-9.parquet"], key=parts.sort_key) == [
+        "d/part-9-9.parquet", "d/part-9-10.parquet", "d/part-10-2.parquet"]
+    assert sorted(["b.parquet", "a.parquet", "part-3f.parquet"], key=parts.sort_key) == [
+        "a.parquet", "b.parquet", "part-3f.parquet"]
+
+
+def test_a_folder_of_older_names_still_reads_in_input_order(tmp_path):
+    from raymine.embed import embedding_files, embeddings_to_arrow, read_embeddings
+
+    root = tmp_path / "emb"
+    root.mkdir()
+    for i in (99_998, 99_999, 100_000, 100_001):  # the names an older run gave parts past 99,999
+        pq.write_table(pa.table({"doc_id": [f"d{i}"], "embedding": embeddings_to_arrow(np.full((1, 2), i, np.float32))}),
+                       root / parts.LEGACY_PART.format(i))
+    order = [f"d{i}" for i in (99_998, 99_999, 100_000, 100_001)]
+    assert [os.path.basename(p) for p in parts.list_parquet(str(root))] == [
+        parts.LEGACY_PART.format(i) for i in (99_998, 99_999, 100_000, 100_001)]
+    assert len(embedding_files(str(root))) == 4
+    assert list(read_embeddings(str(root), "doc_id")[0]) == order
+    # part i by its number: the older name where only it exists, the 9-digit one otherwise
+    assert parts.find_part(str(root), 100_000).endswith("part-100000.parquet")
+    parts.write_part(pa.table({"x": [1]}), str(root), 100_000)
+    assert parts.find_part(str(root), 100_000).endswith(parts.part_name(100_000))
+
+
+def test_kept_parts_checks_footers_in_ray_tasks_and_deletes_damaged(ray_local, tmp_path, monkeypatch):
+    folder = str(tmp_path / "out")
+    rows = np.array([3, 4, 5, 6, 7], np.int64)
+    assert parts.kept_parts(folder, rows)[0].tolist() == [False] * 5  # nothing there: a listing only
+    sizes = {}
+    for i in (0, 1, 3, 4):
+        _, sizes[i] = parts.write_part_sized(pa.table({"x": list(range(int(rows[i])))}), folder, i)
+    assert sizes[0] == os.path.getsize(tmp_path / "out" / parts.part_name(0))
+    parts.write_part(pa.table({"x": [1, 2]}), folder, 3)  # a part of another size: damaged
+    with open(tmp_path / "out" / parts.part_name(4), "r+b") as f:  # cut short
+        f.truncate(20)
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "out" / "part-00001.parquet")  # not this stage's name
+    monkeypatch.setattr(parts, "CHECK_CHUNK", 2)  # several tasks
+    kept, nbytes = parts.kept_parts(folder, rows)
+    assert kept.tolist() == [True, True, False, False, False]
+    assert nbytes.tolist() == [sizes[0], sizes[1], 0, 0, 0]
+    assert not (tmp_path / "out" / parts.part_name(3)).exists() and not (tmp_path / "out" / parts.part_name(4)).exists()
+
+
+def test_many_parts_are_summarised_in_a_side_file(tmp_path, monkeypatch):
+    from raymine import storage
+
+    monkeypatch.setattr(storage, "INLINE_PARTS", 3)
+    d = tmp_path / "stage"
+    _, run = storage.begin(str(d), "s", "k")
+    names, sizes, rows = [], [], []
+    for i in range(5):
+        _, b = parts.write_part_sized(pa.table({"x": list(range(i + 1))}), str(d / "t"), i)
+        names.append(f"t/{parts.part_name(i)}")
+        sizes.append(b)
+        rows.append(i + 1)
+    m = run.finish(parts=storage.part_table(names, sizes, rows))
+    assert m["parts"] == {"file": storage.PARTS_FILE, "count": 5, "bytes": sum(sizes), "rows": 15}
+    assert storage.listed_parts(str(d), m) == dict(zip(names, sizes, strict=True))
+    assert storage.completed(str(d), "k") == m
+    assert parts.list_parquet(str(d / "t")) and parts.num_rows(str(d)) == 15  # the side file is not a table part
+    parts.write_part(pa.table({"x": list(range(100))}), str(d / "t"), 0)  # replaced: another size
+    assert storage.damaged_parts(str(d), m) == [names[0]]
+    assert storage.completed(str(d), "k") is None
+    # a listing-based finish (stages whose workers do not report) summarises the same way
+    _, run = storage.begin(str(tmp_path / "other"), "s", "k")
+    for i in range(4):
+        parts.write_part(pa.table({"x": [i]}), str(tmp_path / "other"), i)
+    assert run.finish()["parts"]["count"] == 4

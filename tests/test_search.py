@@ -260,8 +260,8 @@ def test_search_stage_table_manifest_and_resume(ray_local, tie_corpus, tmp_path)
         # a run that died: no manifest, one part lost, one truncated → only those two pieces are searched
         shutil.copytree(out, tmp_path / "out2")
         os.remove(tmp_path / "out2" / "_manifest.json")
-        os.remove(tmp_path / "out2" / "part-00001.parquet")
-        with open(tmp_path / "out2" / "part-00003.parquet", "r+b") as f:
+        os.remove(tmp_path / "out2" / "part-000000001.parquet")
+        with open(tmp_path / "out2" / "part-000000003.parquet", "r+b") as f:
             f.truncate(50)
         again = search_teacher(index, SearchSpec("tie", quri, qemb, str(tmp_path / "out2"), mine, cfg, 16),
                                "upstream-key", dense=True)
@@ -314,3 +314,25 @@ def test_bm25_search_stage_equals_single_index_bm25s(ray_local, tmp_path):
         assert set(t[q][CANDIDATE_IDS]) <= {dids[i] for i in below}
         assert t[q][ABOVE_CEILING] == int((full >= ceil).sum())
     assert np.isnan(t["b"][POSITIVE_SCORES][1])
+
+
+def test_search_key_leaves_out_resources_and_exact_shard_counts():
+    """A run resumed on a resized cluster keeps its parts: task counts, CPUs and threads never change the key,
+    the shard count only where shards are trained apart (IVF/PQ); CPU vs GPU does."""
+    from dataclasses import replace
+
+    from raymine.config import SearchConfig
+    from raymine.search import search_key_config
+
+    flat = SearchConfig(num_shards=2, search_tasks=2, num_cpus_per_shard=0.25, threads_per_shard=0)
+    resized = replace(flat, num_shards=7, search_tasks=16, num_cpus_per_shard=2.0, threads_per_shard=4,
+                      num_cpus_per_task=1.0)
+    assert search_key_config(resized, dense=True) == search_key_config(flat, dense=True)
+    assert search_key_config(resized, dense=False) == search_key_config(flat, dense=False)  # BM25: exact
+    assert search_key_config(replace(flat, num_gpus_per_shard=1.0), True) != search_key_config(flat, True)
+    assert search_key_config(replace(flat, num_gpus_per_shard=1.0), True) == search_key_config(
+        replace(flat, num_gpus_per_shard=0.5), True)
+    assert search_key_config(replace(flat, query_batch_size=7), True) != search_key_config(flat, True)
+    ivf = replace(flat, index_factory="IVF64,Flat")
+    assert search_key_config(replace(ivf, num_shards=7), True) != search_key_config(ivf, True)
+    assert search_key_config(replace(ivf, search_tasks=9), True) == search_key_config(ivf, True)
