@@ -14,10 +14,19 @@ decides those by value; sampling works on a window of each row's first kept cand
 combined with ``ensemble.ensemble_arrays``. ``tests/test_mine.py`` checks it against a per-query
 reference for every method, sampling mode and ensemble.
 
-Output under ``out_uri``: ``mined/*.parquet`` (``MINED_COLUMNS`` + ``NUM_SHORT``), ``dropped.parquet``
-(``QUERY_ID, REASON`` [+ ``TEACHER`` when not ensembling]) — every input query is in exactly one of
-them — ``report.json``, ``scores.png`` and the stage manifest. Short queries are reported, never
-padded with random passages.
+Output under ``out_uri``: ``mined/`` (``MINED_COLUMNS`` + ``NUM_SHORT``), ``dropped/`` (``QUERY_ID,
+REASON`` [+ ``TEACHER`` when not ensembling]) — every input query is in exactly one of them —
+``report.json``, ``scores.png`` and the stage manifest. Short queries are reported, never padded with
+random passages. Runs written before the ``dropped/`` folder have one ``dropped.parquet`` file; the
+manifest's ``dropped`` names whichever the run wrote, and ``raymine.parts`` reads a file or a folder.
+
+Off the driver (scale rule): each mining task writes its batch's mined and dropped rows as one part of
+each folder (named by a hash of the batch's output keys, so a retried task rewrites the same parts) and
+returns a one-row summary: counts per reason and per filter, a histogram of the search's above-ceiling
+counts, and a bounded, hash-drawn sample of scores for the plot. The driver sums those summaries; it
+never holds a per-query array. Accounting is checked from counts (every joined row mined or dropped
+with a known reason), and Ray tasks read the written parts' key columns back to check that every key
+is there exactly once (a duplicated input query id repeats keys).
 
 Score columns: each negative's score is from the teacher that contributed it; after ensembling,
 ``POSITIVE_IDS``/``POSITIVE_SCORES`` are those of the first contributing teacher (teachers' scales
@@ -39,6 +48,7 @@ has a score for any of the query's positives), ``no_negatives`` (every candidate
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -605,8 +615,8 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
     ``holdout``: (seed, share) of :func:`raymine.validation.holdout_mask`: those queries are the validation
     split, dropped with the reason ``held_out_for_validation`` (never mined, trained on or exported; the
     per-teacher candidate counts still include them).
-    Writes the manifest, report, plot and ``dropped.parquet`` under ``out_uri`` and the mined rows
-    under ``mined_uri`` (default ``out_uri/mined``).
+    Writes the manifest, report, plot and the ``dropped/`` parts under ``out_uri`` and the mined rows
+    under ``mined_uri`` (default ``out_uri/mined``); the parts are written by the mining tasks.
     """
     import ray
 
@@ -614,6 +624,7 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
         raise ValueError("mine_stage: no candidates tables given")
     teachers = list(candidates)
     mined_uri = mined_uri or storage.join(out_uri, "mined")
+    dropped_uri = storage.join(out_uri, DROPPED)
     key = storage.stage_key("mine", to_dict(cfg), candidates, queries_uri, ensemble, mined_uri,
                             None if full_positives is None else "full_positives", upstream,
                             *([] if not holdout else [list(holdout)]))
@@ -645,24 +656,27 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
             fp = ray.data.from_arrow(_positives_lists(full_positives))
         ds = joins.join(ds, fp, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
                         aggregator_ray_remote_args=agg_args)
-    out = ds.map_batches(mine_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
-                         fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble})
-    if holdout and holdout[1] > 0:
-        out = out.map_batches(_hold_out, batch_format="pyarrow", fn_kwargs={"seed": holdout[0], "share": holdout[1]})
-    out = out.materialize()
-
+    for uri in (mined_uri, dropped_uri):  # parts of an unfinished or older run
+        storage.delete_dir(uri)
+    _delete_file(storage.join(out_uri, LEGACY_DROPPED))
     storage.makedirs(out_uri)
-    report = _report_and_dropped(out, cfg, teachers, ensemble, out_uri, full_positives is not None)
-    storage.delete_dir(mined_uri)
-    out.map_batches(_mined_only, batch_format="pyarrow").write_parquet(mined_uri)
-    if not storage.exists(mined_uri):  # every query dropped: an empty table, not a missing one
-        fs, path = storage.resolve(storage.join(mined_uri, "part-00000.parquet"))
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(MINED_SCHEMA.empty_table(), path, filesystem=fs)
+    summaries = ds.map_batches(_mine_and_write, batch_format="pyarrow", batch_size=cfg.batch_size, fn_kwargs={
+        "cfg": cfg, "teachers": teachers, "ensemble": ensemble, "holdout": holdout, "mined_uri": mined_uri,
+        "dropped_uri": dropped_uri, "sample_rate": _sample_rate(cfg, candidates[teachers[0]])})
+    tot = Totals(cfg, teachers)
+    for block in summaries.iter_batches(batch_format="pyarrow", batch_size=None):
+        tot.add(block)
+    for uri, schema, n in ((mined_uri, MINED_SCHEMA, tot.sums.get("mined_rows", 0)),
+                           (dropped_uri, dropped_schema(ensemble), tot.sums.get("dropped_rows", 0))):
+        if not n:  # no task wrote a part: an empty table, not a missing one
+            _write_named(schema.empty_table(), uri, "part-empty.parquet")
+    tot.check_accounting(ensemble)
+    _check_keys([mined_uri, dropped_uri], ensemble, tot.sums.get("rows", 0))
+    report = tot.report(ensemble, full_positives is not None, out_uri)
     run.counts.update(report["totals"])
-    manifest = run.finish(report=report, teachers=teachers, ensemble=ensemble, candidates=candidates,
-                          mined=mined_uri, dropped=storage.join(out_uri, "dropped.parquet"))
-    return manifest
+    return run.finish(parts=tot.part_records(out_uri, mined_uri, dropped_uri),
+                      report=report, teachers=teachers, ensemble=ensemble, candidates=candidates,
+                      mined=mined_uri, dropped=dropped_uri)
 
 
 MINED_SCHEMA = pa.schema([
@@ -671,9 +685,17 @@ MINED_SCHEMA = pa.schema([
     (C.NEGATIVE_SCORES, pa.list_(pa.float32())), (C.TEACHER, pa.string()), (C.METHOD, pa.string()),
     (C.NUM_SHORT, pa.int32()),
 ])
-
-
+DROPPED = "dropped"  # out_uri/dropped/: the dropped rows, parts written by the mining tasks
+LEGACY_DROPPED = "dropped.parquet"  # what runs before the dropped/ folder wrote (one file, by the driver)
 HELD_OUT = "held_out_for_validation"
+DROP_REASONS = (*_REASONS.to_pylist(), HELD_OUT)
+_KEY_CHECK_ROWS = 4_000_000  # output rows per key-check task (each reads every part's key columns once)
+
+
+def dropped_schema(ensemble: bool) -> pa.Schema:
+    """Columns of the ``dropped/`` table: QUERY_ID, REASON (+ TEACHER: rows are per teacher without ensembling)."""
+    return pa.schema([(C.QUERY_ID, pa.string()), (C.REASON, pa.string())]
+                     + ([] if ensemble else [(C.TEACHER, pa.string())]))
 
 
 def _hold_out(batch: pa.Table, seed: int, share: float) -> pa.Table:
@@ -688,96 +710,279 @@ def _hold_out(batch: pa.Table, seed: int, share: float) -> pa.Table:
     return batch.set_column(i, batch.schema.field(i), reason)
 
 
-def _mined_only(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch[_REASON])).select([*C.MINED_COLUMNS, C.NUM_SHORT])
+# ------------------------------------------------------------------------------------------------
+# Worker side: write the batch's parts, return its one-row summary
+# ------------------------------------------------------------------------------------------------
+def _output_keys(out: pa.Table, ensemble: bool) -> pa.Array:
+    """The key each output row must hold alone: the query id, or (query id, teacher) without ensembling."""
+    if ensemble:
+        return _combine(out[C.QUERY_ID])
+    return _combine(pc.binary_join_element_wise(out[C.QUERY_ID], out[C.TEACHER], "\x1f"))
 
 
-def _report_and_dropped(out, cfg: MineConfig, teachers: list[str], ensemble: bool, out_uri: str,
-                        analysis: bool) -> dict:
-    """Stream the stage output once: write dropped.parquet, sum the stats, sample scores, plot."""
-    import pyarrow.parquet as pq
+def _write_named(table: pa.Table, folder_uri: str, name: str) -> int:
+    """Write ``table`` as ``folder_uri/name`` (under a temporary name, then moved: a part that exists is
+    complete); returns its size in bytes."""
+    fs, path = storage.resolve(storage.join(folder_uri, name))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path + ".tmp", filesystem=fs)
+    size = int(fs.get_file_info(path + ".tmp").size)
+    fs.move(path + ".tmp", path)
+    return size
 
-    stats = {t: dict.fromkeys(_STATS, 0) for t in teachers}
-    hists: dict[str, dict[str, list[np.ndarray]]] = {t: {h: [] for h in _HISTS} for t in teachers}
-    hist_n = {t: dict.fromkeys(_HISTS, 0) for t in teachers}
-    above: dict[str, list[np.ndarray]] = {t: [] for t in teachers}  # per-query above-ceiling counts
-    totals = {"queries_out": 0, "mined": 0, "dropped": 0, "requested": 0, "delivered": 0, "short_queries": 0,
-              "known_fn": 0}
-    reasons: dict[str, int] = {}
-    keys: list[np.ndarray] = []  # 64-bit hashes of output keys: a duplicated input query id multiplies join rows
-    fs, path = storage.resolve(storage.join(out_uri, "dropped.parquet"))
-    schema = pa.schema([(C.QUERY_ID, pa.string()), (C.REASON, pa.string())]
-                       + ([] if ensemble else [(C.TEACHER, pa.string())]))
-    with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for b in out.iter_batches(batch_format="pyarrow", batch_size=8192):
-            reason = b[_REASON]
-            k = _combine(b[C.QUERY_ID]) if ensemble else _combine(
-                pc.binary_join_element_wise(b[C.QUERY_ID], b[C.TEACHER], "\x1f"))
-            keys.append(S.fnv1a64(k))
-            is_drop = pc.is_valid(reason)
-            d = b.filter(is_drop)
-            if d.num_rows:
-                cols = {C.QUERY_ID: d[C.QUERY_ID], C.REASON: d[_REASON]}
-                if not ensemble:
-                    cols[C.TEACHER] = d[C.TEACHER]
-                writer.write_table(pa.table(cols, schema=schema))
-                for r, c in zip(*np.unique(d[_REASON].to_numpy(zero_copy_only=False), return_counts=True), strict=False):
-                    reasons[str(r)] = reasons.get(str(r), 0) + int(c)
-            m = b.filter(pc.invert(is_drop))
-            totals["queries_out"] += b.num_rows
-            totals["mined"] += m.num_rows
-            totals["dropped"] += d.num_rows
-            totals["requested"] += m.num_rows * cfg.num_negatives
-            totals["delivered"] += int(pc.sum(m["_delivered"]).as_py() or 0)
-            totals["short_queries"] += int(pc.sum(pc.greater(m[C.NUM_SHORT], 0)).as_py() or 0)
-            totals["known_fn"] += int(pc.sum(m["_known_fn"]).as_py() or 0)
-            for t in teachers:
-                for s in _STATS:
-                    stats[t][s] += int(pc.sum(b[_tcol("_" + s, t)]).as_py() or 0)
-                a = _combine(pc.drop_null(b[_tcol("_above_ceiling", t)]))
-                above[t].append(a.to_numpy(zero_copy_only=False).astype(np.int64))
-                for h in _HISTS:
-                    if hist_n[t][h] < cfg.report_sample:
-                        v = b[_tcol("_hist_" + h, t)].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                        v = v[: cfg.report_sample - hist_n[t][h]]
-                        hists[t][h].append(v)
-                        hist_n[t][h] += len(v)
-    allk = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-    if len(np.unique(allk)) != len(allk):
-        raise ValueError("mine: duplicated query ids in a candidates table (output keys repeat); "
-                         "each teacher's table must hold one row per query")
-    totals["missing"] = totals["requested"] - totals["delivered"]
-    totals["shortfall"] = totals["missing"] / totals["requested"] if totals["requested"] else 0.0
-    if analysis:
-        totals["known_false_negative_rate"] = totals["known_fn"] / totals["delivered"] if totals["delivered"] else 0.0
-    per_teacher = {}
+
+def _delete_file(uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def _mine_and_write(batch: pa.Table, cfg: MineConfig, teachers: list[str], ensemble: bool,
+                    holdout: tuple[int, float] | None, mined_uri: str, dropped_uri: str,
+                    sample_rate: float) -> pa.Table:
+    """Mining task: mine one joined batch, write its mined and dropped rows as parts, return its summary.
+
+    Both parts are named by a hash of the batch's output keys in row order, so a retried task (same input
+    bundle, same batches) rewrites the same files instead of adding copies."""
+    out = mine_batch(batch, cfg, teachers, ensemble)
+    if holdout and holdout[1] > 0:
+        out = _hold_out(out, *holdout)
+    hashes = S.fnv1a64(_output_keys(out, ensemble))  # [rows] uint64
+    name = f"part-h{hashlib.blake2b(hashes.tobytes(), digest_size=8).hexdigest()}.parquet"
+    is_drop = pc.is_valid(out[_REASON])
+    mined, dropped = out.filter(pc.invert(is_drop)), out.filter(is_drop)
+    sizes = {"mined_bytes": 0, "dropped_bytes": 0}
+    if mined.num_rows:
+        sizes["mined_bytes"] = _write_named(mined.select(MINED_SCHEMA.names).cast(MINED_SCHEMA), mined_uri, name)
+    if dropped.num_rows:
+        cols = {C.QUERY_ID: dropped[C.QUERY_ID], C.REASON: dropped[_REASON]}
+        if not ensemble:
+            cols[C.TEACHER] = dropped[C.TEACHER]
+        sizes["dropped_bytes"] = _write_named(pa.table(cols).cast(dropped_schema(ensemble)), dropped_uri, name)
+    return _summary(out, mined, batch.num_rows, hashes, cfg, teachers, sample_rate, name, sizes)
+
+
+def _summary(out: pa.Table, mined: pa.Table, rows_in: int, hashes: np.ndarray, cfg: MineConfig,
+             teachers: list[str], sample_rate: float, name: str, sizes: dict[str, int]) -> pa.Table:
+    """One row of counts for the driver: per reason, per teacher and filter; the above-ceiling histogram
+    (bucket, count) per teacher; score samples from the rows whose key hash falls under ``sample_rate``."""
+
+    def total(col: Any) -> int:
+        return int(pc.sum(col).as_py() or 0)
+
+    reason = out[_REASON]
+    row: dict[str, Any] = {
+        "part": name, "rows_in": rows_in, "rows": out.num_rows, "mined_rows": mined.num_rows,
+        "dropped_rows": out.num_rows - mined.num_rows, **sizes,
+        "delivered": total(mined["_delivered"]), "known_fn": total(mined["_known_fn"]),
+        "short_queries": total(pc.greater(mined[C.NUM_SHORT], 0)),
+        **{f"n:{r}": total(pc.equal(reason, r)) for r in DROP_REASONS},
+    }
+    lists: dict[str, pa.Array] = {}
+    sampled = out if sample_rate >= 1 else out.filter(pa.array((hashes >> np.uint64(11)) * 2.0 ** -53 < sample_rate))
     for t in teachers:
-        s = dict(stats[t])
+        for s in _STATS:
+            row[_tcol(s, t)] = total(out[_tcol("_" + s, t)])
+        above = _combine(pc.drop_null(out[_tcol("_above_ceiling", t)])).to_numpy(zero_copy_only=False)
+        row[_tcol("above_n", t)], row[_tcol("above_sum", t)] = len(above), int(above.sum())
+        b, n = np.unique(above_bucket(above.astype(np.int64)), return_counts=True)
+        lists[_tcol("above_bucket", t)] = pa.array([b], pa.list_(pa.int64()))
+        lists[_tcol("above_count", t)] = pa.array([n.astype(np.int64)], pa.list_(pa.int64()))
+        for h in _HISTS:
+            v = _combine(sampled[_tcol("_hist_" + h, t)]).flatten()[: cfg.report_sample]
+            lists[_tcol("hist_" + h, t)] = pa.array([v.to_numpy(zero_copy_only=False)], pa.list_(pa.float32()))
+    return pa.table({**{k: pa.array([v], pa.string() if k == "part" else pa.int64()) for k, v in row.items()},
+                     **lists})
+
+
+def _sample_rate(cfg: MineConfig, candidates_uri: str) -> float:
+    """Share of rows (by key hash) whose scores the tasks send for the plot: about 2 × ``report_sample``
+    rows in all, from the first teacher's query count (its search manifest, else its footers)."""
+    man = storage.join(candidates_uri, storage.MANIFEST)
+    n = (storage.read_json(man).get("counts") or {}).get("queries") if storage.exists(man) else None
+    if n is None:
+        n = parts.num_rows(candidates_uri)
+    return min(1.0, 2.0 * cfg.report_sample / max(int(n), 1))
+
+
+ABOVE_EXACT_BITS = 12  # above-ceiling counts < 2**13 are kept exactly; larger ones within 2**-12 (relative)
+
+
+def above_bucket(v: np.ndarray) -> np.ndarray:
+    """Histogram bucket int64 ``[n]`` of non-negative counts ``v [n]``, increasing with ``v``: ``v`` itself
+    below ``2**(B+1)``; above, ``2**B`` equal sub-buckets per power of two (B = ``ABOVE_EXACT_BITS``), so a
+    histogram has at most ~``52 * 2**B`` buckets whatever the number of queries."""
+    b = ABOVE_EXACT_BITS
+    e = np.frexp(np.maximum(v, 1).astype(np.float64))[1].astype(np.int64) - 1  # floor(log2 v), exact below 2**53
+    shift = np.maximum(e - b, 0)
+    return np.where(v < (1 << (b + 1)), v, (shift << b) + (v >> shift))
+
+
+def above_value(bucket: np.ndarray) -> np.ndarray:
+    """The value a bucket stands for (float64 ``[n]``): itself when exact, else the middle of its range."""
+    b = ABOVE_EXACT_BITS
+    shift = np.maximum((bucket >> b) - 1, 0)
+    sub = bucket - (shift << b)
+    lo = (sub << shift).astype(np.float64)
+    return np.where(bucket < (1 << (b + 1)), bucket.astype(np.float64), lo + ((1 << shift) - 1) / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side: sum the summaries, check the accounting, write the report
+# ------------------------------------------------------------------------------------------------
+class Totals:
+    """What the driver keeps of a mining run: sums, per-teacher above-ceiling histograms (bounded by
+    ``above_bucket``'s range), score samples (at most ``report_sample`` each) and one record per part —
+    nothing per query. ``received_bytes``: the summaries' Arrow size, summed (what reached the driver)."""
+
+    def __init__(self, cfg: MineConfig, teachers: list[str]):
+        self.cfg, self.teachers = cfg, teachers
+        self.sums: dict[str, int] = {}
+        self.above = {t: (np.zeros(0, np.int64), np.zeros(0, np.int64)) for t in teachers}
+        self.samples: dict[str, dict[str, list[np.ndarray]]] = {t: {h: [] for h in _HISTS} for t in teachers}
+        self.sampled = {t: dict.fromkeys(_HISTS, 0) for t in teachers}
+        self.parts: list[tuple[str, int, int, int, int]] = []  # (name, mined rows, bytes, dropped rows, bytes)
+        self.received_bytes = 0
+
+    def add(self, block: pa.Table) -> None:
+        """Fold in a block of task summaries."""
+        self.received_bytes += block.nbytes
+        for name, col in zip(block.column_names, block.columns, strict=True):
+            if pa.types.is_integer(col.type):
+                self.sums[name] = self.sums.get(name, 0) + int(pc.sum(col).as_py() or 0)
+        self.parts.extend(zip(*(block[c].to_pylist() for c in
+                                ("part", "mined_rows", "mined_bytes", "dropped_rows", "dropped_bytes")), strict=True))
+        for t in self.teachers:
+            keys, counts = self.above[t]
+            keys = np.concatenate([keys, _flat_ints(block[_tcol("above_bucket", t)])])
+            counts = np.concatenate([counts, _flat_ints(block[_tcol("above_count", t)])])
+            uniq, inv = np.unique(keys, return_inverse=True)
+            self.above[t] = (uniq, np.bincount(inv, weights=counts, minlength=len(uniq)).astype(np.int64))
+            for h in _HISTS:
+                room = self.cfg.report_sample - self.sampled[t][h]
+                if room > 0:
+                    v = _combine(block[_tcol("hist_" + h, t)]).flatten()[:room].to_numpy(zero_copy_only=False)
+                    self.samples[t][h].append(v)
+                    self.sampled[t][h] += len(v)
+
+    def check_accounting(self, ensemble: bool) -> None:
+        """Every output row mined or dropped with a known reason, and every joined query in the output (one
+        row per query, or per (query, teacher) that has candidates without ensembling) — from counts."""
+        s = self.sums
+        dropped = sum(s.get(f"n:{r}", 0) for r in DROP_REASONS)
+        want = s.get("rows_in", 0) if ensemble else sum(s.get(_tcol("present", t), 0) for t in self.teachers)
+        if s.get("mined_rows", 0) + dropped != s.get("rows", 0) or s.get("dropped_rows", 0) != dropped \
+                or s.get("rows", 0) != want:
+            raise RuntimeError(f"mine: accounting failed: {s.get('rows', 0)} output rows for {want} inputs, "
+                               f"{s.get('mined_rows', 0)} mined + {dropped} dropped with a reason")
+
+    def part_records(self, stage_dir: str, mined_uri: str, dropped_uri: str) -> pa.Table:
+        """The stage folder's files (one listing) with the row counts the tasks reported for their parts."""
+        rows = {}
+        for folder, i in ((mined_uri, 1), (dropped_uri, 3)):  # i: the folder's rows in self.parts
+            rel = _relative(folder, stage_dir)
+            if rel is not None:
+                rows.update({f"{rel}/{p[0]}": p[i] for p in self.parts if p[i]})
+        files = {n: b for n, b in storage.list_files(stage_dir).items()
+                 if not any(x.startswith(("_", ".")) for x in n.replace("\\", "/").split("/"))}
+        names = sorted(files)
+        return storage.part_table(names, [files[n] for n in names],
+                                  [rows.get(n.replace("\\", "/"), 0) if n.endswith(".parquet") else None
+                                   for n in names])
+
+    def report(self, ensemble: bool, analysis: bool, out_uri: str) -> dict:
+        """The report (as before the tasks wrote the parts): totals, reasons, per-teacher filter counts; plot."""
+        cfg, s = self.cfg, self.sums
+        totals = {"queries_out": s.get("rows", 0), "mined": s.get("mined_rows", 0),
+                  "dropped": s.get("dropped_rows", 0), "requested": s.get("mined_rows", 0) * cfg.num_negatives,
+                  "delivered": s.get("delivered", 0), "short_queries": s.get("short_queries", 0),
+                  "known_fn": s.get("known_fn", 0)}
+        totals["missing"] = totals["requested"] - totals["delivered"]
+        totals["shortfall"] = totals["missing"] / totals["requested"] if totals["requested"] else 0.0
+        if analysis:
+            totals["known_false_negative_rate"] = totals["known_fn"] / totals["delivered"] if totals["delivered"] else 0.0
+        per_teacher = {t: self._teacher(t, analysis) for t in self.teachers}
+        method = f"{F.method_label(cfg)}/{S.sampling_label(cfg)}"
+        report = {"method": method, "ensemble": cfg.ensemble if ensemble and len(self.teachers) > 1 else None,
+                  "totals": totals, "per_teacher": per_teacher,
+                  "dropped_reasons": {r: s[f"n:{r}"] for r in DROP_REASONS if s.get(f"n:{r}")}}
+        samples = {t: {h: np.concatenate(v) if v else np.zeros(0, np.float32) for h, v in self.samples[t].items()}
+                   for t in self.teachers}
+        try:
+            plot_scores(samples, method, storage.join(out_uri, "scores.png"))
+            report["plot"] = storage.join(out_uri, "scores.png")
+        except Exception as e:  # a plot must not lose the mined data; say why it is missing
+            log.warning("mine: score plot not written: %s", e)
+            report["plot_error"] = str(e)
+        storage.write_json(storage.join(out_uri, "report.json"), report)
+        in_search = {t: per_teacher[t]["above_ceiling"] for t in self.teachers}
+        log.info("mine %s: %s; removed by the ceiling inside the search (positives included): %s", method,
+                 json.dumps(totals), json.dumps(in_search))
+        return report
+
+    def _teacher(self, t: str, analysis: bool) -> dict:
+        s = {k: self.sums.get(_tcol(k, t), 0) for k in _STATS}
         s["short"] = s["requested"] - s["delivered"]
         s["shortfall"] = s["short"] / s["requested"] if s["requested"] else 0.0
         if analysis:
             s["known_false_negative_rate"] = s["known_fn"] / s["delivered"] if s["delivered"] else 0.0
-        a = np.concatenate(above[t]) if above[t] else np.zeros(0, np.int64)
-        s["above_ceiling_queries"] = int(a.size)  # 0: candidates table without ABOVE_CEILING
-        s["above_ceiling"] = int(a.sum()) if a.size else None
-        s["above_ceiling_median"] = float(np.median(a)) if a.size else None
-        per_teacher[t] = s
-    method = f"{F.method_label(cfg)}/{S.sampling_label(cfg)}"
-    report = {"method": method, "ensemble": cfg.ensemble if ensemble and len(teachers) > 1 else None,
-              "totals": totals, "dropped_reasons": reasons, "per_teacher": per_teacher}
-    samples = {t: {h: np.concatenate(hists[t][h]) if hists[t][h] else np.zeros(0, np.float32) for h in _HISTS}
-               for t in teachers}
-    try:
-        plot_scores(samples, method, storage.join(out_uri, "scores.png"))
-        report["plot"] = storage.join(out_uri, "scores.png")
-    except Exception as e:  # a plot must not lose the mined data; say why it is missing
-        log.warning("mine: score plot not written: %s", e)
-        report["plot_error"] = str(e)
-    storage.write_json(storage.join(out_uri, "report.json"), report)
-    in_search = {t: per_teacher[t]["above_ceiling"] for t in teachers}
-    log.info("mine %s: %s; removed by the ceiling inside the search (positives included): %s", method,
-             json.dumps(totals), json.dumps(in_search))
-    return report
+        n = self.sums.get(_tcol("above_n", t), 0)
+        s["above_ceiling_queries"] = n  # 0: candidates table without ABOVE_CEILING
+        s["above_ceiling"] = self.sums.get(_tcol("above_sum", t), 0) if n else None
+        s["above_ceiling_median"] = _median(*self.above[t]) if n else None
+        return s
+
+
+def _flat_ints(col: pa.ChunkedArray) -> np.ndarray:
+    return _combine(col).flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _median(buckets: np.ndarray, counts: np.ndarray) -> float:
+    """The median (``np.median``'s: the mean of the two middle values) of a histogram from ``above_bucket``;
+    exact when both middle values are below ``2**(ABOVE_EXACT_BITS + 1)``."""
+    order = np.argsort(buckets)
+    cum = np.cumsum(counts[order])
+    n = int(cum[-1])
+    mid = np.searchsorted(cum, [(n - 1) // 2, n // 2], side="right")  # bucket of each middle rank
+    return float(above_value(buckets[order][mid]).mean())
+
+
+def _relative(folder: str, root: str) -> str | None:
+    """``folder`` relative to ``root`` (posix separators) when it lies under it, else None."""
+    f, r = folder.replace("\\", "/").rstrip("/"), root.replace("\\", "/").rstrip("/")
+    return f[len(r) + 1:] if f.startswith(r + "/") else None
+
+
+def _check_keys(folders: list[str], ensemble: bool, rows: int) -> None:
+    """Ray tasks read the key columns of every written part and count repeats (each task the keys whose hash
+    falls in its bucket); the driver gets counts only. Repeated keys, or fewer rows on disk than the tasks
+    counted (two batches with the same keys write the same part name), mean a duplicated input query id."""
+    import ray
+
+    files = [f for uri in folders for f in parts.list_parquet(uri)]
+    n_tasks = max(1, -(-rows // _KEY_CHECK_ROWS))
+    task = ray.remote(num_cpus=0.25)(_count_keys)
+    got = ray.get([task.remote(folders[0], files, ensemble, b, n_tasks) for b in range(n_tasks)])
+    on_disk, repeated = (sum(x) for x in zip(*got, strict=True))
+    if repeated or on_disk < rows:
+        raise ValueError("mine: duplicated query ids in a candidates table (output keys repeat); "
+                         "each teacher's table must hold one row per query")
+    if on_disk != rows:
+        raise RuntimeError(f"mine: the output parts hold {on_disk} rows where the tasks wrote {rows}")
+
+
+def _count_keys(uri: str, files: list[str], ensemble: bool, bucket: int, n_buckets: int) -> tuple[int, int]:
+    """``_check_keys``' task: (rows, repeated keys) among the keys of ``files`` whose hash is in ``bucket``."""
+    fs, _ = storage.resolve(uri)
+    hashes = []
+    for f in files:
+        t = pq.read_table(f, columns=[C.QUERY_ID] if ensemble else [C.QUERY_ID, C.TEACHER], filesystem=fs)
+        h = S.fnv1a64(_output_keys(t, ensemble)) if t.num_rows else np.zeros(0, np.uint64)
+        hashes.append(h[h % np.uint64(n_buckets) == bucket])
+    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    return len(h), len(h) - len(np.unique(h))
 
 
 def plot_scores(samples: dict[str, dict[str, np.ndarray]], title: str, out_uri: str) -> None:

@@ -183,7 +183,8 @@ def test_mine_stage_ray(ray_local, tmp_path, monkeypatch, join_limit):
     man = M.mine_stage(paths, str(tmp_path / "queries.parquet"), CFG, out, ensemble=True, full_positives=full)
 
     mined = by_qid(pq.read_table(tmp_path / "mine" / "mined"))
-    dropped = {r[C.QUERY_ID]: r[C.REASON] for r in pq.read_table(tmp_path / "mine" / "dropped.parquet").to_pylist()}
+    assert man["dropped"] == str(tmp_path / "mine" / "dropped")  # parts written by the mining tasks
+    dropped = {r[C.QUERY_ID]: r[C.REASON] for r in pq.read_table(man["dropped"]).to_pylist()}
     assert set(mined) | set(dropped) == {"q1", "q2", "q3", "q4", "q5"} and not set(mined) & set(dropped)
     assert dropped == {"q3": "no_negatives", "q5": "unknown_query"}
     assert mined["q1"][C.NEGATIVE_IDS] == ["d5", "d6"] and mined["q2"][C.NUM_SHORT] == 1
@@ -362,3 +363,23 @@ def test_mine_batch_equals_reference_on_random_inputs(method):
                         parts = pa.concat_tables([M.mine_batch(tab.slice(i, 4), c, teachers[:nt], True)
                                                   for i in range(0, tab.num_rows, 4)])
                         assert parts.to_pylist() == M.mine_batch(tab, c, teachers[:nt], True).to_pylist()
+
+
+def test_above_ceiling_histogram_median():
+    """The driver's above-ceiling histogram (bounded buckets, whatever the number of queries): its median is
+    ``np.median``'s exactly below 2**13 and within 2**-12 (relative) above; buckets increase with the value."""
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 5, 100, 1001):
+        for hi in (10, 8192, 10**9):
+            v = rng.integers(0, hi, n)
+            b, c = np.unique(M.above_bucket(v), return_counts=True)
+            got, want = M._median(b, c), float(np.median(v))
+            if hi <= 8192:
+                assert got == want
+            else:
+                assert got == pytest.approx(want, rel=2.0 ** -12, abs=0.5)
+    v = np.sort(rng.integers(0, 10**12, 10_000))
+    b = M.above_bucket(v)
+    assert (np.diff(b) >= 0).all() and len(np.unique(b)) < 52 << M.ABOVE_EXACT_BITS
+    assert np.allclose(M.above_value(b), v, rtol=2.0 ** -12)
+    assert (M.above_bucket(np.arange(8192)) == np.arange(8192)).all()
