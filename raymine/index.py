@@ -39,7 +39,7 @@ from raymine._deps import import_faiss
 from raymine.columns import DOC_ID, EMBEDDING
 from raymine.config import SearchConfig, to_dict
 from raymine.parts import Piece, list_parquet  # noqa: F401 (re-exported: the index's Parquet layout)
-from raymine.topk import MISSING_ID, merge_topk, merge_topk_by_id, torch_search
+from raymine.topk import MISSING_ID, merge_topk, merge_topk_by_id, streamed_search, torch_search
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,44 @@ def balanced_sizes(total: int, num_shards: int) -> list[int]:
 
 def _embeddings(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """fixed_size_list column → float32 [n, dim] (no Python objects)."""
+    return _stored_embeddings(col, dim).astype(np.float32, copy=False)
+
+
+def _stored_embeddings(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """fixed_size_list column → [n, dim] in its stored dtype (float16 stays float16: no float32 copy)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32, copy=False)
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim)
+
+
+ID_BYTES = 64  # per shard row beside its vector: the id string, the sort permutation, Arrow overhead
+
+
+def stored_value_bytes(uri: str) -> int:
+    """Bytes per stored vector element (2 for float16, 4 for float32), from the first file's schema only (one
+    footer read, whatever the number of parts; a table mixing both is sized by its first file)."""
+    fs, _ = storage.resolve(uri)
+    with fs.open_input_file(list_parquet(uri)[0]) as f:
+        t = pq.ParquetFile(f).schema_arrow.field(EMBEDDING).type
+    return 2 if t.value_type == pa.float16() else 4
+
+
+def shard_actor_options(cfg: SearchConfig, rows: int, dim: int, value_bytes: int) -> dict[str, Any]:
+    """Ray options of one shard actor: spread over the nodes (``SPREAD``: shards of one index land on different
+    nodes when they can, so their memory and GPUs add up), with a ``memory`` request sized from the shard —
+    its vectors in the stored dtype, its ids, and ``cfg.shard_memory_overhead_mb`` for the process — so Ray
+    places a shard only where it fits. A shard that dies (node lost, OOM kill) restarts and rebuilds the same
+    rows from Parquet in ``__init__``; calls in flight are retried, so a search never returns a partial merge."""
+    memory = rows * dim * value_bytes + rows * ID_BYTES + (cfg.shard_memory_overhead_mb << 20)
+    return {"num_cpus": cfg.num_cpus_per_shard, "num_gpus": cfg.num_gpus_per_shard, "max_restarts": -1,
+            "max_task_retries": -1, "scheduling_strategy": "SPREAD", "memory": int(memory)}
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32, copy=False)
+
+
+ADD_CHUNK_ROWS = 1 << 16  # float16 vectors handed to FAISS (float32 only) this many rows at a time
 
 
 def _is_exact(factory: str) -> bool:
@@ -162,23 +197,12 @@ class Shard:
         self.dim = dim
         self.exact = _is_exact(self.cfg.index_factory)
         index = faiss.index_factory(dim, self.cfg.index_factory, faiss.METRIC_INNER_PRODUCT)
-        vectors: np.ndarray | None
-        if self.exact and n:
-            # size the Flat storage once and fill it in place: no growth-by-doubling copies at build
-            index.codes.resize(n * dim * 4)
-            index.ntotal = n
-            vectors = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)  # [n, d] view
-        elif self.exact or self.cfg.keep_vectors:
-            vectors = np.empty((n, dim), np.float32)  # [n, d]
-        else:
-            vectors = None  # codes only
-        if vectors is None and _nlist(index) == 0:
-            raise ValueError(f"keep_vectors=False needs an IVF index (rows are added with ids), got "
-                             f"{self.cfg.index_factory!r}")
         # rows are kept in doc-id order (ties at equal scores then break by id, not by file layout)
         ids: list[pa.Array] = []
+        value_types = set()
         for j, p in enumerate(self.pieces):  # pass 1: ids only
-            id_col = self._read_ids(j)
+            id_col, value_type = self._read_ids(j)
+            value_types.add(value_type)
             if id_col.null_count:
                 raise ValueError(f"{p.path} row group {p.row_group}: null {DOC_ID}")
             ids.append(id_col.combine_chunks().cast(pa.string()))
@@ -189,6 +213,22 @@ class Shard:
         inv[perm] = np.arange(n)  # [n] file row -> sorted row
         self.doc_ids = file_ids.take(pa.array(perm))  # compact, not Python strs
         del file_ids
+        vectors: np.ndarray | None
+        # vectors stay in their stored dtype: float16 parts are held as float16 (half the RAM, no float32 copy)
+        self.storage_dtype = np.dtype(np.float16 if value_types == {pa.float16()} else np.float32)
+        self._faiss_flat = self.exact and self.storage_dtype == np.float32  # FAISS Flat holds float32 only
+        if self._faiss_flat and n:
+            # size the Flat storage once and fill it in place: no growth-by-doubling copies at build
+            index.codes.resize(n * dim * 4)
+            index.ntotal = n
+            vectors = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)  # [n, d] view
+        elif self.exact or self.cfg.keep_vectors:
+            vectors = np.empty((n, dim), self.storage_dtype)  # [n, d]
+        else:
+            vectors = None  # codes only
+        if vectors is None and _nlist(index) == 0:
+            raise ValueError(f"keep_vectors=False needs an IVF index (rows are added with ids), got "
+                             f"{self.cfg.index_factory!r}")
         train_rows = None  # [t] sorted rows sampled for IVF/PQ training (independent of the file layout)
         if not self.exact and n and not index.is_trained:
             rng = np.random.default_rng(0)
@@ -198,7 +238,7 @@ class Shard:
             sample = np.empty((len(train_rows), dim), np.float32)  # [t, d]
             train_file_rows = perm[train_rows]  # [t]
         for j, p in enumerate(self.pieces):  # pass 2: vectors
-            emb = self._read_piece(j)  # [rows, d]
+            emb = self._read_piece(j, stored=True)  # [rows, d] stored dtype
             bad = ~np.isfinite(emb).all(axis=1)
             if bad.any():
                 raise ValueError(f"{p.path} row group {p.row_group}: {int(bad.sum())} embeddings with NaN/inf")
@@ -215,10 +255,11 @@ class Shard:
         del perm, inv
         if not self.exact and n:
             if train_rows is not None:
-                index.train(vectors[train_rows] if vectors is not None else sample)
+                index.train(_f32(vectors[train_rows]) if vectors is not None else sample)
                 del sample
-            if vectors is not None:
-                index.add(vectors)
+            if vectors is not None:  # FAISS takes float32: float16 vectors go in upcast a chunk at a time
+                for lo in range(0, n, ADD_CHUNK_ROWS):
+                    index.add(_f32(vectors[lo : lo + ADD_CHUNK_ROWS]))
             else:  # pass 3: add piece by piece under the sorted rows as ids, never all vectors resident
                 for j in range(len(self.pieces)):
                     emb = self._read_piece(j)
@@ -233,8 +274,12 @@ class Shard:
         # device: faiss-gpu when present and asked for; else torch on CUDA for exact search
         self.gpu_index = None
         self.torch_device = "cpu"
+        # a streamed shard (a device budget, a low-precision GEMM) or float16 vectors search with torch only
+        faiss_gpu_ok = (self._faiss_flat or not self.exact) and not self.cfg.shard_block_bytes and (
+            self.cfg.score_dtype == "storage")
         if self.cfg.num_gpus_per_shard > 0 and n:
-            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and self.cfg.backend != "torch":
+            if (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and self.cfg.backend != "torch"
+                    and faiss_gpu_ok):
                 self._gpu_res = faiss.StandardGpuResources()
                 self.gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
             if torch.cuda.is_available():
@@ -244,26 +289,29 @@ class Shard:
         self.build_s = time.time() - t0
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _read_ids(self, j: int) -> pa.ChunkedArray:
-        """Doc ids of piece ``j`` (file order)."""
+    def _read_ids(self, j: int) -> tuple[pa.ChunkedArray, pa.DataType]:
+        """Doc ids of piece ``j`` (file order), and the value type of its file's embeddings."""
         p = self.pieces[j]
         fs, _ = storage.resolve(self.uri)
         with fs.open_input_file(p.path) as f:
-            return pq.ParquetFile(f).read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID).slice(
-                p.lo, p.hi - p.lo)
+            pf = pq.ParquetFile(f)
+            ids = pf.read_row_group(p.row_group, columns=[DOC_ID]).column(DOC_ID).slice(p.lo, p.hi - p.lo)
+            return ids, pf.schema_arrow.field(EMBEDDING).type.value_type
 
-    def _read_piece(self, j: int) -> np.ndarray:
-        """Embeddings of piece ``j`` (file order) → float32 [rows, d], read from Parquet."""
+    def _read_piece(self, j: int, stored: bool = False) -> np.ndarray:
+        """Embeddings of piece ``j`` (file order) → float32 [rows, d] (``stored``: in the file's dtype)."""
         p = self.pieces[j]
         fs, _ = storage.resolve(self.uri)
         with fs.open_input_file(p.path) as f:
             emb_col = pq.ParquetFile(f).read_row_group(p.row_group, columns=[EMBEDDING]).column(EMBEDDING)
-        return _embeddings(emb_col.slice(p.lo, p.hi - p.lo), self.dim)
+        read = _stored_embeddings if stored else _embeddings
+        return read(emb_col.slice(p.lo, p.hi - p.lo), self.dim)
 
     def _vectors_of(self, rows: np.ndarray) -> np.ndarray:
-        """Exact vectors of shard rows ``[m]`` → float32 [m, d]: from RAM, or re-read from Parquet."""
+        """Exact vectors of shard rows ``[m]`` → float32 [m, d] (the stored values, upcast): from RAM, or
+        re-read from Parquet."""
         if self.vectors is not None:
-            return self.vectors[rows]
+            return _f32(self.vectors[rows])
         out = np.empty((len(rows), self.dim), np.float32)  # [m, d]
         file_rows = self._perm[rows]  # [m]
         piece = np.searchsorted(self._starts, file_rows, side="right") - 1  # [m]
@@ -273,6 +321,7 @@ class Shard:
         return out
 
     def _torch_vectors(self):
+        """The whole shard on the device, in its stored dtype (no float32 copy); only without a block budget."""
         import torch
 
         if self._tvec is None:
@@ -280,7 +329,7 @@ class Shard:
         return self._tvec
 
     def _use_torch(self) -> bool:
-        return self.exact and (self.cfg.backend == "torch" or (
+        return self.exact and (self.cfg.backend == "torch" or not self._faiss_flat or (
             self.cfg.backend == "auto" and self.torch_device == "cuda" and self.gpu_index is None))
 
     def _set_nprobe(self, nprobe: int) -> None:
@@ -301,9 +350,20 @@ class Shard:
         return d, i.astype(np.int64)
 
     def _exact_scan(self, q: np.ndarray, kk: int, ceilings: np.ndarray | None):
-        """Brute-force masked top-kk over the shard: (scores [nq,kk], rows [nq,kk], above [nq])."""
+        """Brute-force masked top-kk over the shard: (scores [nq,kk], rows [nq,kk], above [nq]).
+
+        Vectors in RAM: :func:`raymine.topk.streamed_search`, exact against the stored dtype — the shard
+        resident on the device, or (``shard_block_bytes``) streamed through it in blocks of that many bytes;
+        scored in ``score_dtype`` with a float32 re-score near the k-th score and the ceiling."""
         if self.vectors is not None:
-            return torch_search(self._torch_vectors(), q, kk, ceilings, return_above=True)
+            import torch
+
+            budget = self.cfg.shard_block_bytes
+            resident = self.torch_device == "cuda" and not budget
+            rows = max(1, budget // (self.dim * self.vectors.itemsize)) if budget else None
+            sd = None if self.cfg.score_dtype == "storage" else getattr(torch, self.cfg.score_dtype)
+            return streamed_search(self._torch_vectors() if resident else self.vectors, q, kk, ceilings,
+                                   block_rows=rows, device=self.torch_device, score_dtype=sd, return_above=True)
         parts_s, parts_i = [], []
         above = np.zeros(q.shape[0], np.int64)
         for j in range(len(self.pieces)):  # codes-only: stream the shard's rows from Parquet
@@ -336,7 +396,8 @@ class Shard:
     def info(self) -> dict[str, Any]:
         return {"num_docs": self.num_docs, "dim": self.dim, "build_s": round(self.build_s, 3),
                 "peak_rss_mb": round(_peak_rss_mb(), 1), "pid": os.getpid(), "nlist": self.nlist,
-                "vectors_in_ram": self.vectors is not None,
+                "vectors_in_ram": self.vectors is not None, "storage_dtype": self.storage_dtype.name,
+                "vector_bytes": 0 if self.vectors is None else int(self.vectors.nbytes),
                 "gpu": self.gpu_index is not None or self.torch_device == "cuda"}
 
     def search(self, q: np.ndarray, k: int, ceilings: np.ndarray | None, exact: bool = False,
@@ -464,13 +525,12 @@ class ShardedIndex(ShardActors):
         sizes = list(shard_rows) if shard_rows is not None else balanced_sizes(total, cfg.num_shards)
         plans = plan_shards(groups, sizes)
         threads = cfg.threads_per_shard or max(1, (os.cpu_count() or 1) // len(sizes))
-        # a shard that dies (node lost, OOM kill) restarts and rebuilds the same rows from Parquet in
-        # __init__; calls in flight are retried, so a search never returns a partial merge
-        remote = ray.remote(Shard).options(num_cpus=cfg.num_cpus_per_shard, num_gpus=cfg.num_gpus_per_shard,
-                                           max_restarts=-1, max_task_retries=-1)
+        value_bytes = stored_value_bytes(uri)
+        remote = ray.remote(Shard)
         cfg_d = to_dict(cfg)
         t0 = time.time()
-        actors = [remote.remote(uri, plan, dim, cfg_d, threads) for plan in plans]
+        actors = [remote.options(**shard_actor_options(cfg, n, dim, value_bytes)).remote(uri, plan, dim, cfg_d, threads)
+                  for plan, n in zip(plans, sizes, strict=True)]
         infos = ray.get([a.info.remote() for a in actors])
         log.info("search: %d shards %s of %d docs (dim %d, %s) ready in %.1f s", len(actors), sizes, total,
                  dim, cfg.index_factory, time.time() - t0)

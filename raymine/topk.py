@@ -268,49 +268,230 @@ def torch_search(
 
     The corpus is scanned in row blocks so the score block ``[nq, rows]`` stays under
     ``max_block_elems`` floats (the ``[nq, nd]`` matrix is never built; ``None``: :func:`default_block_elems` of the
-    corpus' device); runs on the corpus' device (CUDA when the corpus tensor is there).
+    corpus' device); runs on the corpus' device (CUDA when the corpus tensor is there), scoring in the corpus'
+    dtype (a float16/bfloat16 corpus is re-scored near the k-th score and the ceiling: :func:`streamed_search`).
     Same tie rule as :func:`masked_topk`.
     """
+    import torch
+
+    cor = torch.as_tensor(corpus)
+    return streamed_search(cor, queries, k, ceilings, score_dtype=cor.dtype, max_block_elems=max_block_elems,
+                           return_above=return_above)
+
+
+# unit roundoff of the GEMM input/output dtype (float32 scoring is the reference: no re-score)
+_UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 0.0}
+
+
+def score_tolerance(score_dtype: str, dim: int) -> float:
+    """Bound on ``|score in score_dtype - float32 score|`` per unit of ``||q||·||c||``: the query and the corpus
+    rounded to ``score_dtype`` (u each), the output rounded (u), float32 accumulation over ``dim`` terms
+    (``dim · 2^-24``), times 2 for safety. 0 for float32 (the reference itself). Reduced-precision (fp16/bf16)
+    split-K reductions are switched off while :func:`streamed_search` runs on CUDA, so the accumulation is fp32."""
+    u = _UNIT_ROUNDOFF[score_dtype]
+    return 0.0 if u == 0 else 2.0 * (3 * u + dim * 2.0**-24)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rescore(q32: torch.Tensor, rows: torch.Tensor, qi: torch.Tensor, ri: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Float32 inner products of ``q32[qi[j]]`` with ``rows[ri[j]]`` (stored dtype, upcast) → ``[m]``; chunked so at
+    most ``chunk`` vector elements are gathered at a time."""
+    import torch
+
+    d = q32.shape[1]
+    step = max(1, chunk // max(d, 1))
+    out = torch.empty(qi.shape[0], dtype=torch.float32, device=q32.device)  # [m]
+    for lo in range(0, qi.shape[0], step):
+        a, b = qi[lo : lo + step], ri[lo : lo + step]
+        out[lo : lo + step] = (q32[a] * rows[b].float()).sum(dim=1)  # [step, d] -> [step]
+    return out
+
+
+class _Running:
+    """Running exact top-k of a scan: best scores/rows so far, the ceiling's removals, the merge of each block."""
+
+    def __init__(self, nq: int, k: int, device: torch.device) -> None:
+        import torch
+
+        self.k = k
+        self.best_s = torch.full((nq, 0), -float("inf"), dtype=torch.float32, device=device)  # [nq, <= k]
+        self.best_i = torch.full((nq, 0), MISSING_ID, dtype=torch.int64, device=device)  # [nq, <= k]
+        self.above = torch.zeros(nq, dtype=torch.int64, device=device)  # [nq]
+
+    def merge(self, block: torch.Tensor, lo: int) -> None:
+        """Fold exact scores ``block [nq, r]`` of rows ``lo..lo+r`` (-inf = excluded) into the running top-k."""
+        import torch
+
+        vals, idx = _torch_topk_exact(block, min(self.k, block.shape[1]))
+        # earlier blocks hold smaller rows: a stable sort of [best | block] keeps the tie rule
+        cat_s = torch.cat([self.best_s, vals], dim=1)  # [nq, <= 2k]
+        cat_i = torch.cat([self.best_i, idx + lo], dim=1)
+        cat_s, order = torch.sort(cat_s, dim=1, descending=True, stable=True)
+        self.best_s, self.best_i = cat_s[:, : self.k], cat_i.gather(1, order)[:, : self.k]
+
+    def kth_bound(self, extra: torch.Tensor) -> torch.Tensor:
+        """``[nq, 1]``: the k-th best of the running scores and ``extra [nq, m]`` (exact scores of other allowed
+        rows), -inf when fewer than k: a lower bound on the final k-th score."""
+        import torch
+
+        pool = torch.cat([self.best_s, extra], dim=1)  # [nq, <= k + m]
+        if self.k == 0:  # nothing to rank: only the ceiling's `near` rows need a re-score
+            return torch.full((pool.shape[0], 1), float("inf"), device=pool.device)
+        if pool.shape[1] < self.k:
+            return torch.full((pool.shape[0], 1), -float("inf"), device=pool.device)
+        return torch.topk(pool, self.k, dim=1).values[:, -1:]
+
+
+def _approx_block(s: torch.Tensor, rows: torch.Tensor, q32: torch.Tensor, eps: torch.Tensor,
+                  ct: torch.Tensor | None, run: _Running, count: bool, chunk: int) -> torch.Tensor:
+    """Approximate scores ``s [nq, r]`` (low-precision GEMM, each within ``eps [nq, 1]`` of float32) → exact float32
+    scores ``[nq, r]`` of every row that can still reach the final top-k or sits near the ceiling, -inf elsewhere
+    and at rows ``>= ceiling`` (counted into ``run.above``).
+
+    Why this is exact: a row whose approximate score is ``>= ceiling + eps`` is surely above the ceiling, one below
+    ``ceiling - eps`` surely below; the rows in between are re-scored. The block's approximate top-k of the surely
+    allowed rows, re-scored and pooled with the running list, gives ``lb`` <= the final k-th exact score; a row in
+    the final top-k has an exact score ``>= lb``, so an approximate one ``>= lb - eps``: those rows are re-scored."""
+    import torch
+
+    neg = -float("inf")
+    safe, near = s, None
+    if ct is not None:
+        sure = s >= ct + eps  # [nq, r] surely >= ceiling
+        near = (s >= ct - eps) & ~sure  # [nq, r] decided by the re-score
+        if count:
+            run.above += sure.sum(dim=1)
+        s = s.masked_fill(sure, neg)
+        safe = s.masked_fill(near, neg)
+    top_v, top_i = torch.topk(safe, min(run.k, s.shape[1]), dim=1)  # [nq, kk] surely allowed, approximate
+    qa = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(top_i)
+    ex_a = _rescore(q32, rows, qa.reshape(-1), top_i.reshape(-1), chunk).view(top_i.shape)
+    ex_a = ex_a.masked_fill(torch.isneginf(top_v), neg)  # [nq, kk]
+    lb = run.kth_bound(ex_a)  # [nq, 1]
+    want = (s > neg) & (s >= lb - eps)  # [nq, r]; every `near` row too (lb < ceiling), made explicit:
+    if near is not None:
+        want |= near
+    qi, ri = want.nonzero(as_tuple=True)
+    exact = torch.full_like(s, neg)  # [nq, r]
+    exact[qi, ri] = _rescore(q32, rows, qi, ri, chunk)
+    if ct is not None:
+        over = exact >= ct  # only `near` rows can be over here
+        if count:
+            run.above += over.sum(dim=1)
+        exact = exact.masked_fill(over, neg)
+    return exact
+
+
+def streamed_search(
+    corpus: torch.Tensor | np.ndarray,
+    queries: torch.Tensor | np.ndarray,
+    k: int,
+    ceilings: np.ndarray | None = None,
+    *,
+    block_rows: int | None = None,
+    device: str | torch.device | None = None,
+    score_dtype: torch.dtype | None = None,
+    max_block_elems: int | None = None,
+    return_above: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ceiling-aware top-k of ``queries [nq, d]`` over ``corpus [nd, d]`` kept in its storage dtype
+    (float32/float16, or a bfloat16 tensor) wherever it lives, streamed through ``device`` in blocks.
+
+    Same results and tie rule as :func:`torch_search` over the corpus upcast to float32 — "exact" means exact
+    against the *stored* vectors (a float16 corpus is searched as the float16 values it holds, not as the float32
+    embeddings it was rounded from), up to float32 summation order (bit-equal where the sums are exact).
+
+    - ``block_rows``: rows moved to ``device`` at a time (the shard's memory budget there; ``None``: all at once,
+      no copy when the corpus is already there). Only one block and its score temporaries are on the device.
+    - ``score_dtype``: the GEMM's dtype; default the corpus' dtype on CUDA (fp16/bf16 tensor cores), float32
+      elsewhere (each block upcast on the fly, no float32 copy of the corpus). Below float32, every score that
+      can matter — near the running k-th score or near the ceiling — is re-scored in float32 against the stored
+      vectors (:func:`_approx_block`), so the ranking, the scores and ``above`` equal the float32 search.
+    - ``max_block_elems``: scores per GEMM block ``[nq, rows]`` (``None``: :func:`default_block_elems`).
+    Returns ``(scores [nq,k] float32, rows [nq,k] int64)`` (+ ``above [nq] int64`` with ``return_above``)."""
     import torch
 
     if isinstance(queries, np.ndarray) and not queries.flags.writeable:
         queries = queries.copy()  # e.g. from Ray's object store; small, and torch wants writable memory
     cor = torch.as_tensor(corpus)
-    q = torch.as_tensor(queries).to(device=cor.device, dtype=cor.dtype)
-    if q.ndim != 2 or cor.ndim != 2 or q.shape[1] != cor.shape[1]:
-        raise ValueError(f"queries {tuple(q.shape)} and corpus {tuple(cor.shape)} must be [nq,d] and [nd,d]")
-    nq, nd = q.shape[0], cor.shape[0]
+    dev = torch.device(device) if device is not None else cor.device
+    sd = score_dtype or (cor.dtype if dev.type == "cuda" else torch.float32)
+    q32 = torch.as_tensor(queries).to(device=dev, dtype=torch.float32)  # [nq, d]
+    if q32.ndim != 2 or cor.ndim != 2 or q32.shape[1] != cor.shape[1]:
+        raise ValueError(f"queries {tuple(q32.shape)} and corpus {tuple(cor.shape)} must be [nq,d] and [nd,d]")
+    nq, nd, d = q32.shape[0], cor.shape[0], q32.shape[1]
     c = _check_ceilings(ceilings, nq)
     count = return_above and c is not None and not np.isposinf(c).all()
-    above = torch.zeros(nq, dtype=torch.int64, device=cor.device)
     if k <= 0 and not count:
         empty = (np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64))
         return (*empty, np.zeros(nq, np.int64)) if return_above else empty
     k = max(k, 0)
     if max_block_elems is None:
-        max_block_elems = default_block_elems(cor.device)
-    ct = None if c is None else torch.from_numpy(c).to(cor.device)[:, None]  # [nq, 1]
-    rows = max(k, max_block_elems // max(nq, 1), 1)
-    best_s = torch.full((nq, 0), -float("inf"), dtype=torch.float32, device=cor.device)
-    best_i = torch.full((nq, 0), MISSING_ID, dtype=torch.int64, device=cor.device)
-    with torch.no_grad():
-        for lo in range(0, nd, rows):
-            block = (q @ cor[lo : lo + rows].T).float()  # [nq, rows]
-            if ct is not None:
-                over = block >= ct  # [nq, rows]
-                if count:
-                    above += over.sum(dim=1)
-                block = block.masked_fill(over, -float("inf"))
-            if k == 0:
-                continue
-            vals, idx = _torch_topk_exact(block, min(k, block.shape[1]))
-            # earlier blocks hold smaller ids: a stable sort of [best | block] keeps the tie rule
-            cat_s = torch.cat([best_s, vals], dim=1)  # [nq, <= 2k]
-            cat_i = torch.cat([best_i, idx + lo], dim=1)
-            cat_s, order = torch.sort(cat_s, dim=1, descending=True, stable=True)
-            best_s, best_i = cat_s[:, :k], cat_i.gather(1, order)[:, :k]
-    vals = best_s.cpu().numpy().astype(np.float32)
-    ids = best_i.cpu().numpy().astype(np.int64)
+        max_block_elems = default_block_elems(dev)
+    ct = None if c is None else torch.from_numpy(c).to(dev)[:, None]  # [nq, 1]
+    tol = score_tolerance(_dtype_name(sd), d)
+    qs = q32.to(sd)  # [nq, d] the queries as the GEMM sees them
+    qn = q32.norm(dim=1, keepdim=True)  # [nq, 1]
+    rows = max(k, max_block_elems // max(nq, 1), 1)  # GEMM block rows
+    step = nd if block_rows is None else max(int(block_rows), 1)  # transfer block rows
+    run = _Running(nq, k, dev)
+    flags = _exact_reductions(dev)
+    try:
+        with torch.no_grad():
+            for lo in range(0, nd, step):
+                part = cor[lo : lo + step].to(dev, non_blocking=True)  # [step, d] stored dtype, on the device
+                eps = None
+                if tol:
+                    cmax = torch.linalg.vector_norm(part, dim=1, dtype=torch.float32).max()
+                    eps = tol * qn * cmax  # [nq, 1]
+                for slo in range(0, part.shape[0], rows):
+                    sub = part[slo : slo + rows]  # [r, d]
+                    block = (qs @ sub.to(sd).T).float()  # [nq, r]
+                    if eps is None:
+                        block = _mask_exact(block, ct, run, count)
+                    else:
+                        block = _approx_block(block, sub, q32, eps, ct, run, count, max_block_elems)
+                    if k:
+                        run.merge(block, lo + slo)
+    finally:
+        _restore_reductions(flags)
+    vals = run.best_s.cpu().numpy().astype(np.float32)
+    ids = run.best_i.cpu().numpy().astype(np.int64)
     ids[np.isneginf(vals)] = MISSING_ID
     vals, ids = _pad(vals, ids, k)
-    return (vals, ids, above.cpu().numpy().astype(np.int64)) if return_above else (vals, ids)
+    return (vals, ids, run.above.cpu().numpy().astype(np.int64)) if return_above else (vals, ids)
+
+
+def _mask_exact(block: torch.Tensor, ct: torch.Tensor | None, run: _Running, count: bool) -> torch.Tensor:
+    """Float32 scores ``[nq, r]``: entries ``>= ceiling`` to -inf (counted into ``run.above``)."""
+    if ct is None:
+        return block
+    over = block >= ct  # [nq, r]
+    if count:
+        run.above += over.sum(dim=1)
+    return block.masked_fill(over, -float("inf"))
+
+
+def _exact_reductions(dev: torch.device) -> tuple[bool, bool] | None:
+    """Switch cuBLAS' reduced-precision (fp16/bf16) split-K reductions off, so low-precision GEMMs accumulate in
+    fp32 (what :func:`score_tolerance` assumes); returns the old flags."""
+    import torch
+
+    if dev.type != "cuda":
+        return None
+    m = torch.backends.cuda.matmul
+    old = (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
+    m.allow_fp16_reduced_precision_reduction = False
+    m.allow_bf16_reduced_precision_reduction = False
+    return old
+
+
+def _restore_reductions(old: tuple[bool, bool] | None) -> None:
+    import torch
+
+    if old is not None:
+        m = torch.backends.cuda.matmul
+        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = old

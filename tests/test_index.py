@@ -177,3 +177,80 @@ def test_ties_break_by_doc_id_whatever_the_file_layout(ray_local, tmp_path):
             with ShardedIndex.from_parquet(uri, cfg, shard_rows=sizes) as index:
                 _, got, _, _ = index.search_batch(queries, k, c)
                 assert got.tolist() == want
+
+
+def _write_stored(folder, ids, emb, dtype, splits=(0.4, 1.0), row_group=50) -> str:
+    """Like :func:`write_embeddings`, with the vectors stored as ``dtype`` (what embed writes for storage_dtype)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = [0] + [int(len(ids) * s) for s in splits]
+    for f, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        flat = pa.array(np.ascontiguousarray(emb[lo:hi], dtype).reshape(-1))
+        t = pa.table({DOC_ID: pa.array(ids[lo:hi], pa.string()),
+                      EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])})
+        pq.write_table(t, folder / f"part-{f:05d}.parquet", row_group_size=row_group)
+    return str(folder)
+
+
+def test_streamed_shards_in_their_storage_dtype_equal_brute_force(ray_local, tmp_path):
+    """float32 and float16 shards, streamed through a budget of 24 rows (shards hold 150 and 250), equal brute
+    force (= the in-memory search, tests/test_topk.py) — ties (duplicate vectors, small-integer scores) broken by doc id — with a
+    bfloat16 GEMM + float32 re-score too; an fp16 shard holds half the bytes; each actor asked Ray for its memory."""
+    import ray
+
+    from raymine.index import shard_actor_options
+
+    rng = np.random.default_rng(31)
+    n, d, k = 400, 8, 30
+    emb = rng.integers(-2, 3, size=(n, d)).astype(np.float32)  # exact in fp16 and bf16
+    emb[200:260] = emb[:60]  # duplicate vectors: equal scores everywhere
+    ids = np.array([f"s{i:04d}" for i in rng.permutation(n)], object)  # id order unrelated to rows
+    queries = rng.integers(-2, 3, size=(7, d)).astype(np.float32)
+    full = queries @ emb.T
+    ceil = np.array([np.inf, 2.0, 3.0, 0.0, np.inf, -9.0, 4.0], np.float32)
+    want = {}
+    for c in (None, ceil):
+        lists = []
+        for q in range(len(queries)):
+            ok = [r for r in range(n) if c is None or full[q, r] < c[q]]
+            top = sorted(ok, key=lambda r, q=q: (-full[q, r], ids[r]))[:k]
+            lists.append([ids[r] for r in top] + [""] * (k - len(top)))
+        want[c is None] = lists
+    sizes = [150, 250]
+    vector_bytes = {}
+    for dtype in (np.float32, np.float16):
+        uri = _write_stored(tmp_path / np.dtype(dtype).name, ids, emb, dtype)
+        budget = 24 * d * np.dtype(dtype).itemsize
+        cfgs = [SearchConfig(num_shards=2, backend="torch", shard_block_bytes=budget)]  # upcast per block
+        if dtype == np.float16:  # and the GPU's way: a low-precision GEMM, re-scored (kernel tests: test_topk)
+            cfgs.append(SearchConfig(num_shards=2, backend="torch", shard_block_bytes=budget, score_dtype="bfloat16"))
+        for cfg in cfgs:
+            with ShardedIndex.from_parquet(uri, cfg, shard_rows=sizes) as index:
+                assert {i["storage_dtype"] for i in index.infos} == {np.dtype(dtype).name}
+                vector_bytes[np.dtype(dtype).name] = sum(i["vector_bytes"] for i in index.infos)
+                requested = sum(shard_actor_options(cfg, s, d, np.dtype(dtype).itemsize)["memory"] for s in sizes)
+                used = ray.cluster_resources()["memory"] - ray.available_resources()["memory"]
+                assert used >= requested
+                for c in (None, ceil):
+                    s, got, above, _ = index.search_batch(queries, k, c)
+                    assert got.tolist() == want[c is None], (dtype, cfg)
+                    valid = got != ""
+                    np.testing.assert_array_equal(s[valid], np.sort(np.where(
+                        (c is None) | (full < (np.inf if c is None else c[:, None])), full, -np.inf), axis=1)[
+                        :, ::-1][:, :k][valid])
+                    if c is not None:
+                        np.testing.assert_array_equal(above, (full >= c[:, None]).sum(axis=1) * np.isfinite(c))
+                pos = index.lookup_scores(queries[:2], [[ids[0], ids[399]], [ids[5]]])  # exact, stored values
+                np.testing.assert_array_equal(pos[0], full[0, [0, 399]])
+                np.testing.assert_array_equal(pos[1], full[1, [5]])
+    assert vector_bytes == {"float32": n * d * 4, "float16": n * d * 2}  # fp16 shards: half the host RAM
+
+
+def test_shard_actor_options_spread_with_a_memory_request():
+    from raymine.index import ID_BYTES, shard_actor_options
+
+    cfg = SearchConfig(num_cpus_per_shard=0.5, num_gpus_per_shard=1, shard_memory_overhead_mb=100)
+    opts = shard_actor_options(cfg, rows=1_000_000, dim=4096, value_bytes=2)
+    assert opts["scheduling_strategy"] == "SPREAD"
+    assert opts["memory"] == 1_000_000 * 4096 * 2 + 1_000_000 * ID_BYTES + 100 * 2**20
+    assert opts["num_cpus"] == 0.5 and opts["num_gpus"] == 1 and opts["max_restarts"] == -1
+    assert shard_actor_options(cfg, 0, 4096, 4)["memory"] == 100 * 2**20

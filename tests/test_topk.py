@@ -16,6 +16,8 @@ from raymine.topk import (
     merge_topk,
     merge_topk_by_id,
     merge_topk_positions,
+    score_tolerance,
+    streamed_search,
     torch_search,
 )
 
@@ -261,3 +263,135 @@ def test_merge_by_id_equals_whole_corpus_order_every_small_split(num_shards):
     assert checked > 10
     with pytest.raises(ValueError):
         merge_topk_by_id([np.zeros((2, 1), np.float32)], [np.zeros((3, 1), object)], 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# streamed search: the corpus in its storage dtype, streamed in blocks, low-precision GEMM + float32 re-score
+# ------------------------------------------------------------------------------------------------
+def _near_tie_corpus(rng, n: int, d: int) -> np.ndarray:
+    """Unit vectors with exact duplicates (equal scores, broken by row) and near-duplicates (scores closer than
+    the fp16/bf16 GEMM error, so the low-precision order is wrong and only the re-score gets it right)."""
+    emb = rng.standard_normal((n, d))
+    emb[n // 2 : n // 2 + 20] = emb[:20]  # exact duplicates
+    emb[-20:] = emb[20:40] + 1e-3 * rng.standard_normal((20, d))  # near-duplicates
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("storage", "score"), [("float32", "float32"), ("float16", "float32"),
+                                                ("float32", "bfloat16"), ("float16", "bfloat16"),
+                                                ("float16", "float16")])
+def test_streamed_search_equals_in_memory_float32_of_the_stored_vectors(storage, score):
+    """Budget smaller than the corpus (blocks of 37 / 100 rows) == one in-memory float32 search == brute force of
+    the stored (rounded) vectors: the same rows in the same order (ties by row), the same scores, the same counts
+    above the ceiling; whatever the GEMM's dtype."""
+    import torch
+
+    rng = np.random.default_rng(21)
+    n, d, nq = 400, 24, 30
+    emb = _near_tie_corpus(rng, n, d)
+    stored = emb.astype(storage)  # [n, d] what a shard holds: no float32 copy
+    ref_corpus = stored.astype(np.float32)  # the stored values, upcast: the reference's corpus
+    queries = np.concatenate([emb[:10], emb[-10:] + 0.01, rng.standard_normal((10, d))]).astype(np.float32)
+    full = queries @ ref_corpus.T  # [nq, n]
+    srt = -np.sort(-full, axis=1)
+    r = 6 + np.argmax(srt[:, 6:-1] - srt[:, 7:] > 1e-4, axis=1)  # [nq] a rank >= 7 with a gap above float noise
+    ceil = ((srt[np.arange(nq), r] + srt[np.arange(nq), r + 1]) / 2).astype(np.float32)  # r + 1 rows above
+    ceil[:3] = np.inf
+    ceil[3] = srt[3, 2]  # a ceiling equal to a score (score >= ceiling is excluded)
+    ceil[4] = -50.0  # nothing below
+    sd = getattr(torch, score)
+    for k in (1, 10, 60):
+        for c in (None, ceil):
+            ref_s, ref_i = brute_force_topk(ref_corpus, queries, k, c)
+            inmem = torch_search(ref_corpus, queries, k, c, return_above=True)
+            # an fp16 GEMM costs ~20 ms a call on this CPU (no fast kernel): one block size for it
+            for block_rows in (37,) if score == "float16" else (37, 100, None):
+                s, i, above = streamed_search(stored, queries, k, c, block_rows=block_rows, score_dtype=sd,
+                                              max_block_elems=nq * 100, return_above=True)
+                np.testing.assert_array_equal(i, ref_i)
+                np.testing.assert_array_equal(i, inmem[1])
+                np.testing.assert_allclose(s, ref_s, rtol=0, atol=2e-6)
+                np.testing.assert_array_equal(above, inmem[2])
+                if c is not None:
+                    np.testing.assert_array_equal(above, (full >= c[:, None]).sum(axis=1))
+    if score != "float32":  # the low-precision scores alone would have ranked some queries wrongly
+        approx = (torch.from_numpy(queries).to(sd) @ torch.from_numpy(stored).to(sd).T).float().numpy()
+        _, ai = brute_force_topk(np.eye(n, dtype=np.float32), approx, 10)
+        assert (ai != brute_force_topk(ref_corpus, queries, 10)[1]).any()
+
+
+def test_streamed_search_ties_and_small_integers_bit_exact():
+    """Small integers are exact in fp16 and bf16: every score a tie somewhere, equal bit for bit to brute force
+    at every block size, with the ceiling counts; k = 0 still counts the ceiling's removals."""
+    import torch
+
+    rng = np.random.default_rng(22)
+    corpus = rng.integers(-2, 3, size=(90, 8)).astype(np.float16)
+    queries = rng.integers(-2, 3, size=(11, 8)).astype(np.float32)
+    ceil = rng.integers(-4, 5, size=11).astype(np.float32)
+    ceil[0], ceil[1] = np.inf, -100.0
+    want_above = (queries @ corpus.astype(np.float32).T >= ceil[:, None]).sum(axis=1)
+    for sd, blocks in ((torch.bfloat16, (3, None)), (torch.float32, (3,)), (torch.float16, (None,))):
+        for block_rows in blocks:
+            for k in (0, 1, 7, 95):
+                s, i, above = streamed_search(corpus, queries, k, ceil, block_rows=block_rows, score_dtype=sd,
+                                              max_block_elems=11 * 20, return_above=True)
+                ref = brute_force_topk(corpus.astype(np.float32), queries, k, ceil)
+                np.testing.assert_array_equal(i, ref[1])
+                np.testing.assert_array_equal(s, ref[0])
+                np.testing.assert_array_equal(above, want_above)
+
+
+def test_score_tolerance_bounds_the_low_precision_error():
+    """The bound the re-score relies on holds on unit vectors, and is 0 for float32 (the reference)."""
+    import torch
+
+    rng = np.random.default_rng(23)
+    d = 256
+    c = rng.standard_normal((2000, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    q = rng.standard_normal((50, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = q.astype(np.float64) @ c.astype(np.float64).T
+    assert score_tolerance("float32", d) == 0.0
+    for name in ("float16", "bfloat16"):
+        sd = getattr(torch, name)
+        approx = (torch.from_numpy(q).to(sd) @ torch.from_numpy(c).to(sd).T).double().numpy()
+        err = np.abs(approx - exact).max()
+        assert 0 < err <= score_tolerance(name, d), (name, err)
+
+
+@pytest.mark.gpu
+def test_streamed_search_cuda_fp16_storage_equals_float32_reference():
+    """The GPU path: an fp16 corpus on the host streamed to CUDA in blocks, an fp16 GEMM, a float32 re-score near
+    the k-th score and the ceiling: the rows of the float32 search of the stored vectors (and, on small
+    integers, its scores bit for bit); bf16 the same."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(24)
+    emb = _near_tie_corpus(rng, 20000, 64)
+    stored = emb.astype(np.float16)
+    queries = np.concatenate([emb[:100], rng.standard_normal((100, 64))]).astype(np.float32)
+    ref_corpus = stored.astype(np.float32)
+    full = queries @ ref_corpus.T
+    srt = -np.sort(-full, axis=1)[:, :200]
+    r = 40 + np.argmax(srt[:, 40:-1] - srt[:, 41:] > 1e-4, axis=1)  # a rank with a gap above float noise
+    ceil = ((srt[np.arange(len(r)), r] + srt[np.arange(len(r)), r + 1]) / 2).astype(np.float32)
+    for sd in (torch.float16, torch.bfloat16):
+        for c in (None, ceil):
+            ref = torch_search(ref_corpus, queries, 100, c, return_above=True)
+            got = streamed_search(stored, queries, 100, c, block_rows=3000, device="cuda", score_dtype=sd,
+                                  return_above=True)
+            assert (got[1] == ref[1]).mean() > 0.999  # float32 summation order aside
+            np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-5)
+            np.testing.assert_array_equal(got[2], ref[2])
+    ints = rng.integers(-2, 3, size=(30000, 16)).astype(np.float16)
+    q = rng.integers(-2, 3, size=(300, 16)).astype(np.float32)
+    c = rng.integers(-3, 8, size=300).astype(np.float32)
+    got = streamed_search(ints, q, 100, c, block_rows=4096, device="cuda", return_above=True)
+    ref = brute_force_topk(ints.astype(np.float32), q, 100, c)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[2], (q @ ints.astype(np.float32).T >= c[:, None]).sum(1))
