@@ -222,7 +222,10 @@ _NOT_SEARCHED = ("batch_size", "join_partitions", "report_sample", "ensemble", "
 
 
 # search keys that are resources: they change how fast, never what is found
-_RESOURCES = ("num_cpus_per_shard", "threads_per_shard", "search_tasks", "num_cpus_per_task")
+# resources, and settings whose results are equal by construction (a streamed shard merges exactly; a
+# low-precision GEMM is re-scored in float32 near the k-th score and the ceiling: topk.streamed_search)
+_RESOURCES = ("num_cpus_per_shard", "threads_per_shard", "search_tasks", "num_cpus_per_task", "shard_block_bytes",
+              "shard_memory_overhead_mb", "score_dtype")
 
 
 def search_key_config(search: SearchConfig, dense: bool) -> dict[str, Any]:
