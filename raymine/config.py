@@ -184,6 +184,17 @@ class SearchConfig:
     num_cpus_per_shard: float = _f(0.25, "CPUs reserved per shard actor")
     threads_per_shard: int = _f(0, "BLAS/OpenMP threads per shard actor; 0 = node cores // num_shards (at least 1)")
     num_gpus_per_shard: float = _f(0.0, "GPUs per shard actor")
+    shard_block_bytes: int = _f(
+        0, "exact search: bytes of a shard's stored vectors on the device at a time (the shard is streamed host -> "
+        "GPU in blocks of this size and merged exactly; on a CPU each block is upcast to float32); 0 = the whole "
+        "shard resident on the device")
+    score_dtype: Literal["storage", "float16", "bfloat16"] = _f(
+        "storage", "exact search on a GPU: GEMM dtype ('storage' = the vectors' stored dtype; float32 on a CPU); "
+        "below float32 the candidates near the k-th score and the ceiling are re-scored in float32 against the "
+        "stored vectors, so results stay exact against the stored dtype")
+    shard_memory_overhead_mb: int = _f(
+        256, "Ray memory request per shard actor = its vectors (rows x dim x stored bytes) + ids + this (the "
+        "process, torch/FAISS, score blocks)")
     query_batch_size: int = _f(1024, "queries per search batch sent to every shard")
     search_tasks: int = _f(2, "query tasks (Ray Data tasks) that fan query pieces out to the shards in parallel")
     num_cpus_per_task: float = _f(0.25, "CPUs reserved per query task (they mostly wait on the shards)")
@@ -314,6 +325,9 @@ class EvaluateConfig:
     seed: int = _f(13, "seed of the max_queries subset")
     query_max_length: int = _f(0, "max query tokens when encoding for evaluation (0 = train.query_max_length)")
     passage_max_length: int = _f(0, "max passage tokens when encoding for evaluation (0 = train.passage_max_length)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = _f(
+        "auto", "compute dtype of the evaluation encoders (embed actor pool); 'auto' = bf16 on GPU, fp32 on CPU"
+    )
     metrics: tuple[str, ...] = _f(
         ("ndcg_at_10", "recall_at_100", "mrr_at_10"), "mteb score names collected per model and task"
     )
@@ -456,7 +470,7 @@ DOMAINS: dict[str, dict[str, Domain]] = {
         "depth": NON_NEGATIVE, "depth_slack": NON_NEGATIVE, "max_depth": COUNT, "num_cpus_per_shard": NON_NEGATIVE,
         "threads_per_shard": NON_NEGATIVE, "num_gpus_per_shard": NON_NEGATIVE, "query_batch_size": COUNT,
         "recall_sample": NON_NEGATIVE, "max_nprobe": COUNT, "refine_factor": COUNT, "search_tasks": COUNT,
-        "num_cpus_per_task": NON_NEGATIVE,
+        "num_cpus_per_task": NON_NEGATIVE, "shard_block_bytes": NON_NEGATIVE, "shard_memory_overhead_mb": NON_NEGATIVE,
     },
     "MineConfig": {
         "shift": NON_NEGATIVE, "abs_threshold": ANY, "margin": NON_NEGATIVE, "perc": between(0, 1, lo_open=True),

@@ -1,6 +1,13 @@
-"""Evaluate stage: retrieval quality of any list of models through mteb, written as JSON, Markdown and a plot.
+"""Evaluate stage: retrieval quality of any list of models, scored by mteb, written as JSON, Markdown and a plot.
 
-No hand-written metrics: every number comes from ``mteb.evaluate``. Two kinds of task:
+No hand-written metrics: every number comes from mteb's retrieval scoring (pytrec_eval + its MRR).
+
+The pipeline's own test split (``evaluate.tasks`` entry ``local``) is a distributed job, like mining
+(:func:`evaluate_split`): the test queries and qrels written at ingest, queries and corpus encoded by the embed
+actor pool, each query's exact top-k from the sharded index, the metrics from those lists with mteb's scoring
+functions (:func:`mteb_scores`). The driver holds the test split's queries, qrels and top-k lists only.
+
+Through ``mteb.evaluate`` in this process (:func:`evaluate_models`), two kinds of task:
 
 * local BEIR folders or Parquet tables (offline) wrapped as an mteb ``AbsTaskRetrieval``
   (``cfg.tasks == ("local",)`` means the ``data`` folder's ``cfg.split``; any other entry that is a
@@ -23,9 +30,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raymine import storage
-from raymine.columns import DOC_ID, QUERY_ID, SCORE, TEXT, TITLE
+from raymine.columns import (
+    CANDIDATE_IDS,
+    CANDIDATE_SCORES,
+    DOC_ID,
+    EMBEDDING,
+    PASSAGE,
+    QUERY_ID,
+    SCORE,
+    TEXT,
+    TITLE,
+)
 from raymine.config import EvaluateConfig, TeacherConfig, to_dict
 
 log = logging.getLogger(__name__)
@@ -262,47 +280,10 @@ def _scores_of(result: Any, task_name: str, split: str) -> dict[str, Any]:
     raise EvaluationError(f"task {task_name!r}: missing from mteb's results")
 
 
-class PassageCache:
-    """Encoder wrapper: passages that the same encoder config already embedded (e.g. the embed stage's
-    teacher output, when the student's base model is that teacher) come from a table, by exact text;
-    the rest, and every query, go through the encoder. Saves re-encoding a corpus to evaluate a base model."""
-
-    def __init__(self, encoder: Any, vectors: Mapping[str, np.ndarray]):
-        self.encoder, self.vectors = encoder, vectors
-        self.hits = self.misses = 0
-
-    @property
-    def dim(self) -> int:
-        return int(self.encoder.dim)
-
-    def encode(self, texts: Sequence[str], side: str, batch_size: int | None = None) -> np.ndarray:
-        if side != "passage":
-            return self.encoder.encode(texts, side, batch_size=batch_size)
-        found = [self.vectors.get(t) for t in texts]
-        miss = [i for i, v in enumerate(found) if v is None]
-        out = np.empty((len(texts), self.dim), np.float32)  # [n, dim]
-        if miss:
-            out[miss] = self.encoder.encode([texts[i] for i in miss], side, batch_size=batch_size)
-        for i, v in enumerate(found):
-            if v is not None:
-                out[i] = v
-        self.hits += len(texts) - len(miss)
-        self.misses += len(miss)
-        return out
-
-
-def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str,
-                    passage_cache: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict:
-    """Evaluate every model on every task with mteb; write ``evaluation.json``, ``evaluation.md`` and
-    ``evaluation.png`` under ``out_dir``. Returns ``{task: {model: {metric: value}}}`` (values in [0, 1]).
-
-    The first model is the baseline: the Markdown table shows each other model's delta against it.
-    ``passage_cache``: model label → {passage text: embedding} already computed with that model's exact
-    encoder config (see :class:`PassageCache`).
-    """
-    if not models:
-        raise EvaluationError("no models to evaluate")
-    t0 = time.perf_counter()
+def _mteb_results(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str
+                  ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any], dict[str, float], str]:
+    """(results, task infos, seconds per model, mteb version) of every model on every task of ``cfg.tasks``
+    through ``mteb.evaluate`` (each model encodes in this process)."""
     if "://" not in out_dir:
         os.makedirs(out_dir, exist_ok=True)
     mteb = _import_mteb(os.path.join(os.path.abspath(out_dir), "mteb_cache") if "://" not in out_dir else None)
@@ -311,42 +292,285 @@ def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, da
     timings: dict[str, float] = {}
     for label, teacher in models.items():
         tm = time.perf_counter()
-        encoder = None
-        if passage_cache and label in passage_cache:
-            from raymine.encoders import Encoder
-
-            encoder = PassageCache(Encoder(teacher), passage_cache[label])
-        model = make_mteb_model(label, teacher, cfg.batch_size, encoder=encoder)
+        model = make_mteb_model(label, teacher, cfg.batch_size)
         for name, task, info in tasks:
             ts = time.perf_counter()
             res = mteb.evaluate(model, tasks=[task], cache=None, overwrite_strategy="always",
                                 encode_kwargs={"batch_size": cfg.batch_size}, show_progress_bar=False)
-            scores = _scores_of(res, task.metadata.name, info["split"])
-            missing = [m for m in cfg.metrics if m not in scores]
-            if missing:
-                raise EvaluationError(f"task {name!r}: mteb scores lack {missing}")
-            results[name][label] = {m: float(scores[m]) for m in cfg.metrics}
-            log.info("%s on %s: %s (%.1f s)", label, name,
-                     ", ".join(f"{m}={scores[m]:.4f}" for m in cfg.metrics), time.perf_counter() - ts)
+            results[name][label] = _pick(_scores_of(res, task.metadata.name, info["split"]), cfg.metrics, name)
+            log.info("%s on %s: %s (%.1f s)", label, name, _fmt(results[name][label]), time.perf_counter() - ts)
         timings[label] = round(time.perf_counter() - tm, 2)
-        if encoder is not None:
-            log.info("%s: %d passages from the cache, %d encoded", label, encoder.hits, encoder.misses)
         del model
+    return results, {name: info for name, _, info in tasks}, timings, getattr(mteb, "__version__", "unknown")
+
+
+def _pick(scores: Mapping[str, Any], metrics: Sequence[str], task: str) -> dict[str, float]:
+    missing = [m for m in metrics if m not in scores]
+    if missing:
+        raise EvaluationError(f"task {task!r}: mteb scores lack {missing}")
+    return {m: float(scores[m]) for m in metrics}
+
+
+def _fmt(scores: Mapping[str, float]) -> str:
+    return ", ".join(f"{m}={v:.4f}" for m, v in scores.items())
+
+
+def write_report(out_dir: str, results: Mapping[str, Any], tasks: Mapping[str, Any],
+                 models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, timings: Mapping[str, float],
+                 seconds: float, mteb_version: str) -> dict[str, Any]:
+    """``evaluation.json``, ``evaluation.md`` and ``evaluation.png`` under ``out_dir``; returns the report."""
     report = {
-        "results": results,
-        "tasks": {name: info for name, _, info in tasks},
+        "results": dict(results),
+        "tasks": dict(tasks),
         "models": {label: to_dict(t) for label, t in models.items()},
         "config": to_dict(cfg),
         "baseline": next(iter(models)),
-        "seconds_per_model": timings,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "mteb_version": getattr(mteb, "__version__", "unknown"),
+        "seconds_per_model": dict(timings),
+        "seconds": round(seconds, 2),
+        "mteb_version": mteb_version,
     }
     storage.write_json(storage.join(out_dir, "evaluation.json"), report)
     storage.write_bytes(storage.join(out_dir, "evaluation.md"), render_markdown(report).encode("utf-8"))
     storage.write_bytes(storage.join(out_dir, "evaluation.png"), render_plot(results, cfg.metrics))
+    return report
+
+
+def evaluate_models(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str) -> dict:
+    """Evaluate every model on every task with mteb in this process (BEIR/Parquet folders read by
+    :func:`raymine.ingest.read_beir`, or MTEB task names); write ``evaluation.json``, ``.md`` and ``.png``
+    under ``out_dir``. Returns ``{task: {model: {metric: value}}}`` (values in [0, 1]). A run's own test split
+    goes through :func:`evaluate_run` instead (distributed; same figures).
+
+    The first model is the baseline: the Markdown table shows each other model's delta against it.
+    """
+    if not models:
+        raise EvaluationError("no models to evaluate")
+    t0 = time.perf_counter()
+    results, tasks, timings, version = _mteb_results(models, cfg, data, out_dir)
+    write_report(out_dir, results, tasks, models, cfg, timings, time.perf_counter() - t0, version)
     log.info("evaluated %d model(s) on %d task(s) in %.1f s → %s", len(models), len(tasks),
              time.perf_counter() - t0, out_dir)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's own test split, distributed: embed actor pool → sharded exact search → mteb's scoring
+# ------------------------------------------------------------------------------------------------
+TOPK_SCHEMA = pa.schema([(QUERY_ID, pa.string()), (CANDIDATE_IDS, pa.list_(pa.string())),
+                         (CANDIDATE_SCORES, pa.list_(pa.float32()))])
+
+
+def metric_ks(metrics: Sequence[str]) -> list[int]:
+    """The cut-offs the metrics name (``ndcg_at_10`` → 10), with 1 (mteb's score dict reads Recall@1)."""
+    ks = {1}
+    for m in metrics:
+        head, sep, k = m.rpartition("_at_")
+        if not sep or not k.isdigit() or int(k) < 1:
+            raise EvaluationError(f"evaluate.metrics: {m!r} is not '<metric>_at_<k>' (e.g. ndcg_at_10)")
+        ks.add(int(k))
+    return sorted(ks)
+
+
+def mteb_scores(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
+                k_values: Sequence[int]) -> dict[str, float]:
+    """mteb's retrieval score dict (``ndcg_at_10``, ``recall_at_100``, ``mrr_at_10``...) of a run
+    ``{query: {doc: score}}`` against ``{query: {doc: grade}}``: mteb's own scoring functions
+    (pytrec_eval + its MRR), as its retrieval evaluator calls them, so figures equal ``mteb.evaluate``'s."""
+    _import_mteb()
+    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores, make_score_dict
+
+    r = calculate_retrieval_scores(run, qrels, list(k_values))
+    scores = make_score_dict(ndcg=r.ndcg, _map=r.map, recall=r.recall, precision=r.precision, mrr=r.mrr,
+                             naucs=r.naucs, naucs_mrr=r.naucs_mrr, hit_rate=r.hit_rate, task_scores={})
+    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def topk_part(index: Any, emb_path: str, emb_uri: str, out_uri: str, i: int, k: int) -> int:
+    """Exact top-k of the queries of one query-embedding part → part ``i`` of ``out_uri`` (TOPK_SCHEMA)."""
+    import pyarrow.parquet as pq
+
+    from raymine import parts
+    from raymine.embed import arrow_to_embeddings
+
+    t = pq.read_table(emb_path, filesystem=storage.resolve(emb_uri)[0], columns=[QUERY_ID, EMBEDDING])
+    q = arrow_to_embeddings(t.column(EMBEDDING))  # [nq, d]
+    scores, ids, _, _ = index.search_batch(q, k)  # [nq, k] each; exact, ties by doc id
+    offsets = pa.array(np.arange(0, ids.size + 1, max(1, ids.shape[1]), dtype=np.int32)[: t.num_rows + 1])
+    out = pa.table({QUERY_ID: t.column(QUERY_ID),
+                    CANDIDATE_IDS: pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.string())),
+                    CANDIDATE_SCORES: pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), pa.float32()))},
+                   schema=TOPK_SCHEMA)
+    parts.write_part(out, out_uri, i)
+    return t.num_rows
+
+
+def _topk_batch(batch: dict[str, np.ndarray], index: Any, emb_uri: str, out_uri: str, k: int) -> dict[str, np.ndarray]:
+    """``map_batches`` body (a Ray task; the index client travels in ``fn_kwargs``): one part per row."""
+    rows = [topk_part(index, str(p), emb_uri, out_uri, int(i), k) for p, i in zip(batch["path"], batch["part"],
+                                                                                  strict=True)]
+    return {"rows": np.asarray(rows, np.int64)}
+
+
+def search_topk(index: Any, emb_uri: str, out_uri: str, k: int, tasks: int = 2, num_cpus: float = 0.25) -> int:
+    """Top-k of every query of an embedding table, written by Ray tasks (a part per query part); rows written."""
+    import ray
+
+    from raymine import parts
+
+    files = parts.list_parquet(emb_uri)
+    storage.delete_dir(out_uri)
+    items = [{"path": f, "part": i} for i, f in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _topk_batch, fn_kwargs={"index": index, "emb_uri": emb_uri, "out_uri": out_uri, "k": k}, batch_size=1,
+        batch_format="numpy", num_cpus=num_cpus, concurrency=max(1, min(tasks, len(items))))
+    return sum(int(np.asarray(b["rows"]).sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def read_run(topk_uri: str) -> dict[str, dict[str, float]]:
+    """``{query: {doc: score}}`` from the top-k parts (test-split-sized: queries × k)."""
+    t = _read_folder(topk_uri)
+    run: dict[str, dict[str, float]] = {}
+    for q, ids, sc in zip(t.column(QUERY_ID).to_pylist(), t.column(CANDIDATE_IDS).to_pylist(),
+                          t.column(CANDIDATE_SCORES).to_pylist(), strict=True):
+        run[q] = {d: float(x) for d, x in zip(ids, sc, strict=True) if d}
+    return run
+
+
+def _read_folder(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A small folder table (test-split-sized) read whole."""
+    import pyarrow.parquet as pq
+
+    from raymine import parts
+
+    fs, _ = storage.resolve(uri)
+    tables = [pq.read_table(p, filesystem=fs, columns=list(columns) if columns else None)
+              for p in parts.list_parquet(uri)]
+    return pa.concat_tables(tables)
+
+
+def subsample_ids(ids: Sequence[str], max_queries: int, seed: int) -> list[str]:
+    """A seeded subset of ``max_queries`` ids (all of them when 0 or fewer): the rule of :func:`subsample_queries`."""
+    if max_queries <= 0 or len(ids) <= max_queries:
+        return list(ids)
+    pool = np.array(sorted(ids), dtype=object)
+    return sorted(np.random.default_rng(seed).choice(pool, size=max_queries, replace=False).tolist())
+
+
+def evaluation_encoder(enc: TeacherConfig, cfg: EvaluateConfig) -> TeacherConfig:
+    """The encoder as the evaluation runs it: L2-normalised (cosine, mteb's similarity for these models) in
+    ``evaluate.dtype`` ('auto': bf16 where the device has it, fp32 on CPU)."""
+    from dataclasses import replace
+
+    return replace(enc, normalize=True, dtype=cfg.dtype)
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """One model to evaluate on the run's split: its encoder, where its corpus vectors come from (a teacher's
+    embed folder whose passage encoding is the model's own, or None: the pool encodes the corpus), and
+    what its vectors depend on besides the config (e.g. the train stage's key)."""
+
+    encoder: TeacherConfig
+    corpus_from: str | None = None
+    upstream: Any = None
+
+
+def evaluate_split(cfg: Any, layout: Any, models: Mapping[str, SplitModel]) -> tuple[dict[str, dict[str, float]],
+                                                                                      dict[str, Any]]:
+    """``{model: {metric: value}}`` on the ingested test split (``layout.test_queries`` / ``test_qrels``) and
+    the split's info. Per model: the test queries (and the corpus, unless a teacher's vectors are reused) are
+    encoded by the embed actor pool (``raymine.embed.embed_tables``; resumable, ``evaluate.dtype``), the
+    sharded exact index (``raymine.index.ShardedIndex``, Flat: the mining search's code and merge) writes each
+    query's top-k (k = the deepest metric cut-off) as parts, and the metrics come from mteb's scoring of those
+    lists against the qrels. The driver holds the split's queries, qrels and top-k lists only."""
+    from dataclasses import replace
+
+    from raymine import parts
+    from raymine.embed import EmbedInput, embed_tables
+    from raymine.index import ShardedIndex
+
+    e, L = cfg.evaluate, layout
+    if not storage.exists(L.test_queries):
+        raise EvaluationError(f"{cfg.ingest.data} has no {cfg.ingest.test_split} split (qrels/"
+                              f"{cfg.ingest.test_split}) in the ingested tables; give a BEIR folder with one")
+    queries = _read_folder(L.test_queries, [QUERY_ID])
+    available = queries.column(QUERY_ID).to_pylist()
+    chosen = subsample_ids(available, e.max_queries, e.seed)
+    if not chosen:
+        raise EvaluationError(f"{L.test_queries}: no query with a relevant document in split {cfg.ingest.test_split!r}")
+    qtable = L.test_queries
+    if len(chosen) < len(available):  # a seeded subset: its own (test-sized) table, encoded alone
+        full = _read_folder(L.test_queries)
+        qtable = L.path("evaluate_embed", "queries_subset")
+        storage.delete_dir(qtable)
+        parts.write_part(full.filter(pc.is_in(full[QUERY_ID], value_set=pa.array(chosen, pa.string()))),
+                         qtable, 0)
+    qrels_t = _read_folder(L.test_qrels)
+    wanted = set(chosen)
+    qrels: dict[str, dict[str, int]] = {}
+    for q, d, g in zip(qrels_t.column(QUERY_ID).to_pylist(), qrels_t.column(DOC_ID).to_pylist(),
+                       qrels_t.column(SCORE).to_pylist(), strict=True):
+        if q in wanted:
+            qrels.setdefault(q, {})[d] = int(g)
+    ks = metric_ks(e.metrics)
+    n_docs = parts.num_rows(L.corpus)
+    search = replace(cfg.search, index_factory="Flat")
+    results: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    for label, m in models.items():
+        t0 = time.perf_counter()
+        enc = evaluation_encoder(m.encoder, e)
+        q_uri = L.evaluate_embed(label, "queries")
+        inputs = [EmbedInput("query", qtable, QUERY_ID, TEXT, q_uri)]
+        corpus_uri = m.corpus_from
+        if corpus_uri is None:
+            corpus_uri = L.evaluate_embed(label, "corpus")
+            inputs.append(EmbedInput("passage", L.corpus, DOC_ID, PASSAGE, corpus_uri))
+        embed_tables(enc, cfg.embed, inputs, L.evaluate_embed(label), [m.upstream, e.max_queries, e.seed])
+        k = min(max(ks), n_docs)
+        with ShardedIndex.from_parquet(corpus_uri, search) as index:
+            search_topk(index, q_uri, L.evaluate_topk(label), k, search.search_tasks, search.num_cpus_per_task)
+        run = read_run(L.evaluate_topk(label))
+        results[label] = _pick(mteb_scores(run, qrels, ks), e.metrics, label)
+        seconds[label] = round(time.perf_counter() - t0, 2)
+        log.info("%s on the %s split (%d queries, top-%d of %d docs%s): %s (%.1f s)", label, cfg.ingest.test_split,
+                 len(run), k, n_docs, ", corpus vectors reused" if m.corpus_from else "", _fmt(results[label]),
+                 time.perf_counter() - t0)
+    info = {"source": cfg.ingest.data, "split": cfg.ingest.test_split, "documents": n_docs, "queries": len(chosen),
+            "queries_available": len(available), "qrels": sum(len(v) for v in qrels.values()),
+            "subset": len(chosen) < len(available), "seed": e.seed, "top_k": min(max(ks), n_docs),
+            "path": "embed actor pool, sharded exact search, mteb scoring", "seconds_per_model": seconds}
+    return results, info
+
+
+def evaluate_run(cfg: Any, layout: Any, models: Mapping[str, SplitModel], skipped: Mapping[str, int] | None = None
+                 ) -> dict[str, dict[str, dict[str, float]]]:
+    """The pipeline's evaluate stage: ``evaluate.tasks`` entry ``local`` = the run's ingested test split
+    through :func:`evaluate_split`; any other entry (MTEB task name, folder) through mteb. Writes the report
+    files under ``layout.evaluate``; returns ``{task: {model: {metric}}}``."""
+    e = cfg.evaluate
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    tasks: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    version = "unknown"
+    if LOCAL in e.tasks:
+        name = os.path.basename(os.path.normpath(cfg.ingest.data.split("://", 1)[-1])) or LOCAL
+        results[name], tasks[name] = evaluate_split(cfg, layout, models)
+        tasks[name]["skipped"] = {k: v for k, v in (skipped or {}).items() if v}
+        timings.update(tasks[name].pop("seconds_per_model"))
+        version = getattr(_import_mteb(), "__version__", "unknown")
+    others = tuple(t for t in e.tasks if t != LOCAL)
+    if others:
+        from dataclasses import replace
+
+        more, infos, more_t, version = _mteb_results({k: m.encoder for k, m in models.items()},
+                                                     replace(e, tasks=others), cfg.ingest.data, layout.evaluate)
+        results.update(more)
+        tasks.update(infos)
+        timings = {k: round(timings.get(k, 0.0) + v, 2) for k, v in more_t.items()}
+    write_report(layout.evaluate, results, tasks, {k: m.encoder for k, m in models.items()}, e, timings,
+                 time.perf_counter() - t0, version)
     return results
 
 

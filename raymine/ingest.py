@@ -1018,6 +1018,9 @@ def _add_skips(report: IngestReport, per_file: dict[str, dict[str, Any]], rules:
                     report.samples[rule].append(f"{name}:{c[f'at{flag}_min']}")
 
 
+TABLES = "tables-2"  # what the stage writes, in its key: 2 = the test split's tables added (re-ingest older runs)
+
+
 def _keyed(cfg: IngestConfig) -> IngestConfig:
     """The config as it keys the stage: knobs that change how, not what, are left out."""
     return dataclasses.replace(cfg, partitions=0, rows_per_block=1)
@@ -1043,7 +1046,7 @@ def ingest_stage(cfg: IngestConfig, layout: Layout) -> dict[str, Any]:
         cfg = pairs_stage(cfg, layout)
     files = _input_files(cfg.data, cfg.train_split)
     fingerprint = input_fingerprint(cfg.data)
-    key = storage.stage_key("ingest", _keyed(cfg), fingerprint)
+    key = storage.stage_key("ingest", _keyed(cfg), fingerprint, TABLES)
     done, run = storage.begin(layout.ingest, "ingest", key, config=storage.config_hash(cfg))
     if done is not None:
         return done
@@ -1052,6 +1055,7 @@ def ingest_stage(cfg: IngestConfig, layout: Layout) -> dict[str, Any]:
     try:
         with _user_errors():
             report, per_file = _run(cfg, layout, files, work, run.counts)
+            _test_split(cfg, layout, storage.join(work, "query_keys"), run.counts, report)
     finally:
         storage.delete_dir(work)
     return run.finish(report=report.to_dict(), files=per_file, data=cfg.data, input_fingerprint=fingerprint,
@@ -1163,6 +1167,65 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
              cfg.train_split, counts["docs"], counts["train_queries"], counts["train_queries_dropped"],
              counts["qrels_kept"], {k: v for k, v in report.counts.items() if k.startswith("skipped")})
     return report, per_file
+
+
+TEST_QUERIES_SCHEMA = pa.schema([(C.QUERY_ID, _STR), (C.TEXT, _STR)])
+
+
+def ids_in_block(block: pa.Table, column: str, wanted: pa.Array) -> pa.Table:
+    """Rows whose ``column`` is in ``wanted`` (a test-split-sized id set); a work table's ``_QEMPTY`` rows
+    (blank query texts) are left out. Runs in Ray workers: the driver never reads the whole table."""
+    keep = pc.is_in(block[column], value_set=wanted)
+    if _QEMPTY in block.column_names:
+        keep = pc.and_(keep, pc.invert(pc.fill_null(block[_QEMPTY], False)))
+    return block.filter(keep)
+
+
+def _collect(ds: Any) -> pa.Table | None:
+    blocks = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    return pa.concat_tables(blocks) if blocks else None
+
+
+def _test_split(cfg: IngestConfig, layout: Layout, query_keys: str, counts: dict[str, Any],
+                report: IngestReport) -> None:
+    """``layout.test_queries`` (QUERY_ID, TEXT) and ``layout.test_qrels`` (QUERY_ID, DOC_ID, SCORE) of
+    ``cfg.test_split``, for the evaluate stage: queries judged in the split with a relevant (score > 0) known
+    document, and their judgements (zeros kept: mteb's qrels). Only the split's qrels are read on the driver
+    (test-split-sized, with the ingest's qrels parser and rules); the queries and corpus are filtered to the
+    ids they name by two Ray Data passes. Counts: ``test_queries``, ``test_qrels``, and what was left out
+    (``test_queries_without_positive``, ``test_queries_not_in_split``, ``test_skipped_*``). No qrels file for
+    the split: no tables (the evaluate stage then says so)."""
+    for uri in (layout.test_queries, layout.test_qrels):
+        storage.delete_dir(uri)
+    files = table_files(cfg.data, "qrels", cfg.test_split)
+    if not files:
+        return
+    treport = IngestReport()
+    qrels, where = _read_qrels(files, treport)
+    qids = pa.array(sorted(set(qrels.column(C.QUERY_ID).to_pylist())), _STR)
+    dids = pa.array(sorted(set(qrels.column(C.DOC_ID).to_pylist())), _STR)
+    found_q = _collect(_parquet(query_keys).map_batches(
+        ids_in_block, batch_format="pyarrow", fn_kwargs={"column": C.QUERY_ID, "wanted": qids}))
+    found_d = _collect(_parquet(layout.corpus, [C.DOC_ID]).map_batches(
+        ids_in_block, batch_format="pyarrow", fn_kwargs={"column": C.DOC_ID, "wanted": dids}))
+    queries = (pa.table({C.QUERY_ID: found_q[C.QUERY_ID], C.TEXT: found_q[_QTEXT]}) if found_q is not None
+               else TEST_QUERIES_SCHEMA.empty_table())
+    docs = found_d if found_d is not None else pa.table({C.DOC_ID: pa.array([], _STR)})
+    qrels = _check_qrels(qrels, where, docs, queries, cfg, treport)
+    positive = pc.unique(qrels.filter(pc.greater(qrels[C.SCORE], 0))[C.QUERY_ID])
+    judged = pc.unique(qrels[C.QUERY_ID])
+    qrels = qrels.filter(pc.is_in(qrels[C.QUERY_ID], value_set=positive)).cast(QRELS_SCHEMA)
+    queries = queries.filter(pc.is_in(queries[C.QUERY_ID], value_set=positive)).sort_by(C.QUERY_ID)
+    parts.write_part(queries.cast(TEST_QUERIES_SCHEMA), layout.test_queries, 0)
+    parts.write_part(qrels, layout.test_qrels, 0)
+    counts.update({"test_queries": queries.num_rows, "test_qrels": qrels.num_rows,
+                   "test_queries_without_positive": len(judged) - len(positive),
+                   "test_queries_not_in_split": int(counts.get("queries_read", 0)) - len(judged),
+                   **{f"test_{k}": v for k, v in treport.counts.items() if k.startswith("skipped_") and v}})
+    report.notes.append(f"test split {cfg.test_split}: {queries.num_rows} queries, {qrels.num_rows} qrels")
+    log.info("ingest %s [%s]: %d test queries, %d qrels; left out %s", cfg.data, cfg.test_split, queries.num_rows,
+             qrels.num_rows, {k: v for k, v in counts.items() if k.startswith("test_") and k not in
+                              ("test_queries", "test_qrels")})
 
 
 def _twin_count_block(block: pa.Table) -> pa.Table:

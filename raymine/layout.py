@@ -9,13 +9,16 @@ workers write their own parts and a reader takes the folder whatever the number 
       ingest/train_queries/   QUERY_ID, TEXT, POSITIVE_IDS, EXCLUDED_IDS
       ingest/train_dropped/   QUERY_ID, REASON
       ingest/qrels/           QUERY_ID, DOC_ID, SCORE (the train split, kept rows)
+      ingest/test_queries/    QUERY_ID, TEXT (the evaluated split's queries with a relevant document)
+      ingest/test_qrels/      QUERY_ID, DOC_ID, SCORE (their judgements, zeros included)
       embed/<teacher>/corpus/, embed/<teacher>/queries/    id + EMBEDDING
       search/<teacher>/       SEARCH_SCHEMA, one row per query
       mine/                   report.json, scores.png, dropped/ (QUERY_ID, REASON)
       mined/                  MINED_COLUMNS
       exports/                trainer formats (sentence-transformers, FlagEmbedding, NeMo)
       model/                  the trained student;  train_checkpoints/: Ray Train's storage
-      evaluate/               evaluation.json / .md / .png
+      evaluate_embed/<model>/ queries/, corpus/: the evaluated model's vectors (id + EMBEDDING)
+      evaluate/               evaluation.json / .md / .png;  topk/<model>/: QUERY_ID, CANDIDATE_IDS, CANDIDATE_SCORES
       report.json, report.md
 """
 from __future__ import annotations
@@ -55,6 +58,15 @@ class Layout:
     def qrels(self) -> str:
         return self.path("ingest", "qrels")
 
+    @property
+    def test_queries(self) -> str:
+        """The evaluated split's queries (``evaluate.split``), written at ingest."""
+        return self.path("ingest", "test_queries")
+
+    @property
+    def test_qrels(self) -> str:
+        return self.path("ingest", "test_qrels")
+
     # ---- embed / search --------------------------------------------------------------------------
     def embed(self, teacher: str, side: str | None = None) -> str:
         """``embed/<teacher>`` or its ``corpus`` / ``queries`` table."""
@@ -91,3 +103,15 @@ class Layout:
     @property
     def evaluate(self) -> str:
         return self.path("evaluate")
+
+    def evaluate_embed(self, model: str, side: str | None = None) -> str:
+        """``evaluate_embed/<model>`` (an embed stage folder) or its ``corpus`` / ``queries`` table."""
+        if side is None:
+            return self.path("evaluate_embed", model)
+        if side not in ("corpus", "queries"):
+            raise ValueError(f"side must be 'corpus' or 'queries', got {side!r}")
+        return self.path("evaluate_embed", model, side)
+
+    def evaluate_topk(self, model: str) -> str:
+        """The evaluated model's exact top-k list per test query (written by Ray tasks)."""
+        return self.path("evaluate", "topk", model)

@@ -158,7 +158,7 @@ class _Run:
             raise PipelineError(
                 f"train: no training rows — every one of the {sum(reasons.values())} queries was dropped in mining "
                 f"({', '.join(f'{k}: {v}' for k, v in reasons.items()) or 'no reasons recorded'}); see "
-                f"{L.mine}/dropped.parquet and loosen mine.* (method, thresholds) or check the teachers")
+                f"{mined.get('dropped') or L.mine} and loosen mine.* (method, thresholds) or check the teachers")
         val = self.report["stages"]["validation"]
         vkeys = ("every", "patience", "batch_size")
         key = storage.stage_key("train", to_dict(cfg.train), self.keys["mine"], self.keys["validation"],
@@ -184,9 +184,9 @@ class _Run:
         self._done("train", run.finish(losses=result.get("losses"), lrs=result.get("lrs"),
                                        validation=result.get("validation")))
 
-    # ---- evaluate -------------------------------------------------------------------------------
+    # ---- evaluate: the ingested test split, distributed (embed pool, sharded exact search, mteb scoring) --
     def evaluate(self) -> None:
-        from raymine.evaluate import evaluate_models
+        from raymine.evaluate import SplitModel, evaluate_run
 
         cfg, L = self.cfg, self.layout
         missing = _missing_test_split(cfg)
@@ -195,48 +195,42 @@ class _Run:
             self.report["stages"]["evaluate"] = {"stage": "evaluate", "skipped": missing}
             self.report["evaluate_skipped"] = missing
             return
-        models = {"before": student_encoder(cfg), "after": student_encoder(cfg, model=_abs(L.model))}
-        key = storage.stage_key("evaluate", to_dict(cfg.evaluate), [to_dict(m) for m in models.values()],
-                                cfg.ingest.data, self.keys["train"])
+        encoders = {"before": student_encoder(cfg), "after": student_encoder(cfg, model=_abs(L.model))}
+        train_key = {"before": None, "after": self.keys["train"]}  # "after" is the model the train stage wrote
+        models = {label: SplitModel(enc, self._corpus_source(label, enc), [self.keys["ingest"], train_key[label]])
+                  for label, enc in encoders.items()}
+        key = storage.stage_key("evaluate", to_dict(cfg.evaluate), [to_dict(m) for m in encoders.values()],
+                                cfg.ingest.data, cfg.ingest.test_split, self.keys["ingest"], self.keys["train"])
         done, run = storage.begin(L.evaluate, "evaluate", key, config=to_dict(cfg.evaluate))
         if run is None:
             self._done("evaluate", done)
         else:
-            caches = {label: self._corpus_vectors(label, enc) for label, enc in models.items()}
-            results = evaluate_models(models, cfg.evaluate, cfg.ingest.data, L.evaluate,
-                                      passage_cache={k: v for k, v in caches.items() if v})
+            counts = self.report["stages"]["ingest"].get("counts", {})
+            skipped = {k: counts.get(f"test_{k}", 0) for k in ("queries_without_positive", "queries_not_in_split")}
+            results = evaluate_run(cfg, L, models, skipped)
             self._done("evaluate", run.finish(results=results))
         self.report["evaluate"] = _flatten_eval(self.report["stages"]["evaluate"]["results"])
 
-    def _corpus_vectors(self, label: str, enc: TeacherConfig) -> dict[str, Any] | None:
-        """{passage text: vector} of the evaluation corpus, encoded by the embed stage's actor pool (GPU
-        actors on a cluster), so evaluating a large student is not one process encoding a corpus. A dense
-        teacher with the same passage encoding as the model is reused as is (no pass at all). mteb then
-        holds the task's texts and these vectors in this process, as it holds the task itself."""
-        from raymine.embed import EmbedInput, embed_tables, read_embeddings
+    def _corpus_source(self, label: str, enc: TeacherConfig) -> str | None:
+        """A dense teacher's corpus embeddings when they are the model's own passage vectors as the evaluation
+        encodes them (same model and passage encoding, float32 storage): reused as they are, no corpus pass.
+        None: the embed actor pool encodes the corpus for this model."""
         from raymine.encoders import resolve_model_path
+        from raymine.evaluate import LOCAL, evaluation_encoder
 
-        if "local" not in self.cfg.evaluate.tasks:
+        if LOCAL not in self.cfg.evaluate.tasks:
             return None
-        L = self.layout
+        enc = evaluation_encoder(enc, self.cfg.evaluate)
         same = ("pooling", "normalize", "passage_prompt", "passage_max_length", "dtype", "quantize",
                 "trust_remote_code", "mask_leading_special")
-        folder = None
         for name in self.cfg.teachers:
             t = self.cfg.teacher(name)
             if (t.kind == "dense" and t.storage_dtype == "float32" and f"embed:{name}" in self.keys
                     and resolve_model_path(t.model) == resolve_model_path(enc.model)
                     and all(getattr(t, f) == getattr(enc, f) for f in same)):
                 log.info("evaluate: %s passages come from teacher %r's embeddings", label, name)
-                folder = L.embed(name, "corpus")
-                break
-        if folder is None:
-            folder = L.path("evaluate_embed", label, "corpus")
-            embed_tables(enc, self.cfg.embed, [EmbedInput("passage", L.corpus, C.DOC_ID, C.PASSAGE, folder)],
-                         L.path("evaluate_embed", label), [self.keys["ingest"], self.keys.get("train")])
-        ids, emb = read_embeddings(folder, C.DOC_ID)  # [n], [n, dim]
-        text = _passages_by_id(L.corpus)
-        return {text[i]: e for i, e in zip(ids, emb, strict=True) if i in text}
+                return self.layout.embed(name, "corpus")
+        return None
 
 
 def _missing_test_split(cfg: Config) -> str | None:
@@ -245,20 +239,15 @@ def _missing_test_split(cfg: Config) -> str | None:
     from raymine.ingest import table_files
 
     e = cfg.evaluate
+    if "local" in e.tasks and e.split != cfg.ingest.test_split:
+        raise PipelineError(f"evaluate.split={e.split!r} but ingest.test_split={cfg.ingest.test_split!r}: the "
+                            f"'local' task evaluates the split written at ingest; set ingest.test_split={e.split}")
     if tuple(e.tasks) != ("local",):
         return None
     if table_files(cfg.ingest.data, "qrels", e.split):
         return None
     return (f"{cfg.ingest.data} has no {e.split} split (qrels/{e.split}); give a BEIR folder with one, or "
             f"evaluate.tasks=<MTEB task names>")
-
-
-def _passages_by_id(corpus_uri: str) -> dict[str, str]:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(corpus_uri)
-    t = pq.read_table(path, filesystem=fs, columns=[C.DOC_ID, C.PASSAGE])
-    return dict(zip(t.column(C.DOC_ID).to_pylist(), t.column(C.PASSAGE).to_pylist(), strict=True))
 
 
 def _abs(uri: str) -> str:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymine.columns import DOC_ID, QUERY_ID, SCORE, TEXT, TITLE
+from raymine.columns import CANDIDATE_IDS, DOC_ID, QUERY_ID, SCORE, TEXT, TITLE
 from raymine.config import EvaluateConfig, TeacherConfig
 from raymine.evaluate import EvaluationError, _load_local, evaluate_models, subsample_queries
 
@@ -237,3 +237,171 @@ def test_mteb_wrapper_embeds_as_training_does(tiny_sp_mistral_path):
         with torch.no_grad():
             want = student(**student.tokenize(texts, side)).numpy()
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's own test split, distributed (ingested tables → embed actor pool → sharded exact search → mteb scoring)
+# ------------------------------------------------------------------------------------------------
+def _ingest_with_test_split(data: Path, out: Path):
+    from raymine.config import IngestConfig
+    from raymine.ingest import ingest_stage
+    from raymine.layout import Layout
+
+    layout = Layout(str(out))
+    return ingest_stage(IngestConfig(data=str(data)), layout), layout
+
+
+def _split_cfg(data: Path, **evaluate):
+    from raymine.config import Config, EmbedConfig, IngestConfig, SearchConfig
+
+    return Config(ingest=IngestConfig(data=str(data)), embed=EmbedConfig(num_actors=1, rows_per_block=4),
+                  search=SearchConfig(num_shards=2, search_tasks=2), evaluate=EvaluateConfig(**evaluate))
+
+
+def _mteb_on_stored_vectors(layout, label: str, corpus_uri: str, name: str) -> dict[str, float]:
+    """The reference: ``mteb.evaluate`` of a local task built from the ingested split, its encoder answering with
+    the vectors the new path stored (queries by text, passages by the ingested PASSAGE text; every text found)."""
+    import mteb
+    from mteb.models.abs_encoder import AbsEncoder
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+    from mteb.types import PromptType
+
+    from raymine.columns import PASSAGE
+    from raymine.embed import read_embeddings
+    from raymine.evaluate import LocalData, _read_folder, _scores_of, make_local_task
+
+    corpus = _read_folder(layout.corpus)
+    queries = _read_folder(layout.test_queries)
+    q_ids, q_emb = read_embeddings(layout.evaluate_embed(label, "queries"), QUERY_ID)
+    d_ids, d_emb = read_embeddings(corpus_uri, DOC_ID)
+    qtext = dict(zip(queries[QUERY_ID].to_pylist(), queries[TEXT].to_pylist(), strict=True))
+    dtext = dict(zip(corpus[DOC_ID].to_pylist(), corpus[PASSAGE].to_pylist(), strict=True))
+    vectors = {"query": {qtext[i]: v for i, v in zip(q_ids, q_emb, strict=True)},
+               "passage": {dtext[i]: v for i, v in zip(d_ids, d_emb, strict=True)}}
+    dim = q_emb.shape[1]
+
+    class Stored(AbsEncoder):
+        mteb_model_meta = ModelMeta(
+            loader=None, name="raymine/stored", revision=None, release_date=None, languages=None, n_parameters=None,
+            memory_usage_mb=None, max_tokens=512.0, embed_dim=dim, license=None, open_weights=True,
+            public_training_code=None, public_training_data=None, framework=["PyTorch"],
+            similarity_fn_name=ScoringFunction.COSINE, use_instructions=False, training_datasets=None)
+
+        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+            side = "query" if prompt_type == PromptType.query else "passage"
+            texts = [t for batch in inputs for t in batch["text"]]
+            return np.stack([vectors[side][t] for t in texts])  # KeyError: a text the new path did not encode
+
+    data = LocalData(corpus=corpus.select([DOC_ID, TITLE, TEXT]), queries=queries, qrels=_read_folder(layout.test_qrels))
+    task = make_local_task(name, data, "test")
+    res = mteb.evaluate(Stored(), tasks=[task], cache=None, overwrite_strategy="always", show_progress_bar=False)
+    return _scores_of(res, task.metadata.name, "test")
+
+
+@pytest.fixture(scope="module")
+def tiny_split(ray_local, minilm_path, tmp_path_factory):
+    """tiny_beir ingested (its test qrels reused as the train split) and evaluated through the new path: the
+    base model encoding the corpus itself, and the same model reusing those corpus vectors (a teacher's)."""
+    from raymine.evaluate import SplitModel, evaluate_split
+
+    data = tmp_path_factory.mktemp("tiny_split") / "data"
+    shutil.copytree(TINY, data)
+    shutil.copy(data / "qrels" / "test.tsv", data / "qrels" / "train.tsv")
+    manifest, layout = _ingest_with_test_split(data, tmp_path_factory.mktemp("tiny_split_out"))
+    cfg = _split_cfg(data)
+    base = TeacherConfig(model=minilm_path)
+    results, info = evaluate_split(cfg, layout, {"base": SplitModel(base)})
+    reused, _ = evaluate_split(cfg, layout, {"reused": SplitModel(base, layout.evaluate_embed("base", "corpus"))})
+    return manifest, layout, results, reused, info
+
+
+def test_ingest_writes_the_test_split(tiny_split):
+    manifest, layout, *_ = tiny_split
+    from raymine.evaluate import _read_folder
+
+    q = _read_folder(layout.test_queries)
+    assert q[QUERY_ID].to_pylist() == ["q1", "q2", "q3", "q4", "q5"]  # q6: only a zero judgement
+    assert _read_folder(layout.test_qrels).num_rows == 9  # zeros of kept queries stay (mteb's qrels)
+    c = manifest["counts"]
+    assert (c["test_queries"], c["test_qrels"]) == (5, 9)
+    assert (c["test_queries_without_positive"], c["test_queries_not_in_split"]) == (1, 1)  # as _load_local counts
+
+
+def test_split_path_equals_mteb_on_the_same_vectors(tiny_split, tiny_run):
+    _, layout, results, _, info = tiny_split
+    want = _mteb_on_stored_vectors(layout, "base", layout.evaluate_embed("base", "corpus"), "tiny_stored")
+    got = results["base"]
+    for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
+        assert got[metric] == pytest.approx(want[metric], abs=1e-4)
+        # and mteb's whole in-process evaluation of the raw folder (its own encoding and exact search)
+        assert got[metric] == pytest.approx(tiny_run[0]["tiny_beir"]["base"][metric], abs=1e-4)
+    assert 0.5 < got["ndcg_at_10"] < 0.999
+    assert info["queries"] == 5 and info["documents"] == 12 and info["top_k"] == 12  # k = min(100, corpus)
+
+
+def test_split_path_reuses_corpus_vectors_and_writes_topk_parts(tiny_split):
+    _, layout, results, reused, _ = tiny_split
+    assert reused["reused"] == results["base"]
+    assert not Path(layout.evaluate_embed("reused", "corpus")).exists()  # no corpus pass for a reused model
+    from raymine.evaluate import _read_folder
+
+    top = _read_folder(layout.evaluate_topk("base"))
+    assert sorted(top[QUERY_ID].to_pylist()) == ["q1", "q2", "q3", "q4", "q5"]
+    assert all(len(c) == 12 for c in top[CANDIDATE_IDS].to_pylist())  # every doc ranked: k = corpus size
+
+
+def test_split_path_builds_no_driver_corpus_dict(tiny_split, monkeypatch, minilm_path):
+    """The old driver-side pieces are gone, and the new path never parses the raw BEIR folder."""
+    import raymine.ingest
+    import raymine.pipeline as pipeline
+    from raymine.evaluate import SplitModel, evaluate_split
+
+    assert not hasattr(pipeline._Run, "_corpus_vectors") and not hasattr(pipeline, "_passages_by_id")
+    data = _load_local(str(TINY), "test")  # the same seeded subset as the mteb path's max_queries (reference)
+    chosen = subsample_queries(data, 3, seed=1).queries.column(QUERY_ID).to_pylist()
+
+    def boom(*a, **k):
+        raise AssertionError("read_beir called by the evaluation")
+
+    monkeypatch.setattr(raymine.ingest, "read_beir", boom)
+    _, layout, _, _, _ = tiny_split
+    cfg = _split_cfg(Path(layout.root) / "nowhere", max_queries=3, seed=1)
+    _, info = evaluate_split(cfg, layout, {"sub": SplitModel(TeacherConfig(model=minilm_path),
+                                                              layout.evaluate_embed("base", "corpus"))})
+    assert info["subset"] and info["queries"] == 3 and info["queries_available"] == 5
+    from raymine.evaluate import _read_folder
+
+    assert sorted(_read_folder(layout.evaluate_topk("sub"))[QUERY_ID].to_pylist()) == sorted(chosen)
+
+
+def test_metric_cutoffs_and_bad_metric_names():
+    from raymine.evaluate import metric_ks
+
+    assert metric_ks(("ndcg_at_10", "recall_at_100", "mrr_at_10")) == [1, 10, 100]
+    with pytest.raises(EvaluationError, match="main_score"):
+        metric_ks(("main_score",))
+
+
+@pytest.mark.slow
+def test_scifact_base_through_the_split_path_is_the_published_score(ray_local, tmp_path):
+    """SciFact test, base all-MiniLM-L6-v2 from the teacher's stored vectors (as the default run reuses them):
+    nDCG@10 64.51 (published, ±0.5) through the new path, equal to mteb's own evaluation of those vectors to 1e-4."""
+    from raymine.config import Config, EmbedConfig, IngestConfig, SearchConfig
+    from raymine.embed import EmbedInput, embed_tables
+    from raymine.evaluate import SplitModel, evaluate_split
+
+    _, layout = _ingest_with_test_split(ROOT / "data" / "scifact", tmp_path)
+    teacher = TeacherConfig(model="sentence-transformers/all-MiniLM-L6-v2", query_max_length=256,
+                            passage_max_length=256)
+    cfg = Config(ingest=IngestConfig(data=str(ROOT / "data" / "scifact")), embed=EmbedConfig(),
+                 search=SearchConfig(num_shards=2), evaluate=EvaluateConfig())
+    from raymine import columns as C
+
+    embed_tables(teacher, cfg.embed, [EmbedInput("passage", layout.corpus, C.DOC_ID, C.PASSAGE,
+                                                 layout.embed("minilm", "corpus"))], layout.embed("minilm"), "k")
+    res, info = evaluate_split(cfg, layout, {"before": SplitModel(teacher, layout.embed("minilm", "corpus"))})
+    assert info["queries"] == 300 and info["documents"] == 5183
+    assert res["before"]["ndcg_at_10"] * 100 == pytest.approx(64.51, abs=0.5)
+    want = _mteb_on_stored_vectors(layout, "before", layout.embed("minilm", "corpus"), "scifact_stored")
+    for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
+        assert res["before"][metric] == pytest.approx(want[metric], abs=1e-4)

@@ -142,14 +142,14 @@ def test_job_submit_kill_during_training_and_resume(tmp_path):
     assert train["steps"] == 6
     assert train["start_step"] >= 2 or "train: done" not in logs
     # the documented layout
-    for rel in ("ingest/corpus", "ingest/train_queries", "mined", "mine/dropped.parquet", "exports/st_ntuple",
+    for rel in ("ingest/corpus", "ingest/train_queries", "mined", "mine/dropped", "exports/st_ntuple",
                 "exports/flagembedding", "exports/nemo", "model/config.json", "model/modules.json",
                 "model/loss_curve.png", "evaluate/evaluation.json", "report.json", "report.md"):
         assert (out / rel).exists(), rel
     mined = pq.read_table(str(out / "mined"))
     for col in (C.QUERY_ID, C.POSITIVE_IDS, C.NEGATIVE_IDS, C.NEGATIVE_SCORES):
         assert col in mined.column_names
-    dropped = pq.read_table(str(out / "mine" / "dropped.parquet"))
+    dropped = pq.read_table(str(out / "mine" / "dropped"))
     assert mined.num_rows + dropped.num_rows == 40
     # the validation slice: held out of mining and training by id, scored at step 0, every 2 steps and the end
     val_ids = set(pq.read_table(str(out / "validation" / "queries.parquet")).column(C.QUERY_ID).to_pylist())
@@ -217,7 +217,7 @@ def test_every_query_dropped_reports_and_stops_before_training(tmp_path):
     r = subprocess.run(job, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 2, r.stderr[-3000:]
     last = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    dropped = pq.read_table(tmp_path / "out" / "mine" / "dropped.parquet")
+    dropped = pq.read_table(tmp_path / "out" / "mine" / "dropped")
     reasons = dropped.column(C.REASON).to_pylist()
     n = reasons.count("no_negatives")
     assert dropped.num_rows == 40 and set(reasons) == {"no_negatives", "held_out_for_validation"}
