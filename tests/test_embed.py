@@ -192,6 +192,7 @@ def test_killed_run_resumed_with_another_pool_redoes_no_finished_part(both_run, 
     assert len(m["parts"]) == 11 and storage.completed(str(tmp_path / "out"), m["key"]) == m
 
 
+@pytest.mark.slow  # CI budget (25 min): 39 s on 2 quiet cores; `make test-slow` runs it
 def test_float16_storage_and_config_change_reruns(ray_local, minilm_path, tmp_path):
     from raymine.embed import EmbedInput, embed_tables
     from raymine.encoders import Encoder

@@ -266,6 +266,7 @@ def _embed_actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # CI budget (25 min): 42 s on 2 quiet cores; `make test-slow` runs it
 def test_embed_actor_killed_mid_stage_same_embeddings(ray_local, minilm_path, tmp_path):
     """SIGKILL one EmbedPieces actor once the first part is written (pieces remain): the stage completes
     with every row, and the embeddings equal those of an undisturbed run."""
@@ -361,6 +362,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
+@pytest.mark.slow  # CI budget (25 min): 58 s on 2 quiet cores; `make test-slow` runs it
 def test_driver_killed_mid_mining_resumes_identical(reference, synthetic, tmp_path):
     """Run 1 is SIGKILLed one second into the mining stage's Ray job (search finished, mining not);
     run 2 skips the finished search (its manifest is unchanged) and writes mined output equal to

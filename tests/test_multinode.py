@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# CI budget (25 min): the three-raylet cluster takes ~105 s on 2 quiet cores; `make test-slow` runs it
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 

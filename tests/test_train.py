@@ -217,6 +217,7 @@ def test_build_rows_joins_texts_and_counts(ray_local, tmp_path):
     assert got2[("qy", "p1")][C.NEGATIVE_IDS] == ["n1_0"]  # one negative has no text: the row keeps the other
 
 
+@pytest.mark.slow  # CI budget (25 min): 50 s on 2 quiet cores; `make test-slow` runs it
 def test_rows_and_epoch_rebuilt_when_mined_table_is_rewritten_in_place(ray_local, tmp_path):
     """Another mining run in the same output folder rewrites the mined table at the same path: the training
     rows and the epoch order written from them must follow the new table, not a cache keyed by path."""
@@ -237,6 +238,7 @@ def test_rows_and_epoch_rebuilt_when_mined_table_is_rewritten_in_place(ray_local
     assert sorted(got) == sorted([f"q{i}" for i in range(7)] + ["q0", "q2", "q4", "q6"])
 
 
+@pytest.mark.slow  # CI budget (25 min): 32 s on 2 quiet cores; `make test-slow` runs it
 def test_epoch_order_is_a_function_of_the_seed(ray_local, tmp_path):
     """The same rows split into different files give the same written epoch order; another seed or epoch
     another order; global batches come back exactly sized, with a resume skip."""
@@ -396,6 +398,7 @@ def test_worker_killed_mid_epoch_resumes_equal_to_uninterrupted(minilm_run, mini
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # CI budget (25 min): 142 s on 2 quiet cores; `make test-slow` runs it
 def test_rerun_after_a_re_mine_trains_afresh_on_the_new_rows(ray_local, minilm_path, tmp_path):
     """The same run name and storage path, but the mined table rewritten in place (another mining config in
     the same output folder): the run must not resume the finished checkpoint of the old rows."""
