@@ -433,19 +433,17 @@ def sparse_top_k(rows: np.ndarray, scores: np.ndarray, rest: float, num_docs: in
 # Parquet corpus and the shard actor body
 # ================================================================================================
 def corpus_layout(uri: str) -> tuple[list[str], list[tuple[str, int, int]]]:
-    """(columns to read, [(path, row_group, num_rows)...]) of a corpus table, from metadata only.
+    """(columns to read, [(path, row_group, num_rows)...]) of a corpus table, from metadata only (footers
+    read by Ray tasks past a few files: ``storage.map_files``).
 
     Reads ``DOC_ID`` + ``PASSAGE`` when every file has it, else ``DOC_ID`` + ``TEXT`` (+ ``TITLE``)."""
     from raymine.index import list_parquet
 
-    fs, _ = storage.resolve(uri)
+    files = list_parquet(uri)
     schemas, groups = [], []
-    for path in list_parquet(uri):
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            schemas.append((path, set(pf.schema_arrow.names)))
-            for g in range(pf.metadata.num_row_groups):
-                groups.append((path, g, pf.metadata.row_group(g).num_rows))
+    for path, (rows, names) in zip(files, storage.map_files(uri, files, _corpus_footer), strict=True):
+        schemas.append((path, names))
+        groups.extend((path, g, n) for g, n in enumerate(rows))
     if all(PASSAGE in names for _, names in schemas):
         cols = [DOC_ID, PASSAGE]
     else:
@@ -454,6 +452,14 @@ def corpus_layout(uri: str) -> tuple[list[str], list[tuple[str, int, int]]]:
         if missing := [c for c in cols if c not in names]:
             raise ValueError(f"{path}: corpus column(s) {missing} missing (has {sorted(names)})")
     return cols, groups
+
+
+def _corpus_footer(fs: Any, path: str) -> tuple[list[int], frozenset[str]]:
+    """(rows per row group, the corpus columns present) of one corpus file, from its footer."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        names = frozenset(pf.schema_arrow.names) & {DOC_ID, PASSAGE, TEXT, TITLE}
+        return [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)], names
 
 
 def read_passages(uri: str, pieces: Sequence[Any], cols: Sequence[str]) -> tuple[pa.Array, list[str]]:

@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,27 +50,35 @@ GPU_MAX_K = 2048  # faiss-gpu selection limit (GPU_MAX_SELECTION_K)
 # Parquet layout (driver side: metadata only)
 # ------------------------------------------------------------------------------------------------
 def embedding_layout(uri: str, id_column: str = DOC_ID) -> tuple[int, list[tuple[str, int, int]]]:
-    """(dim, [(path, row_group, num_rows)...]) of an embedding table, from Parquet metadata only."""
-    fs, _ = storage.resolve(uri)
+    """(dim, [(path, row_group, num_rows)...]) of an embedding table, from Parquet metadata only (one listing
+    here; the footers read by Ray tasks past a few files: ``storage.map_files``)."""
+    files = list_parquet(uri)
     dim = None
     groups = []
-    for path in list_parquet(uri):
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            schema = pf.schema_arrow
-            for col in (id_column, EMBEDDING):
-                if col not in schema.names:
-                    raise ValueError(f"{path}: column {col!r} missing (has {schema.names})")
-            t = schema.field(EMBEDDING).type
-            if not pa.types.is_fixed_size_list(t) or t.value_type not in (pa.float32(), pa.float16()):
-                raise ValueError(f"{path}: {EMBEDDING} must be fixed_size_list<float32|float16>[dim], got {t}")
-            if dim is not None and t.list_size != dim:
-                raise ValueError(f"{path}: embedding dim {t.list_size} differs from earlier files ({dim})")
-            dim = t.list_size
-            for g in range(pf.metadata.num_row_groups):
-                groups.append((path, g, pf.metadata.row_group(g).num_rows))
+    for path, (rows, d, err) in zip(files, storage.map_files(uri, files, partial(_embedding_footer, id_column=id_column)),
+                                     strict=True):
+        if err:
+            raise ValueError(f"{path}: {err}")
+        if dim is not None and d != dim:
+            raise ValueError(f"{path}: embedding dim {d} differs from earlier files ({dim})")
+        dim = d
+        groups.extend((path, g, n) for g, n in enumerate(rows))
     assert dim is not None
     return dim, groups
+
+
+def _embedding_footer(fs: Any, path: str, id_column: str) -> tuple[list[int], int, str | None]:
+    """(rows per row group, dim, error or None) of one embedding file, from its footer."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        for col in (id_column, EMBEDDING):
+            if col not in schema.names:
+                return [], 0, f"column {col!r} missing (has {schema.names})"
+        t = schema.field(EMBEDDING).type
+        if not pa.types.is_fixed_size_list(t) or t.value_type not in (pa.float32(), pa.float16()):
+            return [], 0, f"{EMBEDDING} must be fixed_size_list<float32|float16>[dim], got {t}"
+        return [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)], t.list_size, None
 
 
 def plan_shards(groups: Sequence[tuple[str, int, int]], shard_rows: Sequence[int]) -> list[list[Piece]]:

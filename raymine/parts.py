@@ -95,13 +95,14 @@ def list_parquet(uri: str) -> list[str]:
 
 
 def row_groups(uri: str) -> list[tuple[str, int, int]]:
-    """[(path, row group, rows)] of a table in file-name order, from footers only."""
-    fs, _ = storage.resolve(uri)
+    """[(path, row group, rows)] of a table in file-name order, from footers only (one listing here; the
+    footers read by Ray tasks past a few files: ``storage.map_files``)."""
+    files = list_parquet(uri)
     out = []
-    for path in list_parquet(uri):
-        with fs.open_input_file(path) as f:
-            md = pq.ParquetFile(f).metadata
-            out.extend((path, g, md.row_group(g).num_rows) for g in range(md.num_row_groups))
+    for path, rows in zip(files, storage.map_files(uri, files, storage.footer_rows), strict=True):
+        if rows is None:
+            raise OSError(f"{path}: not a readable Parquet file")
+        out.extend((path, g, n) for g, n in enumerate(rows))
     return out
 
 
@@ -188,15 +189,12 @@ def write_part_sized(table: pa.Table, folder_uri: str, i: int) -> tuple[str, int
 # ------------------------------------------------------------------------------------------------
 # Resume: which parts of an earlier run to keep (one listing + footer checks in parallel Ray tasks)
 # ------------------------------------------------------------------------------------------------
-CHECK_CHUNK = 256  # parts whose footers one Ray task checks
-
-
 def kept_parts(folder_uri: str, expected_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(kept bool [n], bytes int64 [n]) of parts ``0..n-1`` of ``folder_uri`` left by an earlier run of the
     same key: a part is kept when its footer has ``expected_rows[i]`` rows; a damaged one is deleted (so the
     caller redoes it). The driver lists the folder once; the footers of the parts the listing holds are
-    read by Ray tasks, ``CHECK_CHUNK`` parts each (none when the folder is empty: a first run costs one
-    listing)."""
+    read by Ray tasks, at most ``storage.FILES_TASKS_MAX`` of them whatever the number of parts (none when the
+    folder is empty: a first run costs one listing)."""
     n = len(expected_rows)
     kept, size = np.zeros(n, bool), np.zeros(n, np.int64)
     present = []
@@ -211,7 +209,7 @@ def kept_parts(folder_uri: str, expected_rows: np.ndarray) -> tuple[np.ndarray, 
 
     idx = np.sort(np.asarray(present, np.int64))
     check = ray.remote(num_cpus=0.25)(_check_parts)
-    chunks = [idx[lo : lo + CHECK_CHUNK] for lo in range(0, len(idx), CHECK_CHUNK)]
+    chunks = [idx[lo:hi] for lo, hi in storage.file_chunks(len(idx))]
     for chunk, ok in zip(chunks, ray.get([check.remote(folder_uri, c, expected_rows[c]) for c in chunks]), strict=True):
         kept[chunk] = ok
     size[~kept] = 0

@@ -150,17 +150,74 @@ def parquet_rows(uri: str) -> int | None:
         return None
 
 
+# ------------------------------------------------------------------------------------------------
+# Per-file work on many files (footers): no serial per-file remote call on the driver
+# ------------------------------------------------------------------------------------------------
+FILES_LOCAL_MAX = 16  # up to this many files the caller reads itself (a Ray round trip costs more)
+FILES_PER_TASK = 256  # at least this many files per Ray task ...
+FILES_TASKS_MAX = 32  # ... and at most this many tasks, whatever the number of files
+
+
+def file_chunks(n: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) slices of ``n`` files, one per Ray task: at most ``FILES_TASKS_MAX`` of them (so the
+    driver's calls do not grow with the number of parts), each at least ``FILES_PER_TASK`` files."""
+    tasks = max(1, min(FILES_TASKS_MAX, n // FILES_PER_TASK))
+    return [(n * i // tasks, n * (i + 1) // tasks) for i in range(tasks)]
+
+
+def map_files(uri: str, paths: list[str], fn: Any) -> list[Any]:
+    """``[fn(fs, path) for path in paths]`` in order, ``paths`` inside ``uri``'s filesystem.
+
+    A few files (``FILES_LOCAL_MAX``), or no Ray in this process: done here. More: Ray tasks, each resolving the
+    filesystem from ``uri`` and doing a contiguous slice (:func:`file_chunks`), so the driver's own filesystem
+    calls stay constant in the number of files (on an object store each would be a request). ``fn`` must be a
+    module-level function and return something small (row counts, flags): the results come to the caller."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if len(paths) <= FILES_LOCAL_MAX or ray is None or not ray.is_initialized():
+        fs, _ = resolve(uri)
+        return [fn(fs, p) for p in paths]
+    task = ray.remote(num_cpus=0.25)(_map_chunk)
+    refs = [task.remote(uri, paths[lo:hi], fn) for lo, hi in file_chunks(len(paths))]
+    return [r for chunk in ray.get(refs) for r in chunk]
+
+
+def _map_chunk(uri: str, paths: list[str], fn: Any) -> list[Any]:
+    fs, _ = resolve(uri)
+    return [fn(fs, p) for p in paths]
+
+
+def footer_rows(fs: pafs.FileSystem, path: str) -> list[int] | None:
+    """Rows per row group of one Parquet file, from its footer (None when unreadable: truncated, not Parquet)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open_input_file(path) as f:
+            md = pq.ParquetFile(f).metadata
+            return [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+    except (OSError, pa.ArrowInvalid, pa.ArrowException):
+        return None
+
+
+def inside(uri: str, root: str, name: str) -> str:
+    """The filesystem-internal path of ``name`` (relative to ``uri``, as :func:`list_files` gives it) under
+    ``root`` (``uri``'s own internal path)."""
+    import os
+
+    return posixpath.join(root, name) if "://" in uri else os.path.join(root, name)
+
+
 def _part_records(stage_dir: str) -> pa.Table:
-    """(name, bytes, rows) of the files a stage wrote (rows for Parquet parts, from their footers): for stages
-    whose workers do not report their parts (one footer read per part on the driver)."""
-    names, sizes, rows = [], [], []
-    for name, size in sorted(list_files(stage_dir).items()):
-        if posixpath.basename(name).startswith("_") or name.startswith("."):
-            continue
-        names.append(name)
-        sizes.append(size)
-        rows.append(parquet_rows(join(stage_dir, name)) if name.endswith(".parquet") else None)
-    return part_table(names, sizes, rows)
+    """(name, bytes, rows) of the files a stage wrote (rows for Parquet parts, from their footers, read by Ray
+    tasks past a few files: :func:`map_files`): for stages whose workers do not report their parts."""
+    files = [(n, s) for n, s in sorted(list_files(stage_dir).items())
+             if not (posixpath.basename(n).startswith("_") or n.startswith("."))]
+    _, root = resolve(stage_dir)
+    pq_names = [n for n, _ in files if n.endswith(".parquet")]
+    groups = dict(zip(pq_names, map_files(stage_dir, [inside(stage_dir, root, n) for n in pq_names], footer_rows), strict=True))
+    rows = [None if groups.get(n) is None else sum(groups[n]) for n, _ in files]
+    return part_table([n for n, _ in files], [s for _, s in files], rows)
 
 
 PARTS_FILE = "_parts.arrow"  # the parts of a stage with more than INLINE_PARTS of them (Arrow IPC: name, bytes, rows)

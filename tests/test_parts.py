@@ -105,7 +105,9 @@ def test_kept_parts_checks_footers_in_ray_tasks_and_deletes_damaged(ray_local, t
     with open(tmp_path / "out" / parts.part_name(4), "r+b") as f:  # cut short
         f.truncate(20)
     pq.write_table(pa.table({"x": [1]}), tmp_path / "out" / "part-00001.parquet")  # not this stage's name
-    monkeypatch.setattr(parts, "CHECK_CHUNK", 2)  # several tasks
+    from raymine import storage
+
+    monkeypatch.setattr(storage, "FILES_PER_TASK", 2)  # several tasks
     kept, nbytes = parts.kept_parts(folder, rows)
     assert kept.tolist() == [True, True, False, False, False]
     assert nbytes.tolist() == [sizes[0], sizes[1], 0, 0, 0]
