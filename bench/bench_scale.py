@@ -1,22 +1,29 @@
-"""Scale curve of the whole mining run on a 3-node ``ray.cluster_utils.Cluster``: does the driver stay flat?
+"""Scale curve of the whole job on a 3-node ``ray.cluster_utils.Cluster``: does the driver stay flat?
 
-For each corpus size (a fresh subprocess: its own driver and cluster, so peak RSS does not carry over):
+For each point (corpus size × training queries; a fresh subprocess each: its own driver and cluster, so peak
+RSS does not carry over):
 
 1. a synthetic BEIR corpus is generated *by Ray tasks* (random text over a fixed vocabulary, written as
-   many Parquet files under ``data/corpus/``), with ``--queries`` training queries (each a word sample of
-   one positive document) under ``data/queries/`` and their qrels under ``data/qrels/train/``;
-2. the pipeline runs ingest → embed → search → mine → export on it (``raymine.pipeline``, the same code
-   as the job), with a tiny random-weight BERT-architecture teacher built in code (a real HF model; its
-   tokenizer is all-MiniLM-L6-v2's) and exact sharded search (naive top-k mining: see the comment at the config);
-3. per stage it records wall time, throughput (passages or queries per second per logical core), the
-   driver's peak RSS during that stage (``VmHWM``, reset before the stage through
-   ``/proc/self/clear_refs``) and the largest peak RSS of any Ray worker process (every process of the
-   cluster: raylets, workers, actors), plus the accounting (every query mined or dropped).
+   many Parquet files under ``data/corpus/``), with the training queries (each a word sample of one positive
+   document) under ``data/queries/`` and their qrels under ``data/qrels/train/`` (with ``--full``, also
+   ``--test-queries`` test queries and ``data/qrels/test/``);
+2. the pipeline runs ingest → embed → search → mine (with the validation split and the exports) — and with
+   ``--full`` train (a tiny random student, a few steps, validation inside the workers) and evaluate (the
+   distributed test-split evaluation) — on it (``raymine.pipeline``, the same code as the job), with a tiny
+   random-weight BERT-architecture teacher built in code (a real HF model; its tokenizer is
+   all-MiniLM-L6-v2's) and exact sharded search (naive top-k mining: see the comment at the config);
+3. per stage it records wall time, throughput, the driver's peak RSS during that stage (``VmHWM``, reset
+   before the stage through ``/proc/self/clear_refs``) and the largest peak RSS of any Ray worker process,
+   plus the accounting (every query mined or dropped). The driver's RSS right after ``ray.init`` and the
+   imports, before any data, is the empty-driver baseline.
 
-Prints a Markdown table and the ratios the issue asks for (driver peak RSS largest/smallest size,
-per-stage throughput largest/smallest, exact search time growth exponent), writes ``scale.json``.
+Prints a Markdown table, the ratios of the earlier rounds, and the fitted slopes of the driver's peak RSS
+(least squares over the points that vary only the corpus: bytes per passage; only the queries: bytes per
+query) with their projection to 1B passages × 10M queries above the baseline; writes ``scale.json``.
 
     .venv/bin/python bench/bench_scale.py --sizes 250000,1000000,2000000 --queries 20000
+    .venv/bin/python bench/bench_scale.py --sizes 100000 --queries 10000,20000,40000
+    .venv/bin/python bench/bench_scale.py --sizes 100000,200000 --queries 10000 --full
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VOCAB = 5000  # synthetic words w0000 .. w4999
-STAGE_ROWS = {"ingest": "docs", "embed": "passages", "search": "queries", "mine": "queries", "export": "queries"}
+STAGE_ROWS = {"ingest": "docs", "embed": "passages", "search": "queries", "mine": "queries", "export": "queries",
+              "train": "queries", "evaluate": "passages"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,17 +111,23 @@ def _query_block(batch, n_docs: int, words_per_doc: int, seed: int):
             "score": np.ones(len(q), np.int64)}
 
 
-def generate(data: Path, n_docs: int, n_queries: int, words_per_doc: int, seed: int = 0) -> None:
+def generate(data: Path, n_docs: int, n_queries: int, words_per_doc: int, seed: int = 0, n_test: int = 0) -> None:
+    """Queries ``0 .. n_queries - 1`` are the training split; the next ``n_test`` the test split."""
     import ray
 
     files = max(8, n_docs // 50_000)
     ray.data.range(n_docs, override_num_blocks=files).map_batches(
         _corpus_block, fn_kwargs={"words_per_doc": words_per_doc, "seed": seed}, batch_size=10_000
     ).write_parquet(str(data / "corpus"))
-    q = ray.data.range(n_queries, override_num_blocks=4).map_batches(
+    q = ray.data.range(n_queries + n_test, override_num_blocks=4).map_batches(
         _query_block, fn_kwargs={"n_docs": n_docs, "words_per_doc": words_per_doc, "seed": seed}, batch_size=10_000)
     q.select_columns(["query_id", "text"]).write_parquet(str(data / "queries"))
-    q.select_columns(["query_id", "doc_id", "score"]).write_parquet(str(data / "qrels" / "train"))
+    qrels = q.select_columns(["query_id", "doc_id", "score"])
+    if n_test:
+        qrels.filter(lambda r: int(r["query_id"][1:]) < n_queries).write_parquet(str(data / "qrels" / "train"))
+        qrels.filter(lambda r: int(r["query_id"][1:]) >= n_queries).write_parquet(str(data / "qrels" / "test"))
+    else:
+        qrels.write_parquet(str(data / "qrels" / "train"))
 
 
 def tiny_bert(folder: Path) -> str:
@@ -132,9 +146,15 @@ def tiny_bert(folder: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# One size (runs in its own process)
+# One point (runs in its own process)
 # ------------------------------------------------------------------------------------------------
-def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_per_node: int) -> dict:
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) / 1024.0 for x in f if x.startswith("VmRSS:"))
+
+
+def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_per_node: int, full: bool = False,
+             n_test: int = 300) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -146,13 +166,28 @@ def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_p
     for _ in range(2):
         cluster.add_node(num_cpus=cpus_per_node)
     ray.init(address=cluster.address, log_to_driver=False)
+    # the job's driver imports these too: the libraries are part of the baseline, not of the data
+    import ray.data  # noqa: F401
+    import ray.train.torch  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import raymine.evaluate  # noqa: F401
+    import raymine.export  # noqa: F401
+    import raymine.ingest  # noqa: F401
+    import raymine.mine  # noqa: F401
+    import raymine.search  # noqa: F401
+    import raymine.train  # noqa: F401
+    import raymine.validation  # noqa: F401
+
+    baseline = _rss_mb()  # the empty driver: Ray (Data, Train), torch, transformers, raymine imported; no data yet
     cores = 3 * cpus_per_node
     data = work / "data"
     t0 = time.time()
-    generate(data, n_docs, n_queries, words_per_doc)
+    generate(data, n_docs, n_queries, words_per_doc, n_test=n_test if full else 0)
     gen_s = time.time() - t0
     model = tiny_bert(work / "teacher")
-    cfg = load_config(None, [
+    overrides = [
         f"output={work / 'out'}", f"ingest.data={data}", "teachers=tiny",
         "teacher_defs.tiny.kind=dense", f"teacher_defs.tiny.model={model}", "teacher_defs.tiny.passage_max_length=64",
         "teacher_defs.tiny.query_max_length=32", "teacher_defs.tiny.batch_size=256",
@@ -161,10 +196,21 @@ def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_p
         # naive top-k: a random-weight teacher embeds every text almost alike (cosine ≈ 1), so a positive-aware
         # ceiling would drop nearly every query and leave mining and export nothing to measure
         "mine.method=naive", "mine.num_negatives=4", "mine.sampling=top1_sampled",
-    ])
+    ]
+    if full:  # the same tiny model as the student: a few steps, validated inside the workers
+        overrides += [f"train.model={model}", "train.max_steps=20", "train.batch_size=16", "train.num_workers=2",
+                      "train.cpus_per_worker=0.5", "train.query_max_length=32", "train.passage_max_length=64",
+                      "train.checkpoint_every=10", "validation.every=10", "validation.max_queries=200",
+                      "evaluate.batch_size=256"]
+    else:
+        overrides += ["validation.split=none"]
+    cfg = load_config(None, overrides)
     run = _Run(cfg, Layout(cfg.output))
     stages = []
-    for name, step in (("ingest", run.ingest), ("embed", run.embed), ("search", run.search), ("mine", run.mine)):
+    steps = [("ingest", run.ingest), ("embed", run.embed), ("search", run.search), ("mine", run.mine)]
+    if full:
+        steps += [("train", run.train), ("evaluate", run.evaluate)]
+    for name, step in steps:
         pids = _cluster_pids()
         for p in ["self", *pids]:
             _reset_peak(p)
@@ -177,27 +223,35 @@ def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_p
     rep = run.report["stages"]
     # the export ran inside the mine step: split its wall time out from its own manifest
     exp = rep["export"]["wall_s"]
-    stages[-1]["wall_s"] = round(stages[-1]["wall_s"] - exp, 1)
-    stages.append({**stages[-1], "stage": "export", "wall_s": round(exp, 1)})
+    mine_row = next(s for s in stages if s["stage"] == "mine")
+    mine_row["wall_s"] = round(mine_row["wall_s"] - exp, 1)
+    stages.insert(stages.index(mine_row) + 1, {**mine_row, "stage": "export", "wall_s": round(exp, 1)})
     mined = rep["mine"]["counts"]
     dropped_ingest = rep["ingest"]["counts"].get("train_queries_dropped", 0)
+    held_out = rep.get("validation", {}).get("counts", {}).get("queries", 0) if full else 0
     for s in stages:
-        n = n_docs if STAGE_ROWS[s["stage"]] in ("docs", "passages") else n_queries
+        n = n_docs if STAGE_ROWS.get(s["stage"]) in ("docs", "passages") else n_queries
         s["per_core_per_s"] = round(n / max(s["wall_s"], 1e-9) / cores, 1)
     acct = {"queries": n_queries, "mined": mined.get("mined"), "dropped_in_mining": mined.get("dropped"),
-            "dropped_at_ingest": dropped_ingest}
+            "dropped_at_ingest": dropped_ingest, "validation": held_out}
+    # validation queries are dropped in mining with their reason: counted there
     acct["all_accounted"] = (acct["mined"] or 0) + (acct["dropped_in_mining"] or 0) + dropped_ingest == n_queries
+    out = {"docs": n_docs, "queries": n_queries, "full": full, "cores": cores, "baseline_mb": round(baseline, 1),
+           "generate_s": round(gen_s, 1), "stages": stages, "accounting": acct}
+    if full:
+        out["evaluate"] = run.report.get("evaluate")
     ray.shutdown()
     cluster.shutdown()
-    return {"docs": n_docs, "queries": n_queries, "cores": cores, "generate_s": round(gen_s, 1), "stages": stages,
-            "accounting": acct}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="250000,1000000,2000000")
-    ap.add_argument("--queries", type=int, default=20_000)
+    ap.add_argument("--sizes", default="250000,1000000,2000000", help="corpus sizes (comma-separated)")
+    ap.add_argument("--queries", default="20000", help="training queries (comma-separated); every size × count runs")
+    ap.add_argument("--full", action="store_true", help="also train (tiny student, 20 steps) and evaluate")
+    ap.add_argument("--test-queries", type=int, default=300, help="--full: test-split queries")
     ap.add_argument("--words", type=int, default=40, help="words per synthetic passage (~240 bytes of text)")
     ap.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs of each of the 3 nodes")
     ap.add_argument("--work", default="/tmp/bench_scale")
@@ -206,54 +260,101 @@ def main() -> None:
     if args.one:
         import shutil
 
-        work = Path(args.work) / str(args.one)
+        work = Path(args.work) / f"{args.one}x{args.queries}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        print("RESULT " + json.dumps(one_size(work, args.one, args.queries, args.words, args.cpus_per_node)), flush=True)
+        r = one_size(work, args.one, int(args.queries), args.words, args.cpus_per_node, args.full, args.test_queries)
+        print("RESULT " + json.dumps(r), flush=True)
         return
 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "RAYMINE_LOG": "WARNING"}
     env.pop("RAY_ADDRESS", None)
     results = []
+    out_json = Path(args.work, "scale.json")
+    if out_json.exists():  # points of earlier commands with the same --work are fitted together
+        results = json.loads(out_json.read_text())
     for n in [int(x) for x in args.sizes.split(",")]:
-        t0 = time.time()
-        p = subprocess.run([sys.executable, __file__, "--one", str(n), "--queries", str(args.queries), "--words",
-                            str(args.words), "--cpus-per-node", str(args.cpus_per_node), "--work", args.work],
-                           capture_output=True, text=True, env=env)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if p.returncode != 0 or line is None:
-            print(p.stdout[-3000:], p.stderr[-5000:])
-            raise SystemExit(f"size {n} failed")
-        r = json.loads(line[len("RESULT "):])
-        r["total_s"] = round(time.time() - t0, 1)
-        results.append(r)
-        print(f"{n:>10,} docs: done in {r['total_s']} s; accounting {r['accounting']}", flush=True)
-        Path(args.work, "scale.json").write_text(json.dumps(results, indent=2))  # kept if a later size fails
-        summarize(results)
+        for nq in [int(x) for x in args.queries.split(",")]:
+            t0 = time.time()
+            cmd = [sys.executable, __file__, "--one", str(n), "--queries", str(nq), "--words", str(args.words),
+                   "--cpus-per-node", str(args.cpus_per_node), "--work", args.work,
+                   "--test-queries", str(args.test_queries), *(["--full"] if args.full else [])]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if p.returncode != 0 or line is None:
+                print(p.stdout[-3000:], p.stderr[-5000:])
+                raise SystemExit(f"point {n} x {nq} failed")
+            r = json.loads(line[len("RESULT "):])
+            r["total_s"] = round(time.time() - t0, 1)
+            results = [x for x in results if (x["docs"], x["queries"], x.get("full")) != (n, nq, args.full)] + [r]
+            print(f"{n:>10,} docs x {nq:,} queries{' (full job)' if args.full else ''}: done in {r['total_s']} s; "
+                  f"accounting {r['accounting']}", flush=True)
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(results, indent=2))  # kept if a later point fails
+    summarize(results)
 
 
-def summarize(results: list[dict]) -> None:
-    print("\n| docs | stage | wall s | per core /s | driver peak MB | largest worker peak MB |")
-    print("|---:|---|---:|---:|---:|---:|")
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """(slope, residual std) of the least-squares line through the points; None with fewer than 2 x values."""
+    import numpy as np
+
+    if len(set(xs)) < 2:
+        return None
+    a, b = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    res = np.asarray(ys, float) - (a * np.asarray(xs, float) + b)
+    return float(a), float(res.std())
+
+
+def summarize(results: list[dict], passages: float = 1e9, queries: float = 1e7) -> None:
+    print("\n| docs | queries | job | stage | wall s | per core /s | driver peak MB | largest worker peak MB |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|")
     for r in results:
         for s in r["stages"]:
-            print(f"| {r['docs']:,} | {s['stage']} | {s['wall_s']} | {s['per_core_per_s']} | {s['driver_peak_mb']} | "
-                  f"{s['worker_peak_mb']} |")
-    lo, hi = results[0], results[-1]
-    drv = [max(s["driver_peak_mb"] for s in r["stages"]) for r in results]
-    print(f"\ndriver peak RSS: {drv[0]:.0f} MB at {lo['docs']:,} → {drv[-1]:.0f} MB at {hi['docs']:,} "
-          f"(ratio {drv[-1] / max(drv[0], 1e-9):.2f}; goal ≤ 1.2 and < 1024 MB)")
-    for name in ("ingest", "embed", "mine", "export"):
-        a = next(s for s in lo["stages"] if s["stage"] == name)["per_core_per_s"]
-        b = next(s for s in hi["stages"] if s["stage"] == name)["per_core_per_s"]
-        print(f"{name} throughput per core: {a} → {b} /s (ratio {b / max(a, 1e-9):.2f}; goal ≥ 1)")
-    sa = next(s for s in lo["stages"] if s["stage"] == "search")["wall_s"]
-    sb = next(s for s in hi["stages"] if s["stage"] == "search")["wall_s"]
-    if hi["docs"] > lo["docs"] and sa > 0 and sb > 0:
-        print(f"exact search: {sa} s → {sb} s for {hi['docs'] / lo['docs']:.0f}x the corpus "
-              f"(growth exponent {math.log(sb / sa) / math.log(hi['docs'] / lo['docs']):.2f}; goal ≤ 1)")
+            print(f"| {r['docs']:,} | {r['queries']:,} | {'full' if r.get('full') else 'mining'} | {s['stage']} | "
+                  f"{s['wall_s']} | {s['per_core_per_s']} | {s['driver_peak_mb']} | {s['worker_peak_mb']} |")
     print("accounting:", all(r["accounting"]["all_accounted"] for r in results))
+    for job in (False, True):
+        pts = [r for r in results if bool(r.get("full")) == job]
+        if not pts:
+            continue
+        label = "full job (train + evaluate)" if job else "mining job"
+        peak = {id(r): max(s["driver_peak_mb"] for s in r["stages"]) for r in pts}
+        base = {id(r): r.get("baseline_mb", 0.0) for r in pts}
+        print(f"\n{label}: driver peak RSS above the empty-driver baseline, per point:")
+        for r in pts:
+            print(f"  {r['docs']:>10,} docs x {r['queries']:>8,} queries: peak {peak[id(r)]:.0f} MB, baseline "
+                  f"{base[id(r)]:.0f} MB, above {peak[id(r)] - base[id(r)]:.0f} MB")
+        q0 = min(r["queries"] for r in pts)
+        d0 = min(r["docs"] for r in pts)
+        by_docs = [r for r in pts if r["queries"] == q0]
+        by_queries = [r for r in pts if r["docs"] == d0]
+        fp = _fit([r["docs"] for r in by_docs], [(peak[id(r)] - base[id(r)]) * 2**20 for r in by_docs])
+        fq = _fit([r["queries"] for r in by_queries], [(peak[id(r)] - base[id(r)]) * 2**20 for r in by_queries])
+        ref = next(r for r in pts if r["docs"] == d0 and r["queries"] == q0)
+        above = (peak[id(ref)] - base[id(ref)]) * 2**20
+        for what, f, n in (("passage", fp, passages - d0), ("query", fq, queries - q0)):
+            if f is None:
+                print(f"  bytes per {what}: not fitted (one {what} count only)")
+                continue
+            slope, sd = f
+            print(f"  bytes per {what}: {slope:+.2f} (least squares; residual std {sd / 2**20:.1f} MB) "
+                  f"→ {slope * n / 2**30:+.2f} GiB more at {passages if what == 'passage' else queries:.0e}")
+            above += max(0.0, slope) * n
+        print(f"  projection to {passages:.0e} passages x {queries:.0e} queries: {above / 2**30:.2f} GiB above the "
+              f"empty driver (goal < 1 GiB; negative slopes counted as 0)")
+    mining = [r for r in results if not r.get("full")]
+    if len({r["docs"] for r in mining}) >= 2:
+        lo, hi = min(mining, key=lambda r: r["docs"]), max(mining, key=lambda r: r["docs"])
+        for name in ("ingest", "embed", "mine", "export"):
+            a = next(s for s in lo["stages"] if s["stage"] == name)["per_core_per_s"]
+            b = next(s for s in hi["stages"] if s["stage"] == name)["per_core_per_s"]
+            print(f"{name} throughput per core: {a} → {b} /s (ratio {b / max(a, 1e-9):.2f})")
+        sa = next(s for s in lo["stages"] if s["stage"] == "search")["wall_s"]
+        sb = next(s for s in hi["stages"] if s["stage"] == "search")["wall_s"]
+        if sa > 0 and sb > 0 and hi["docs"] > lo["docs"]:
+            print(f"exact search: {sa} s → {sb} s for {hi['docs'] / lo['docs']:.1f}x the corpus "
+                  f"(growth exponent {math.log(sb / sa) / math.log(hi['docs'] / lo['docs']):.2f})")
 
 
 if __name__ == "__main__":

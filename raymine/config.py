@@ -59,6 +59,9 @@ class IngestConfig:
     partitions: int = _f(0, "hash partitions of ingest's id / text-hash shuffles; 0 = one per 64 MiB of input, "
                             "at least 1")
     rows_per_block: int = _f(16384, "rows per block a read task yields (a file streams through in blocks)")
+    max_twins: int = _f(100, "identical-text twins of a doc listed for exclusion (a positive's twins are never mined "
+                             "as its negatives); a larger cluster lists the first N by id and counts the rest "
+                             "(identical_twins_not_listed); 0 = no bound")
     format: Literal["beir", "pairs"] = _f(
         "beir", "'beir': data is a BEIR folder or Parquet tables (corpus, queries, qrels); 'pairs': data is "
         "(query, positive) pairs (jsonl / Parquet file or folder, HF save_to_disk folder), converted under "
@@ -230,7 +233,8 @@ class MineConfig:
         "report known-false-negative rate"
     )
     batch_size: int = _f(1024, "queries per map_batches call of the mining stage")
-    join_partitions: int = _f(4, "hash partitions of the Ray Data join of teachers' candidates and queries")
+    join_partitions: int = _f(0, "hash partitions of the Ray Data join of teachers' candidates and queries; 0 = "
+                                 "one per 256 MiB of its inputs on disk (4 to 4096); inputs under 64 MiB join in one task")
     report_sample: int = _f(100_000, "scores per category and teacher kept for the report's histograms")
 
 
@@ -371,7 +375,8 @@ class ExportConfig:
     )
     data_type: str = _f("normal", "FlagEmbedding 'type' of every line (normal, symmetric_class, ... for bge-en-icl)")
     rows_per_part: int = _f(10_000, "mined rows per worker batch; each batch writes one part file per format")
-    join_partitions: int = _f(4, "hash partitions of the id -> text join and of the regrouping by query")
+    join_partitions: int = _f(0, "hash partitions of the id -> text join and of the regrouping by query; 0 = one "
+                                 "per 256 MiB of its inputs on disk (4 to 4096); inputs under 64 MiB join in one task")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,7 +457,8 @@ COUNT, NON_NEGATIVE, POSITIVE = at_least(1), at_least(0), above(0)
 DEVICE = Domain(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
 
 DOMAINS: dict[str, dict[str, Domain]] = {
-    "IngestConfig": {"max_queries": NON_NEGATIVE, "partitions": NON_NEGATIVE, "rows_per_block": COUNT},
+    "IngestConfig": {"max_queries": NON_NEGATIVE, "partitions": NON_NEGATIVE, "rows_per_block": COUNT,
+                     "max_twins": NON_NEGATIVE},
     "TeacherConfig": {
         "query_max_length": COUNT, "passage_max_length": COUNT, "batch_size": COUNT, "device": DEVICE,
         "max_batch_tokens": at_least(-1), "bm25_k1": NON_NEGATIVE, "bm25_b": between(0, 1),
@@ -475,7 +481,7 @@ DOMAINS: dict[str, dict[str, Domain]] = {
     "MineConfig": {
         "shift": NON_NEGATIVE, "abs_threshold": ANY, "margin": NON_NEGATIVE, "perc": between(0, 1, lo_open=True),
         "num_negatives": COUNT, "sample_top_k": COUNT, "sample_temperature": POSITIVE, "seed": NON_NEGATIVE,
-        "hide_positive_fraction": between(0, 1), "batch_size": COUNT, "join_partitions": COUNT,
+        "hide_positive_fraction": between(0, 1), "batch_size": COUNT, "join_partitions": NON_NEGATIVE,
         "report_sample": NON_NEGATIVE,
     },
     "TrainConfig": {
@@ -491,7 +497,7 @@ DOMAINS: dict[str, dict[str, Domain]] = {
         "fraction": between(0, 1, lo_open=True, hi_open=True), "max_queries": COUNT, "seed": NON_NEGATIVE,
         "top_k": NON_NEGATIVE, "pool_size": COUNT, "every": NON_NEGATIVE, "patience": NON_NEGATIVE, "batch_size": COUNT,
     },
-    "ExportConfig": {"num_negatives": NON_NEGATIVE, "rows_per_part": COUNT, "join_partitions": COUNT},
+    "ExportConfig": {"num_negatives": NON_NEGATIVE, "rows_per_part": COUNT, "join_partitions": NON_NEGATIVE},
     "EvaluateConfig": {
         "tasks": NON_EMPTY, "batch_size": COUNT, "max_queries": NON_NEGATIVE, "seed": NON_NEGATIVE,
         "query_max_length": NON_NEGATIVE, "passage_max_length": NON_NEGATIVE, "metrics": NON_EMPTY,

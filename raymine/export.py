@@ -483,14 +483,13 @@ def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, coun
     """The Ray Data job; adds the workers' per-batch counts (one row per batch) into ``counts``."""
     if not _count_rows(layout.mined):  # Parquet footers only, read on the driver (no Ray job for a count)
         return
-    nparts = cfg.export.join_partitions
     agg = {"num_cpus": AGGREGATOR_CPUS}
     names = parts.schema(corpus).names
     cols = [C.DOC_ID, *([C.PASSAGE] if C.PASSAGE in names else [c for c in (C.TITLE, C.TEXT) if c in names])]
     passages = parts.read_dataset(corpus, cols).map_batches(corpus_passages, batch_format="pyarrow")
     mined = parts.read_dataset(layout.mined, C.MINED_COLUMNS)
     ids = mined.map_batches(explode_ids, batch_format="pyarrow")
-    local = joins.is_small([layout.mined, corpus])
+    local, nparts = joins.plan([layout.mined, corpus], cfg.export.join_partitions)
     joined = joins.join(ids, passages, "left_outer", nparts, (C.DOC_ID,), local, aggregator_ray_remote_args=agg)
     texts = joined.groupby(list(_KEYS), num_partitions=nparts).map_groups(regroup_texts, batch_format="pyarrow")
     full = joins.join(mined, texts, "left_outer", nparts, _KEYS, local, aggregator_ray_remote_args=agg)

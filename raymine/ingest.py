@@ -114,6 +114,7 @@ _DUP = "_dup"  # bool: a later definition of an id (not kept)
 _EMPTY = "_empty"  # bool: kept id whose text is blank
 _KNOWN = "_known"  # bool (qrels ⋈ docs): the doc exists (null after the join: unknown doc)
 _TWINS = "_twins"  # list<string>: other doc ids with the identical normalised passage
+_TWINS_CUT = "_twins_cut"  # int64: twins left off _TWINS by ingest.max_twins
 _QTEXT = "_qtext"  # string (qrels ⋈ queries): the query's text (null: unknown query)
 _QEMPTY = "_qempty"  # bool: the query's text is blank
 _QCOUNTS = ("_n_qrels", "_n_kept", "_n_graded", "_n_nonpos", "_n_unknown_doc", "_n_unknown_query",
@@ -724,14 +725,19 @@ def dedupe_block(block: pa.Table, kind: str, names: list[str], on_duplicate_id: 
     return t
 
 
-def twins_block(block: pa.Table) -> pa.Table:
+def twins_block(block: pa.Table, max_twins: int = 0) -> pa.Table:
     """One hash partition of the kept docs by TEXT_HASH → DOC_ID, ``_TWINS`` (the other ids with an identical
-    normalised passage, sorted; compared as text so a hash collision never makes twins), ``_KNOWN``."""
+    normalised passage, sorted; compared as text so a hash collision never makes twins), ``_TWINS_CUT`` (how
+    many were left off the list), ``_KNOWN``.
+
+    ``max_twins`` > 0 bounds each list (a cluster of m identical passages — boilerplate, a "page not found" —
+    would otherwise make m² ids): a doc lists the first ``max_twins`` others by id, built in O(m · max_twins)."""
     t = block.sort_by([(C.TEXT_HASH, "ascending"), (C.DOC_ID, "ascending")])
     n = t.num_rows
     ids = t[C.DOC_ID].to_pylist()
     h = t[C.TEXT_HASH].to_numpy()  # [n]
     twins: list[list[str]] = [[] for _ in range(n)]
+    cut = np.zeros(n, np.int64)
     if n:
         starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])  # first row of each hash run
         ends = np.r_[starts[1:], n]
@@ -743,10 +749,13 @@ def twins_block(block: pa.Table) -> pa.Table:
             for i in range(s, e):
                 groups[normalize_text(passages[i].as_py())].append(i)
             for members in groups.values():
+                head = members if max_twins <= 0 else members[: max_twins + 1]
                 for i in members:
-                    twins[i] = [ids[j] for j in members if j != i]  # ids sorted within the run
+                    listed = [ids[j] for j in head if j != i]  # ids sorted within the run
+                    twins[i] = listed if max_twins <= 0 else listed[:max_twins]
+                    cut[i] = len(members) - 1 - len(twins[i])
     return pa.table({C.DOC_ID: pa.array(ids, _STR), _TWINS: pa.array(twins, pa.list_(_STR)),
-                     _KNOWN: pa.array(np.ones(n, bool))})
+                     _TWINS_CUT: pa.array(cut), _KNOWN: pa.array(np.ones(n, bool))})
 
 
 def per_query_block(block: pa.Table, names: list[str], on_unknown_qrel: str, errors: str | None = None) -> pa.Table:
@@ -968,17 +977,18 @@ def _parts_sink(outputs: dict[str, tuple[str, str]], summary: Any = None):
                         fs, path = storage.resolve(storage.join(uri, f"part-{ctx.task_idx:05d}-{j:05d}.parquet"))
                         pq.write_table(t, path, filesystem=fs)
                 if summary is not None:
-                    rows += summary(block).to_pylist()
-            return rows
+                    rows = _fold_summaries(rows + summary(block).to_pylist())
+            return rows  # one row per input file this task saw, whatever the number of blocks
 
         def on_write_complete(self, write_result) -> None:
-            self.summaries = [r for rs in write_result.write_returns for r in rs]
+            self.summaries = _fold_summaries([r for rs in write_result.write_returns for r in rs])
 
     return _PartsSink()
 
 
 def _execute(ds, outputs: dict[str, tuple[str, str]], summary: Any = None) -> list[dict[str, Any]]:
-    """Run ``ds`` into the ``outputs`` tables; the per-block summary rows (never per-row data) come back."""
+    """Run ``ds`` into the ``outputs`` tables; the summary rows (one per input file, folded in the write tasks;
+    never per-row data) come back."""
     for uri, _ in outputs.values():
         storage.delete_dir(uri)
         storage.makedirs(uri)
@@ -991,20 +1001,31 @@ def _execute(ds, outputs: dict[str, tuple[str, str]], summary: Any = None) -> li
     return sink.summaries
 
 
-def _by_file(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
-    """Sum per-(block, file) summaries by file: counts add up, first lines take the minimum."""
-    out: dict[str, dict[str, Any]] = {}
+_SUMMARY_KEYS = (_FILE, C.REASON)
+
+
+def _fold_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows summed per key — the input file, or the drop reason — (counts add up, ``_min``/``_max``
+    columns take the min/max): each write task folds its blocks' rows, so one row per (task, key) reaches the
+    driver, not one per block."""
+    out: dict[Any, dict[str, Any]] = {}
     for r in rows:
-        acc = out.setdefault(names[r[_FILE]], {})
+        key = tuple((k, r[k]) for k in _SUMMARY_KEYS if k in r)  # the file (or the drop reason), else one row
+        acc = out.setdefault(key, dict(key))
         for k, v in r.items():
-            if k == _FILE or v is None:
+            if k in _SUMMARY_KEYS or v is None:
                 continue
             if k.endswith("_min") or k.endswith("_max"):
                 pick = min if k.endswith("_min") else max
                 acc[k] = pick(acc[k], v) if k in acc else v
             else:
                 acc[k] = acc.get(k, 0) + v
-    return out
+    return list(out.values())
+
+
+def _by_file(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Summaries by file name: counts summed, first lines the minimum (:func:`_fold_summaries`)."""
+    return {names[r[_FILE]]: {k: v for k, v in r.items() if k != _FILE} for r in _fold_summaries(rows)}
 
 
 def _add_skips(report: IngestReport, per_file: dict[str, dict[str, Any]], rules: dict[str, str]) -> None:
@@ -1101,9 +1122,14 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
 
     # 3. each doc's identical-text twins (hash-partitioned by TEXT_HASH, compared as text)
     ds = _hash_partition(_parquet(w["doc_hash"]), parts, C.TEXT_HASH).map_batches(
-        twins_block, batch_size=None, batch_format="pyarrow")
-    counts["docs_with_identical_text"] = sum(
-        r["n"] for r in _execute(ds, {"doc_keys": (w["doc_keys"], "all")}, _twin_count_block))
+        twins_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"max_twins": cfg.max_twins})
+    twin_counts = _fold_summaries(_execute(ds, {"doc_keys": (w["doc_keys"], "all")}, _twin_count_block))
+    counts["docs_with_identical_text"] = sum(r["n"] for r in twin_counts)
+    if cut := sum(r.get("cut", 0) for r in twin_counts):
+        counts["identical_twins_not_listed"] = cut
+        report.notes.append(f"{cut} identical-text twin ids left off the excluded lists (ingest.max_twins="
+                            f"{cfg.max_twins}): a cluster that large is mostly boilerplate; a positive-aware method "
+                            f"drops the rest by score (they score as the positive), naive top-k may mine them")
 
     # 4. qrels joined to the docs (known? twins) and the queries (known? blank?)
     qrels = _read(files["qrels"], "qrels", cfg, errors)
@@ -1230,7 +1256,8 @@ def _test_split(cfg: IngestConfig, layout: Layout, query_keys: str, counts: dict
 
 def _twin_count_block(block: pa.Table) -> pa.Table:
     n = pc.sum(pc.greater(pc.list_value_length(block[_TWINS]), 0)).as_py() or 0
-    return pa.table({"n": pa.array([n], pa.int64())})
+    cut = pc.sum(block[_TWINS_CUT]).as_py() or 0 if _TWINS_CUT in block.column_names else 0
+    return pa.table({"n": pa.array([n], pa.int64()), "cut": pa.array([cut], pa.int64())})
 
 
 def _skip_line(report: IngestReport, kind: str) -> str:

@@ -29,19 +29,39 @@ def local_join_limit() -> int:
     return int(os.environ.get("RAYMINE_LOCAL_JOIN_BYTES", LOCAL_JOIN_BYTES))
 
 
-def is_small(uris: Sequence[str]) -> bool:
-    """Whether the files under ``uris`` (files or folders) total at most ``local_join_limit()`` bytes."""
-    limit = local_join_limit()
-    if limit <= 0:
-        return False
+JOIN_PARTITION_BYTES = 256 << 20  # input bytes on disk per hash partition of a distributed join (auto sizing)
+MIN_PARTITIONS, MAX_PARTITIONS = 4, 4096
+
+
+def input_bytes(uris: Sequence[str], stop_above: int | None = None) -> int:
+    """Bytes on disk of the files under ``uris`` (files or folders): one listing each, no reads; stops
+    counting once the total passes ``stop_above``."""
     total = 0
     for uri in uris:
         fs, path = storage.resolve(uri)
         info = fs.get_file_info(path)
         total += int(info.size or 0) if info.is_file else sum(storage.list_files(uri).values())
-        if total > limit:
-            return False
-    return True
+        if stop_above is not None and total > stop_above:
+            break
+    return total
+
+
+def is_small(uris: Sequence[str]) -> bool:
+    """Whether the files under ``uris`` (files or folders) total at most ``local_join_limit()`` bytes."""
+    limit = local_join_limit()
+    return limit > 0 and input_bytes(uris, stop_above=limit) <= limit
+
+
+def plan(uris: Sequence[str], partitions: int) -> tuple[bool, int]:
+    """(local, hash partitions) of a join over the tables under ``uris``: local when they are small
+    (:func:`is_small`); else ``partitions`` when set (> 0), or one partition per ``JOIN_PARTITION_BYTES`` of input
+    on disk (at least ``MIN_PARTITIONS``, at most ``MAX_PARTITIONS``), so a 1 TB join is not cut into 4."""
+    limit = local_join_limit()
+    total = input_bytes(uris, stop_above=None if partitions <= 0 else limit)
+    local = limit > 0 and total <= limit
+    if partitions > 0:
+        return local, partitions
+    return local, int(min(MAX_PARTITIONS, max(MIN_PARTITIONS, -(-total // JOIN_PARTITION_BYTES))))
 
 
 def arrow_join(left: pa.Table, right: pa.Table, on: Sequence[str], how: str) -> pa.Table:

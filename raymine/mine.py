@@ -634,19 +634,19 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
         return done
     run = storage.StageRun(out_uri, "mine", key, config=to_dict(cfg))
     agg_args = {"num_cpus": 0.25}
-    local = joins.is_small([*candidates.values(), queries_uri, *([full_positives] if isinstance(full_positives, str)
-                                                                 else [])])
+    local, nparts = joins.plan([*candidates.values(), queries_uri, *([full_positives] if isinstance(full_positives, str)
+                                                                     else [])], cfg.join_partitions)
     ds = None
     for t in teachers:
         # ABOVE_CEILING is optional: candidates written before it existed are still mined
         extra = [C.ABOVE_CEILING] if C.ABOVE_CEILING in parts.schema(candidates[t]).names else []
         d = parts.read_dataset(candidates[t], [C.QUERY_ID, *_IN_COLS, *extra])
         d = d.rename_columns({c: _tcol(c, t) for c in (*_IN_COLS, *extra)})
-        ds = d if ds is None else joins.join(ds, d, "full_outer", cfg.join_partitions, (C.QUERY_ID,), local,
+        ds = d if ds is None else joins.join(ds, d, "full_outer", nparts, (C.QUERY_ID,), local,
                                              aggregator_ray_remote_args=agg_args)
     queries = parts.read_dataset(queries_uri, [C.QUERY_ID, C.TEXT]).rename_columns(
         {C.TEXT: C.QUERY})
-    ds = joins.join(ds, queries, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
+    ds = joins.join(ds, queries, "left_outer", nparts, (C.QUERY_ID,), local,
                     aggregator_ray_remote_args=agg_args)
     if full_positives is not None:
         if isinstance(full_positives, str) and C.POSITIVE_IDS in parts.schema(full_positives).names:
@@ -654,7 +654,7 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
                 {C.POSITIVE_IDS: _FULL_POS})
         else:
             fp = ray.data.from_arrow(_positives_lists(full_positives))
-        ds = joins.join(ds, fp, "left_outer", cfg.join_partitions, (C.QUERY_ID,), local,
+        ds = joins.join(ds, fp, "left_outer", nparts, (C.QUERY_ID,), local,
                         aggregator_ray_remote_args=agg_args)
     for uri in (mined_uri, dropped_uri):  # parts of an unfinished or older run
         storage.delete_dir(uri)

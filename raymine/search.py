@@ -131,6 +131,34 @@ def _query_payload(spec: SearchSpec, i: int, table: pa.Table, dense: bool):
     return _embeddings(emb.column(EMBEDDING), emb.schema.field(EMBEDDING).type.list_size)
 
 
+def depth_groups(depth: np.ndarray) -> list[np.ndarray]:
+    """Query rows grouped by depth rounded up to a power of two: each group is searched at its own largest
+    depth, so one query with a long excluded-id list (a cluster of identical passages) deepens its group's
+    search only, not the whole batch's; within a group the depth at most doubles."""
+    d = np.asarray(depth, np.int64)
+    bucket = np.where(d > 0, np.ceil(np.log2(np.maximum(d, 1))), -1).astype(np.int64)
+    return [np.flatnonzero(bucket == b) for b in np.unique(bucket)]
+
+
+def _search_by_depth(index: Any, payload: np.ndarray, depth: np.ndarray, ceilings: np.ndarray | None):
+    """``index.search_batch`` per :func:`depth_groups` group, laid out as one search at the batch's largest
+    depth: (scores [nq, k], ids [nq, k], above int64 [nq], short); a row holds its top ``depth`` (exact search:
+    the same rows a search at the largest depth gives, since each is a prefix of the deeper one)."""
+    nq, k = len(depth), int(np.max(depth, initial=0))
+    scores, ids = np.full((nq, k), -np.inf, np.float32), np.full((nq, k), "", dtype=object)
+    above, short = np.zeros(nq, np.int64), 0
+    groups = depth_groups(depth)
+    for g in groups:
+        kg = int(depth[g].max())
+        sub = payload if len(groups) == 1 else (
+            payload[g] if isinstance(payload, np.ndarray) else [payload[j] for j in g])  # vectors / BM25 texts
+        s, i, a, sh = index.search_batch(sub, kg, ceilings if ceilings is None or len(groups) == 1 else ceilings[g])
+        scores[g, :kg], ids[g, :kg] = s, i
+        above[g] = np.asarray(a, np.int64).reshape(-1)
+        short += int(sh)
+    return scores, ids, above, short
+
+
 def search_piece(index: Any, spec: SearchSpec, i: int, piece: dict, dense: bool) -> dict[str, int]:
     """Search the queries of one piece and write part ``i``; returns its counts and the part's ``rows`` and
     ``bytes``."""
@@ -160,9 +188,9 @@ def search_piece(index: Any, spec: SearchSpec, i: int, piece: dict, dense: bool)
         depth = np.minimum(depth, index.num_docs)
         counts["ceiling_nan"] += int(np.isnan(ceil).sum())
         use = spec.search.use_ceiling
-        scores, ids, above, short = index.search_batch(payload, int(depth.max(initial=0)),
-                                                       np.where(np.isnan(ceil), np.inf, ceil) if use else None)
-        above = np.asarray(above, np.int64).reshape(-1) if use else np.zeros(nq, np.int64)
+        scores, ids, above, short = _search_by_depth(index, payload, depth,
+                                                     np.where(np.isnan(ceil), np.inf, ceil) if use else None)
+        above = above if use else np.zeros(nq, np.int64)
         counts["above_ceiling"] += int(above.sum())
         counts["short_below_ceiling_at_max_depth"] += int(short)
         keep = (ids != "") & (np.arange(ids.shape[1])[None, :] < depth[:, None])  # [nq, k]

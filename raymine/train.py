@@ -2,9 +2,9 @@
 
 Input: the mined table (ids) and the corpus. :mod:`raymine.train_data` joins them (Ray Data) into an
 internal id-carrying table — one row per (query, positive) with all positive ids of the query and the
-query's negatives (variable number) — and writes each epoch's seeded order once; every worker streams
-the same order and takes its slice of each global batch, so the data order is a function of the seed
-alone. The loss masks, for each row, every in-batch passage (any worker) that is a known positive of the
+query's negatives (variable number) — and writes each epoch's seeded order once, in row groups of one
+rank's batch; every worker reads only its slice of each global batch of that order, so the data order is a
+function of the seed alone. The loss masks, for each row, every in-batch passage (any worker) that is a known positive of the
 row's query, and optionally the passages the student scores above the row's positive (positive-aware).
 
 DDP for small models (one forward per step: queries and passages concatenated); FSDP2 + LoRA for 7B
@@ -376,9 +376,10 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        # every worker streams the same epoch order and takes its slice of each global micro-batch;
+        # every worker streams the same epoch order and reads only its slice of each global micro-batch;
         # micro-batches already trained on in this epoch (resume) are skipped undecoded
-        it = iter_global_batches(config["epoch_uris"][epoch], global_batch, skip_batches=in_epoch * cfg.grad_accum)
+        it = iter_global_batches(config["epoch_uris"][epoch], global_batch, skip_batches=in_epoch * cfg.grad_accum,
+                                 rows=(rank * cfg.batch_size, cfg.batch_size))  # this rank's rows only
         for _ in range(steps_per_epoch - in_epoch):
             if step >= total_steps:
                 break
@@ -387,7 +388,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             lr = sched.get_last_lr()[0]
             step_loss, step_tokens, stats = 0.0, 0, {}
             for micro in range(cfg.grad_accum):
-                part = next(it).slice(rank * cfg.batch_size, cfg.batch_size)  # this rank's B rows
+                part = next(it)  # this rank's B rows of the global micro-batch
                 batch = {k: v.to(device) for k, v in collate(part, epoch).items()}
                 with _sync_context(wrapped, micro == cfg.grad_accum - 1):
                     loss, ntok = compute_loss(wrapped, batch, cfg, group, rule, stats)
@@ -593,7 +594,7 @@ def train_stage(
     log.info("train: %d rows, %d workers, %d steps/epoch, %d steps total (%d rows per epoch not in a full step)",
              n_rows, cfg.num_workers, steps_per_epoch, total_steps, dropped)
     # each epoch's order (seeded global shuffle) is written once, before the workers start
-    epoch_uris = [write_epoch(rows_uri, cfg.seed, e, f"{rows_uri}_seed{cfg.seed}_epoch{e}")
+    epoch_uris = [write_epoch(rows_uri, cfg.seed, e, f"{rows_uri}_seed{cfg.seed}_epoch{e}", cfg.batch_size)
                   for e in range(math.ceil(total_steps / steps_per_epoch))]
 
     trainer = TorchTrainer(

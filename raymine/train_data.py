@@ -238,12 +238,13 @@ def epoch_rows(rows_uri: str, seed: int, epoch: int):
     return ds.map_batches(AddOrder(seed, epoch), batch_format="pyarrow").sort([ORDER, C.QUERY_ID, C.POSITIVE_ID])
 
 
-def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str) -> str:
+def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str, row_group_rows: int | None = None) -> str:
     """Write this epoch's ordered rows to ``out_uri`` (Parquet files whose name order is the row order).
 
     Written once per epoch (reused when ``_epoch.json`` says so); every worker then streams the same
     files with :func:`iter_global_batches`, so the order does not depend on the number of workers,
-    the read's splits or task timing.
+    the read's splits or task timing. ``row_group_rows``: row groups of that many rows (the per-rank batch),
+    so each rank reads its own slice of a global batch and at most one group on either side of it.
     """
     from ray.data import DataContext
 
@@ -257,42 +258,66 @@ def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str) -> str:
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # blocks reach the writer in sort order
     try:
-        epoch_rows(rows_uri, seed, epoch).write_parquet(out_uri)
+        epoch_rows(rows_uri, seed, epoch).write_parquet(
+            out_uri, **({} if row_group_rows is None else {"row_group_size": row_group_rows}))
     finally:
         ctx.execution_options.preserve_order = before
     storage.write_json(marker, key)
     return out_uri
 
 
-def iter_global_batches(epoch_uri: str, batch_rows: int, skip_batches: int = 0):
-    """Yield pyarrow tables of exactly ``batch_rows`` rows in the epoch's order (the last partial one dropped).
+def iter_global_batches(epoch_uri: str, batch_rows: int, skip_batches: int = 0,
+                        rows: tuple[int, int] | None = None):
+    """Yield pyarrow tables of the epoch's global batches of exactly ``batch_rows`` rows, in the epoch's order
+    (the last partial one dropped); with ``rows=(offset, length)`` only those rows of each batch (a training
+    rank's slice).
 
-    Reads the files of :func:`write_epoch` in name order with pyarrow (no Ray), checks that the order key
-    never decreases (a clear error if a writer did not keep the order), and skips the first
-    ``skip_batches`` batches without decoding them into tensors (resume mid-epoch).
+    Reads the files of :func:`write_epoch` in name order with pyarrow (no Ray) and only the row groups that hold
+    the wanted rows (one footer pass first), so a rank reads about its own share of the epoch, not all of it,
+    when the epoch was written in small row groups; checks that the order key never decreases over what it
+    reads (a clear error if a writer did not keep the order); skips the first ``skip_batches`` batches without
+    reading them (resume mid-epoch).
     """
     import pyarrow.parquet as pq
 
+    offset, length = (0, batch_rows) if rows is None else rows
+    if not (0 <= offset and 0 < length and offset + length <= batch_rows):
+        raise ValueError(f"rows {rows} must lie inside a batch of {batch_rows} rows")
     fs, root = storage.resolve(epoch_uri)
-    files = sorted(f for f in storage.list_files(epoch_uri) if f.endswith(".parquet"))
-    buf: list[pa.Table] = []
-    have, emitted = 0, 0
+    files = [storage.inside(epoch_uri, root, f) for f in sorted(storage.list_files(epoch_uri)) if f.endswith(".parquet")]
+    groups: list[tuple[str, int, int, int]] = []  # (file, row group, first global row, rows)
+    start = 0
+    for path in files:  # footers read here: this runs in a training worker, which holds the CPUs tasks would need
+        counts = storage.footer_rows(fs, path)
+        if counts is None:
+            raise RuntimeError(f"{epoch_uri}: {path} is not a readable Parquet file; delete the folder and rerun")
+        for g, n in enumerate(counts):
+            if n:
+                groups.append((path, g, start, n))
+                start += n
+    total, cache = start, {}
     last = (-(2**63), "", "")
-    for name in files:
-        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as f:
-            table = pq.read_table(f)
-        keys = list(zip(table.column(ORDER).to_pylist(), table.column(C.QUERY_ID).to_pylist(),
-                        table.column(C.POSITIVE_ID).to_pylist(), strict=True))
-        if keys and (keys[0] < last or any(a > b for a, b in zip(keys, keys[1:], strict=False))):
-            raise RuntimeError(f"{epoch_uri}: rows are not in epoch order (file {name}); delete the folder and rerun")
+    g0 = 0  # first group that may still hold wanted rows
+    for b in range(skip_batches, total // batch_rows):
+        lo = b * batch_rows + offset
+        hi = lo + length
+        while groups[g0][2] + groups[g0][3] <= lo:
+            cache.pop(g0, None)
+            g0 += 1
+        pieces, g = [], g0
+        while g < len(groups) and groups[g][2] < hi:
+            path, rg, first, n = groups[g]
+            if g not in cache:
+                with fs.open_input_file(path) as f:
+                    cache[g] = pq.ParquetFile(f).read_row_group(rg)
+            a, z = max(lo, first), min(hi, first + n)
+            pieces.append(cache[g].slice(a - first, z - a))
+            g += 1
+        batch = pa.concat_tables(pieces)
+        keys = list(zip(batch.column(ORDER).to_pylist(), batch.column(C.QUERY_ID).to_pylist(),
+                        batch.column(C.POSITIVE_ID).to_pylist(), strict=True))
+        if keys and (keys[0] < last or any(a > z for a, z in zip(keys, keys[1:], strict=False))):
+            raise RuntimeError(f"{epoch_uri}: rows are not in epoch order (batch {b}); delete the folder and rerun")
         if keys:
             last = keys[-1]
-        buf.append(table)
-        have += table.num_rows
-        while have >= batch_rows:
-            whole = pa.concat_tables(buf)
-            batch, rest = whole.slice(0, batch_rows), whole.slice(batch_rows)
-            buf, have = [rest], rest.num_rows
-            if emitted >= skip_batches:
-                yield batch
-            emitted += 1
+        yield batch

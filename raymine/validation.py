@@ -180,15 +180,28 @@ def _take(ds: Any, schema: pa.Schema) -> pa.Table:
 
 
 def _embeddings_of(uri: str, id_column: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
-    """{id: vector} for the given ids, streamed from an embedding folder (only these rows are kept)."""
-    from raymine.embed import iter_embedding_batches
+    """{id: vector} for the given (validation-sized) ids of an embedding folder: Ray Data tasks read the parts
+    and keep only these rows, so the driver never streams the corpus or the training queries."""
+    from raymine import parts
+    from raymine.columns import EMBEDDING
+    from raymine.embed import arrow_to_embeddings
 
-    want, out = set(ids), {}
-    for b_ids, emb in iter_embedding_batches(uri, id_column):
-        for i, x in zip(b_ids, emb, strict=True):
-            if i in want:
-                out[i] = x
+    ds = parts.read_dataset(uri, [id_column, EMBEDDING]).map_batches(
+        _rows_in, batch_format="pyarrow", fn_kwargs={"column": id_column, "wanted": frozenset(ids)})
+    out: dict[str, np.ndarray] = {}
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if b.num_rows:
+            out.update(zip(b.column(id_column).to_pylist(), arrow_to_embeddings(b.column(EMBEDDING)), strict=True))
     return out
+
+
+def _ranked(scores: dict[str, float]) -> list[str]:
+    """Doc ids by score, ties by id (the search's merge order)."""
+    return sorted(scores, key=lambda d: (-scores[d], d))
+
+
+def _rows_in(batch: pa.Table, column: str, wanted: frozenset[str]) -> pa.Table:
+    return batch.filter(pa.array([x in wanted for x in batch.column(column).to_pylist()], pa.bool_()))
 
 
 def _dev_split(cfg: Any, layout: Any, teacher: str | None, upstream: Any) -> tuple[pa.Table, dict[str, list[str]]]:
@@ -226,27 +239,30 @@ def _dev_split(cfg: Any, layout: Any, teacher: str | None, upstream: Any) -> tup
                      schema=QUERY_SCHEMA)
     cands: dict[str, list[str]] = {q: [] for q in qids}
     if teacher is not None and v.top_k and qids:
-        from raymine.embed import EmbedInput, embed_tables, iter_embedding_batches
-        from raymine.topk import MISSING_ID, brute_force_topk, merge_topk_by_id
+        from dataclasses import replace
+
+        import pyarrow.parquet as pq
+
+        from raymine.embed import EmbedInput, embed_tables
+        from raymine.evaluate import read_run, search_topk
+        from raymine.index import ShardedIndex
 
         src = layout.path("validation_work", "dev_queries")
         storage.makedirs(src)
-        import pyarrow.parquet as pq
-
         fs, path = storage.resolve(storage.join(src, "part-00000.parquet"))
         pq.write_table(table.select([C.QUERY_ID, C.TEXT]), path, filesystem=fs)
         out = layout.path("validation_work", "embed", "queries")
         embed_tables(cfg.teacher(teacher), cfg.embed, [EmbedInput("query", src, C.QUERY_ID, C.TEXT, out)],
                      layout.path("validation_work", "embed"), upstream)
-        qv = _embeddings_of(out, C.QUERY_ID, qids)
-        q = np.stack([qv[x] for x in qids])  # [Q, d]
-        best_s = np.full((len(qids), 0), -np.inf, np.float32)  # running top-k: [Q, k]
-        best_i = np.zeros((len(qids), 0), dtype=object)
-        for ids, emb in iter_embedding_batches(layout.embed(teacher, "corpus"), C.DOC_ID):
-            s, pos = brute_force_topk(emb, q, v.top_k)  # this part's top-k: [Q, k]
-            i = np.where(pos == MISSING_ID, "", np.asarray(ids, object)[np.maximum(pos, 0)])
-            best_s, best_i = merge_topk_by_id([best_s, s], [best_i, i], v.top_k)  # the search's merge, ties by id
-        cands = {x: [d for d in best_i[j] if d] for j, x in enumerate(qids)}
+        # the teacher's exact top-k over its stored corpus vectors: the evaluate stage's sharded search (Ray
+        # tasks write the lists as parts; only the dev queries' lists come back, never the corpus)
+        search = replace(cfg.search, index_factory="Flat")
+        topk_uri = layout.path("validation_work", "topk")
+        with ShardedIndex.from_parquet(layout.embed(teacher, "corpus"), search) as index:
+            search_topk(index, out, topk_uri, min(v.top_k, index.num_docs), search.search_tasks,
+                        search.num_cpus_per_task)
+        run = read_run(topk_uri)
+        cands = {x: _ranked(run.get(x, {})) for x in qids}
     return table, cands
 
 

@@ -379,6 +379,20 @@ def test_twins_block_compares_text_not_only_hash():
     assert text_hash("X  y") == text_hash("x Y") != text_hash("x y z")
 
 
+def test_twin_lists_are_bounded_for_a_large_identical_cluster():
+    """m identical passages: each lists at most max_twins others (the first by id, never itself) and counts the
+    rest, instead of m - 1 each (m² ids in all); without a bound every other member is listed."""
+    m, cap = 50, 4
+    ids = [f"d{i:03d}" for i in range(m)]
+    t = pa.table({C.DOC_ID: ids[::-1], C.PASSAGE: ["page not found"] * m, C.TEXT_HASH: pa.array([5] * m, pa.int64())})
+    out = {r[C.DOC_ID]: r for r in twins_block(t, max_twins=cap).to_pylist()}
+    assert out["d000"]["_twins"] == ids[1 : cap + 1] and out["d049"]["_twins"] == ids[:cap]
+    assert out["d002"]["_twins"] == ["d000", "d001", "d003", "d004"]
+    assert all(len(r["_twins"]) == cap and r["_twins_cut"] == m - 1 - cap for r in out.values())
+    full = {r[C.DOC_ID]: r for r in twins_block(t).to_pylist()}
+    assert all(r["_twins"] == [d for d in ids if d != k] and r["_twins_cut"] == 0 for k, r in full.items())
+
+
 def test_ingest_error_survives_pickling():
     import pickle
 
@@ -592,3 +606,20 @@ def test_corpus_parts_are_written_longest_passage_first(stage_runs):
             assert keys == sorted(keys), f
     one = pq.read_table(next(Path(Layout(str(stage_runs["root"] / "out_one")).corpus).glob("*.parquet")))
     assert one.num_rows == 10 and one.column(C.DOC_ID).to_pylist() != sorted(one.column(C.DOC_ID).to_pylist())
+
+
+def test_summaries_fold_per_file_in_the_write_tasks():
+    """What a write task returns for its blocks: one row per input file (and per drop reason), counts summed,
+    first lines the minimum — so the driver gets rows per (task, file), not per block."""
+    from raymine.ingest import _FILE, _LINE, _fold_summaries
+
+    blocks = [{_FILE: 0, f"{_LINE}_count": 5, "n_dup_sum": 1, "at_dup_min": 7},
+              {_FILE: 1, f"{_LINE}_count": 2, "n_dup_sum": 0, "at_dup_min": None},
+              {_FILE: 0, f"{_LINE}_count": 4, "n_dup_sum": 2, "at_dup_min": 3}]
+    assert sorted(_fold_summaries(blocks), key=lambda r: r[_FILE]) == [
+        {_FILE: 0, f"{_LINE}_count": 9, "n_dup_sum": 3, "at_dup_min": 3},
+        {_FILE: 1, f"{_LINE}_count": 2, "n_dup_sum": 0}]
+    reasons = [{"reason": "", "_excl_count": 3, "_excl_sum": 1}, {"reason": "no_positive", "_excl_count": 2,
+               "_excl_sum": 0}, {"reason": "", "_excl_count": 1, "_excl_sum": 1}]
+    assert {r["reason"]: r["_excl_count"] for r in _fold_summaries(reasons)} == {"": 4, "no_positive": 2}
+    assert _fold_summaries([{"n": 2}, {"n": 3}]) == [{"n": 5}]

@@ -74,3 +74,19 @@ def test_size_rule(tmp_path, monkeypatch):
     assert not joins.is_small(uris)
     monkeypatch.setenv("RAYMINE_LOCAL_JOIN_BYTES", "0")  # 0 = always the distributed join
     assert not joins.is_small([])
+
+
+def test_partitions_follow_the_input_size(tmp_path, monkeypatch):
+    (tmp_path / "t").mkdir()
+    for i in range(3):
+        pq.write_table(LEFT, tmp_path / "t" / f"part-{i}.parquet")
+    size = sum(p.stat().st_size for p in (tmp_path / "t").iterdir())
+    uris = [str(tmp_path / "t")]
+    assert joins.plan(uris, 0) == (True, joins.MIN_PARTITIONS)  # small: one task (the count is then unused)
+    monkeypatch.setenv("RAYMINE_LOCAL_JOIN_BYTES", "0")
+    monkeypatch.setattr(joins, "JOIN_PARTITION_BYTES", max(1, size // 10))  # ~10 partitions' worth of input
+    local, n = joins.plan(uris, 0)
+    assert not local and n == -(-size // joins.JOIN_PARTITION_BYTES) and 10 <= n <= 11
+    monkeypatch.setattr(joins, "JOIN_PARTITION_BYTES", 1)
+    assert joins.plan(uris, 0) == (False, min(joins.MAX_PARTITIONS, size))  # capped
+    assert joins.plan(uris, 7) == (False, 7)  # an explicit count wins

@@ -337,3 +337,29 @@ def test_search_key_leaves_out_resources_and_exact_shard_counts():
     ivf = replace(flat, index_factory="IVF64,Flat")
     assert search_key_config(replace(ivf, num_shards=7), True) != search_key_config(ivf, True)
     assert search_key_config(replace(ivf, search_tasks=9), True) == search_key_config(ivf, True)
+
+
+def test_a_deep_query_deepens_its_own_group_only(ray_local, tie_corpus):
+    """Per-query depth: a query with a long excluded-id list (a cluster of identical passages) is searched at
+    its own depth in its own group; every row equals the one-call search at the batch's largest depth cut to
+    that row's depth (exact search: a shallower top-k is a prefix of the deeper one, ties by doc id)."""
+    from raymine.search import _search_by_depth, depth_groups
+
+    uri, ids, emb = tie_corpus
+    rng = np.random.default_rng(3)
+    q = rng.integers(-2, 3, size=(9, D)).astype(np.float32)
+    depth = np.array([21, 22, 20, 300, 21, 0, 33, 21, 22], np.int64)  # one deep query, one with nothing to find
+    groups = depth_groups(depth)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(9))
+    assert [sorted(depth[g].tolist()) for g in groups] == [[0], [20, 21, 21, 21, 22, 22], [33], [300]]
+    ceilings = np.full(9, np.inf, np.float32)
+    ceilings[[1, 3]] = 2.0
+    with ShardedIndex.from_parquet(uri, SearchConfig(num_shards=2)) as index:
+        s, i, above, short = _search_by_depth(index, q, depth, ceilings)
+        ref_s, ref_i, ref_above, ref_short = index.search_batch(q, int(depth.max()), ceilings)
+    assert s.shape == (9, 300) and short == ref_short == 0
+    np.testing.assert_array_equal(above, ref_above)
+    for j, d in enumerate(depth):
+        assert i[j][:d].tolist() == ref_i[j][:d].tolist()
+        assert (i[j][2 * max(d, 1):] == "").all()  # searched at most twice as deep as it needs, not at 300
+        np.testing.assert_array_equal(s[j][:d], ref_s[j][:d])

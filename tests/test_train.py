@@ -238,6 +238,39 @@ def test_rows_and_epoch_rebuilt_when_mined_table_is_rewritten_in_place(ray_local
     assert sorted(got) == sorted([f"q{i}" for i in range(7)] + ["q0", "q2", "q4", "q6"])
 
 
+def test_each_rank_reads_only_its_slice_of_the_epoch(tmp_path, monkeypatch):
+    """A rank reads its B rows of each global batch of world × B rows from the row groups that hold them
+    (the epoch written in groups of B rows): the ranks' slices put together are the global batches, and a
+    rank reads about 1/world of the groups, not all of them; a resume skip reads nothing before it."""
+    from raymine.train_data import ORDER, iter_global_batches
+
+    n, b, world = 100, 4, 3  # 8 global batches of 12 rows, 4 rows left over
+    t = pa.table({ORDER: np.arange(n, dtype=np.int64), C.QUERY_ID: [f"q{i:03d}" for i in range(n)],
+                  C.POSITIVE_ID: [f"p{i:03d}" for i in range(n)]})
+    (tmp_path / "e").mkdir()
+    pq.write_table(t.slice(0, 30), tmp_path / "e" / "a.parquet", row_group_size=b)  # groups cross the files'
+    pq.write_table(t.slice(30), tmp_path / "e" / "b.parquet", row_group_size=b)  # and the batches' bounds
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    whole = [x.column(C.QUERY_ID).to_pylist() for x in iter_global_batches(str(tmp_path / "e"), b * world)]
+    assert len(whole) == 8 and whole[0] == [f"q{i:03d}" for i in range(12)]
+    n_groups, per_rank = len(reads), []
+    for r in range(world):
+        reads.clear()
+        got = [x.column(C.QUERY_ID).to_pylist() for x in iter_global_batches(str(tmp_path / "e"), b * world,
+                                                                               rows=(r * b, b))]
+        assert got == [w[r * b : (r + 1) * b] for w in whole]
+        per_rank.append(len(reads))
+    assert max(per_rank) <= 2 * 8 and max(per_rank) < n_groups / 1.4  # about its share, not every group
+    reads.clear()
+    assert [x.column(C.QUERY_ID).to_pylist() for x in iter_global_batches(str(tmp_path / "e"), 12, skip_batches=6,
+                                                                          rows=(4, 4))] == [w[4:8] for w in whole[6:]]
+    assert len(reads) <= 4
+    with pytest.raises(ValueError, match="inside a batch"):
+        next(iter_global_batches(str(tmp_path / "e"), 12, rows=(10, 4)))
+
+
 @pytest.mark.slow  # CI budget (25 min): 32 s on 2 quiet cores; `make test-slow` runs it
 def test_epoch_order_is_a_function_of_the_seed(ray_local, tmp_path):
     """The same rows split into different files give the same written epoch order; another seed or epoch
