@@ -226,6 +226,50 @@ def make_mteb_model(label: str, teacher: TeacherConfig, batch_size: int | None =
     return RaymineMtebEncoder()
 
 
+class PoolEncoder:
+    """``Encoder.encode``'s interface (``dim``, ``encode(texts, side, batch_size)``) over the embed actor pool:
+    each call writes its texts as a small table under ``work_uri`` and runs :func:`raymine.embed.embed_tables` on
+    it (the actors load the model and write vector parts; a repeated call with the same texts is found done),
+    then reads the vectors back in the texts' order. mteb's named tasks encode through it, so their corpora are
+    embedded by the cluster's actors (on its GPUs) instead of the driver process."""
+
+    def __init__(self, teacher: TeacherConfig, embed_cfg: Any, work_uri: str) -> None:
+        self.teacher, self.embed_cfg, self.work_uri = teacher, embed_cfg, work_uri
+        self._dim: int | None = None
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self.encode(["dimension probe"], "query").shape[1])
+        return self._dim
+
+    def encode(self, texts: Sequence[str], side: str, batch_size: int | None = None) -> np.ndarray:
+        import hashlib
+        from dataclasses import replace
+
+        import pyarrow.parquet as pq
+
+        from raymine.embed import EmbedInput, embed_tables, read_embeddings
+
+        h = hashlib.sha256(side.encode())
+        for t in texts:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+        root = storage.join(self.work_uri, f"{side}-{h.hexdigest()[:16]}")  # the stage folder (cleared on a new key)
+        src, out = storage.join(self.work_uri, f"texts-{side}-{h.hexdigest()[:16]}"), storage.join(root, "vectors")
+        ids = [f"{i:012d}" for i in range(len(texts))]
+        if not storage.exists(storage.join(src, "part-0.parquet")):
+            storage.makedirs(src)
+            fs, path = storage.resolve(storage.join(src, "part-0.parquet"))
+            pq.write_table(pa.table({"id": ids, "text": pa.array(list(texts), pa.string())}), path, filesystem=fs)
+        teacher = self.teacher if batch_size is None else replace(self.teacher, batch_size=batch_size)
+        embed_tables(teacher, self.embed_cfg, [EmbedInput(side, src, "id", "text", out)], root, "mteb-task-texts")
+        got_ids, vectors = read_embeddings(out, "id")
+        order = np.argsort(got_ids.astype(str), kind="stable")  # ids are zero-padded row numbers
+        if len(got_ids) != len(texts):
+            raise RuntimeError(f"{out}: {len(got_ids)} vectors for {len(texts)} texts")
+        return vectors[order]
+
+
 def _resolve_tasks(cfg: EvaluateConfig, data: str) -> list[tuple[str, Any, dict[str, Any]]]:
     """(task name, mteb task, info) for every entry of ``cfg.tasks``; fails naming the task."""
     out = []
@@ -280,10 +324,12 @@ def _scores_of(result: Any, task_name: str, split: str) -> dict[str, Any]:
     raise EvaluationError(f"task {task_name!r}: missing from mteb's results")
 
 
-def _mteb_results(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str
-                  ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any], dict[str, float], str]:
+def _mteb_results(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data: str, out_dir: str,
+                  embed_cfg: Any = None) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any],
+                                                  dict[str, float], str]:
     """(results, task infos, seconds per model, mteb version) of every model on every task of ``cfg.tasks``
-    through ``mteb.evaluate`` (each model encodes in this process)."""
+    through ``mteb.evaluate``: each model encodes through the embed actor pool (:class:`PoolEncoder`) when
+    ``embed_cfg`` is given (the pipeline), else in this process."""
     if "://" not in out_dir:
         os.makedirs(out_dir, exist_ok=True)
     mteb = _import_mteb(os.path.join(os.path.abspath(out_dir), "mteb_cache") if "://" not in out_dir else None)
@@ -292,7 +338,8 @@ def _mteb_results(models: Mapping[str, TeacherConfig], cfg: EvaluateConfig, data
     timings: dict[str, float] = {}
     for label, teacher in models.items():
         tm = time.perf_counter()
-        model = make_mteb_model(label, teacher, cfg.batch_size)
+        pool = None if embed_cfg is None else PoolEncoder(teacher, embed_cfg, storage.join(out_dir, "mteb_embed", label))
+        model = make_mteb_model(label, teacher, cfg.batch_size, encoder=pool)
         for name, task, info in tasks:
             ts = time.perf_counter()
             res = mteb.evaluate(model, tasks=[task], cache=None, overwrite_strategy="always",
@@ -565,7 +612,8 @@ def evaluate_run(cfg: Any, layout: Any, models: Mapping[str, SplitModel], skippe
         from dataclasses import replace
 
         more, infos, more_t, version = _mteb_results({k: m.encoder for k, m in models.items()},
-                                                     replace(e, tasks=others), cfg.ingest.data, layout.evaluate)
+                                                     replace(e, tasks=others), cfg.ingest.data, layout.evaluate,
+                                                     embed_cfg=cfg.embed)  # encoded by the embed actor pool
         results.update(more)
         tasks.update(infos)
         timings = {k: round(timings.get(k, 0.0) + v, 2) for k, v in more_t.items()}

@@ -405,3 +405,25 @@ def test_scifact_base_through_the_split_path_is_the_published_score(ray_local, t
     want = _mteb_on_stored_vectors(layout, "before", layout.embed("minilm", "corpus"), "scifact_stored")
     for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
         assert res["before"][metric] == pytest.approx(want[metric], abs=1e-4)
+
+
+def test_mteb_task_encoded_by_the_actor_pool_equals_in_process(ray_local, tiny_run, minilm_path, tmp_path):
+    """A task evaluated through mteb (a local folder standing in for a named MTEB task: no hub here) with every
+    encode call routed through the embed actor pool scores what the in-process encoder scored (the hand-checked
+    figures of ``tiny_run``); the texts were embedded by actors (their parts are on disk), and a second
+    evaluation finds them done."""
+    from raymine.config import EmbedConfig
+    from raymine.evaluate import _mteb_results
+
+    results, _ = tiny_run
+    cfg = EvaluateConfig(tasks=(str(TINY),), split="test")
+    got, *_ = _mteb_results({"base": TeacherConfig(model=minilm_path)}, cfg, str(TINY), str(tmp_path),
+                            embed_cfg=EmbedConfig(num_actors=1))
+    for metric, value in results["tiny_beir"]["base"].items():
+        assert got["tiny_beir"]["base"][metric] == pytest.approx(value, abs=2e-5), metric
+    manifests = sorted((tmp_path / "mteb_embed" / "base").glob("*/_manifest.json"))
+    assert {m.parent.name.split("-")[0] for m in manifests} == {"query", "passage"}
+    again, *_ = _mteb_results({"base": TeacherConfig(model=minilm_path)}, cfg, str(TINY), str(tmp_path),
+                              embed_cfg=EmbedConfig(num_actors=1))
+    assert again == got
+    assert sorted((tmp_path / "mteb_embed" / "base").glob("*/_manifest.json")) == manifests
