@@ -921,7 +921,9 @@ _WORKER_ERROR = re.compile(r"raymine\.ingest\.IngestError: (.+?): \[(\w+)\] ([^\
 def _partitions(cfg: IngestConfig, files: dict[str, list[str]]) -> int:
     if cfg.partitions:
         return cfg.partitions
-    size = sum(_info(u).size or 0 for fs in files.values() for u in fs)
+    sizes = storage.list_files(cfg.data)  # one listing of the input, not a call per file
+    rel = (storage.relative(u, cfg.data) for fs in files.values() for u in fs)
+    size = sum(sizes.get(r, 0) for r in rel if r is not None)
     return int(min(4096, max(1, size // (64 << 20))))
 
 

@@ -55,6 +55,7 @@ def run_pipeline(cfg: Config, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     if unknown or not stages:
         raise PipelineError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     upto = max(STAGES.index(s) for s in stages)
+    cfg = absolute_paths(cfg)
     t0 = time.time()
     from raymine.served import probe_teachers
 
@@ -252,6 +253,21 @@ def _missing_test_split(cfg: Config) -> str | None:
 
 def _abs(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with its local paths made absolute against the driver's working dir: the output, the data,
+    a pairs corpus, and model folders that exist here. Ray workers do not share the driver's working dir when
+    the job attaches to a running cluster (``ray start --head`` elsewhere): a relative ``runs/x`` would be
+    written under each worker's own dir and never found by the driver."""
+    def local_model(m: str) -> str:
+        return os.path.abspath(m) if m and "://" not in m and os.path.exists(m) else m
+
+    ingest = replace(cfg.ingest, data=_abs(cfg.ingest.data),
+                     corpus=_abs(cfg.ingest.corpus) if cfg.ingest.corpus else cfg.ingest.corpus)
+    teachers = {n: replace(t, model=local_model(t.model)) for n, t in cfg.teacher_defs.items()}
+    return replace(cfg, output=_abs(cfg.output), ingest=ingest, teacher_defs=teachers,
+                   train=replace(cfg.train, model=local_model(cfg.train.model)))
 
 
 def _finish(report: dict[str, Any], out: str, t0: float) -> dict[str, Any]:

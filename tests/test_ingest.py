@@ -623,3 +623,17 @@ def test_summaries_fold_per_file_in_the_write_tasks():
                "_excl_sum": 0}, {"reason": "", "_excl_count": 1, "_excl_sum": 1}]
     assert {r["reason"]: r["_excl_count"] for r in _fold_summaries(reasons)} == {"": 4, "no_positive": 2}
     assert _fold_summaries([{"n": 2}, {"n": 3}]) == [{"n": 5}]
+
+
+def test_partitions_sized_from_one_listing_of_the_input(tmp_path):
+    """Ingest's shuffle partitions come from the input's size, taken from one listing of the data folder (not
+    a call per input file): the same bytes as the files' own sizes; one partition per 64 MiB, at least 1."""
+    from raymine import storage
+    from raymine.ingest import _input_files, _partitions
+
+    data = Path(__file__).resolve().parents[1] / "data" / "scifact"
+    cfg = IngestConfig(data=str(data))
+    files = _input_files(cfg.data, "train")
+    size = sum((data / storage.relative(u, cfg.data)).stat().st_size for fs in files.values() for u in fs)
+    assert _partitions(cfg, files) == max(1, size // (64 << 20)) == 1
+    assert _partitions(dataclasses.replace(cfg, partitions=7), files) == 7

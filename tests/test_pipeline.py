@@ -226,3 +226,20 @@ def test_every_query_dropped_reports_and_stops_before_training(tmp_path):
     export = read_json(str(tmp_path / "out" / "exports" / MANIFEST))
     assert export["counts"]["mined_rows"] == 0 and export["counts"]["exported_rows"] == 0
     assert not (tmp_path / "out" / "model" / "config.json").exists()
+
+
+def test_relative_paths_work_when_workers_run_elsewhere(ray_local, tmp_path, monkeypatch):
+    """A job attached to a running cluster: its workers do not share the driver's working dir (here the local
+    Ray started in the repo root, then the driver moves to another dir). Relative ``--output`` and data paths
+    are taken against the driver's dir, so the workers' parts land in the driver's output folder."""
+    from raymine.pipeline import run_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "tests" / "data" / "scifact_mini", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(repo / "tests" / "data" / "tiny_e2e.yaml", overrides=[
+        "output=out", "ingest.data=data", "teachers=bm25", "validation.split=none"])
+    report = run_pipeline(cfg, ["mine"])
+    mined = report["stages"]["mine"]["counts"]["mined"]
+    assert mined > 0 and not (repo / "out").exists()
+    assert pq.read_table(tmp_path / "out" / "mined").num_rows == mined
