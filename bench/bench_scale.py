@@ -154,7 +154,7 @@ def _rss_mb() -> float:
 
 
 def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_per_node: int, full: bool = False,
-             n_test: int = 300) -> dict:
+             n_test: int = 300, extra: tuple[str, ...] = ()) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -204,7 +204,7 @@ def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_p
                       "evaluate.batch_size=256"]
     else:
         overrides += ["validation.split=none"]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides + list(extra))
     run = _Run(cfg, Layout(cfg.output))
     stages = []
     steps = [("ingest", run.ingest), ("embed", run.embed), ("search", run.search), ("mine", run.mine)]
@@ -236,7 +236,8 @@ def one_size(work: Path, n_docs: int, n_queries: int, words_per_doc: int, cpus_p
             "dropped_at_ingest": dropped_ingest, "validation": held_out}
     # validation queries are dropped in mining with their reason: counted there
     acct["all_accounted"] = (acct["mined"] or 0) + (acct["dropped_in_mining"] or 0) + dropped_ingest == n_queries
-    out = {"docs": n_docs, "queries": n_queries, "full": full, "cores": cores, "baseline_mb": round(baseline, 1),
+    out = {"docs": n_docs, "queries": n_queries, "full": full, "set": list(extra), "cores": cores,
+           "baseline_mb": round(baseline, 1),
            "generate_s": round(gen_s, 1), "stages": stages, "accounting": acct}
     if full:
         out["evaluate"] = run.report.get("evaluate")
@@ -255,6 +256,8 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=40, help="words per synthetic passage (~240 bytes of text)")
     ap.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs of each of the 3 nodes")
     ap.add_argument("--work", default="/tmp/bench_scale")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every point (repeatable), e.g. mine.batch_size=8192")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -263,7 +266,8 @@ def main() -> None:
         work = Path(args.work) / f"{args.one}x{args.queries}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        r = one_size(work, args.one, int(args.queries), args.words, args.cpus_per_node, args.full, args.test_queries)
+        r = one_size(work, args.one, int(args.queries), args.words, args.cpus_per_node, args.full, args.test_queries,
+                     tuple(args.set))
         print("RESULT " + json.dumps(r), flush=True)
         return
 
@@ -279,7 +283,8 @@ def main() -> None:
             t0 = time.time()
             cmd = [sys.executable, __file__, "--one", str(n), "--queries", str(nq), "--words", str(args.words),
                    "--cpus-per-node", str(args.cpus_per_node), "--work", args.work,
-                   "--test-queries", str(args.test_queries), *(["--full"] if args.full else [])]
+                   "--test-queries", str(args.test_queries), *(["--full"] if args.full else []),
+                   *[x for kv in args.set for x in ("--set", kv)]]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
