@@ -154,6 +154,6 @@ def test_both_7b_recipe_files_run_end_to_end_with_tiny_models(ray_local, tmp_pat
     cfg2 = load_config(STAGE2, [*_tiny(teacher, str(model1), tmp_path / "stage2"), "train.batch_size=1"])
     rep2 = run_pipeline(cfg2, STAGES)
     for rep in (rep1, rep2):
-        assert set(rep["stages"]) == {"ingest", "embed:e5_mistral", "search:e5_mistral", "mine", "export", "train",
-                                      "evaluate"}, list(rep["stages"])
+        assert set(rep["stages"]) == {"ingest", "embed:e5_mistral", "search:e5_mistral", "validation", "mine",
+                                      "export", "train", "evaluate"}, list(rep["stages"])
     assert rep2["stages"]["train"]["counts"]["steps"] == 2, rep2["stages"]["train"]
