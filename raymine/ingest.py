@@ -1026,8 +1026,8 @@ def _fold_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _by_file(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
-    """Summaries by file name: counts summed, first lines the minimum (:func:`_fold_summaries`)."""
-    return {names[r[_FILE]]: {k: v for k, v in r.items() if k != _FILE} for r in _fold_summaries(rows)}
+    """:func:`_execute`'s summaries (already folded per file) by file name."""
+    return {names[r[_FILE]]: {k: v for k, v in r.items() if k != _FILE} for r in rows}
 
 
 def _add_skips(report: IngestReport, per_file: dict[str, dict[str, Any]], rules: dict[str, str]) -> None:
@@ -1125,7 +1125,7 @@ def _run(cfg: IngestConfig, layout: Layout, files: dict[str, list[str]], work: s
     # 3. each doc's identical-text twins (hash-partitioned by TEXT_HASH, compared as text)
     ds = _hash_partition(_parquet(w["doc_hash"]), parts, C.TEXT_HASH).map_batches(
         twins_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"max_twins": cfg.max_twins})
-    twin_counts = _fold_summaries(_execute(ds, {"doc_keys": (w["doc_keys"], "all")}, _twin_count_block))
+    twin_counts = _execute(ds, {"doc_keys": (w["doc_keys"], "all")}, _twin_count_block)  # one folded row
     counts["docs_with_identical_text"] = sum(r["n"] for r in twin_counts)
     if cut := sum(r.get("cut", 0) for r in twin_counts):
         counts["identical_twins_not_listed"] = cut
@@ -1258,7 +1258,7 @@ def _test_split(cfg: IngestConfig, layout: Layout, query_keys: str, counts: dict
 
 def _twin_count_block(block: pa.Table) -> pa.Table:
     n = pc.sum(pc.greater(pc.list_value_length(block[_TWINS]), 0)).as_py() or 0
-    cut = pc.sum(block[_TWINS_CUT]).as_py() or 0 if _TWINS_CUT in block.column_names else 0
+    cut = pc.sum(block[_TWINS_CUT]).as_py() or 0
     return pa.table({"n": pa.array([n], pa.int64()), "cut": pa.array([cut], pa.int64())})
 
 

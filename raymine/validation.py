@@ -267,8 +267,7 @@ def _dev_split(cfg: Any, layout: Any, teacher: str | None, upstream: Any) -> tup
 
 
 def _ids_in(batch: pa.Table, wanted: frozenset[str]) -> pa.Table:
-    ids = batch.column(C.DOC_ID).to_pylist()
-    return batch.filter(pa.array([d in wanted for d in ids], pa.bool_())).select([C.DOC_ID])
+    return _rows_in(batch, C.DOC_ID, wanted).select([C.DOC_ID])
 
 
 def validation_stage(cfg: Any, layout: Any, upstream: Any) -> dict[str, Any]:
