@@ -411,11 +411,15 @@ def corpus_uri(layout: Layout) -> str:
     raise FileNotFoundError(f"export: no corpus at {layout.corpus} (folder) or {layout.corpus}.parquet")
 
 
-def _count_rows(uri: str) -> int:
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+def _mined_rows(layout: Layout) -> int:
+    """The mined table's row count: the mine manifest's count (no file read), else the parts' footers (read by
+    Ray tasks past a few files)."""
+    man = storage.join(layout.mine, storage.MANIFEST)
+    m = storage.read_json(man) if storage.exists(man) else {}
+    n = (m.get("counts") or {}).get("mined")
+    if n is not None and m.get("mined") == layout.mined:
+        return int(n)
+    return parts.num_rows(layout.mined)
 
 
 def _upstream(stage_dir: str) -> Any:
@@ -481,7 +485,8 @@ def _single_files(exports: str, formats: tuple[str, ...]) -> dict[str, str]:
 
 def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, counts: dict[str, int]) -> None:
     """The Ray Data job; adds the workers' per-batch counts (one row per batch) into ``counts``."""
-    if not _count_rows(layout.mined):  # Parquet footers only, read on the driver (no Ray job for a count)
+    mined_rows = _mined_rows(layout)
+    if not mined_rows:
         return
     agg = {"num_cpus": AGGREGATOR_CPUS}
     names = parts.schema(corpus).names
@@ -493,7 +498,9 @@ def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, coun
     joined = joins.join(ids, passages, "left_outer", nparts, (C.DOC_ID,), local, aggregator_ray_remote_args=agg)
     texts = joined.groupby(list(_KEYS), num_partitions=nparts).map_groups(regroup_texts, batch_format="pyarrow")
     full = joins.join(mined, texts, "left_outer", nparts, _KEYS, local, aggregator_ray_remote_args=agg)
-    out = full.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.export.rows_per_part,
+    # at most parts.read_tasks() write tasks: each Ray Data task costs the driver memory until the job ends
+    rows = max(cfg.export.rows_per_part, -(-mined_rows // parts.read_tasks()))
+    out = full.map_batches(write_batch, batch_format="pyarrow", batch_size=rows,
                            fn_kwargs={"plan": plan, "root": layout.exports})
     for row in out.take_all():
         for k in counts:

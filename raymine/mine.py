@@ -660,9 +660,11 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
         storage.delete_dir(uri)
     _delete_file(storage.join(out_uri, LEGACY_DROPPED))
     storage.makedirs(out_uri)
-    summaries = ds.map_batches(_mine_and_write, batch_format="pyarrow", batch_size=cfg.batch_size, fn_kwargs={
-        "cfg": cfg, "teachers": teachers, "ensemble": ensemble, "holdout": holdout, "mined_uri": mined_uri,
-        "dropped_uri": dropped_uri, "sample_rate": _sample_rate(cfg, candidates[teachers[0]])})
+    n_queries = _query_count(candidates[teachers[0]])
+    summaries = ds.map_batches(_mine_and_write, batch_format="pyarrow", batch_size=batch_rows(cfg, n_queries),
+                               fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble, "holdout": holdout,
+                                          "mined_uri": mined_uri, "dropped_uri": dropped_uri,
+                                          "sample_rate": _sample_rate(cfg, n_queries)})
     tot = Totals(cfg, teachers)
     for block in summaries.iter_batches(batch_format="pyarrow", batch_size=None):
         tot.add(block)
@@ -797,14 +799,25 @@ def _summary(out: pa.Table, mined: pa.Table, rows_in: int, hashes: np.ndarray, c
                      **lists})
 
 
-def _sample_rate(cfg: MineConfig, candidates_uri: str) -> float:
-    """Share of rows (by key hash) whose scores the tasks send for the plot: about 2 × ``report_sample``
-    rows in all, from the first teacher's query count (its search manifest, else its footers)."""
+def _query_count(candidates_uri: str) -> int:
+    """The first teacher's query count: its search manifest, else its footers."""
     man = storage.join(candidates_uri, storage.MANIFEST)
     n = (storage.read_json(man).get("counts") or {}).get("queries") if storage.exists(man) else None
-    if n is None:
-        n = parts.num_rows(candidates_uri)
-    return min(1.0, 2.0 * cfg.report_sample / max(int(n), 1))
+    return int(n) if n is not None else parts.num_rows(candidates_uri)
+
+
+def _sample_rate(cfg: MineConfig, n_queries: int) -> float:
+    """Share of rows (by key hash) whose scores the tasks send for the plot: about 2 × ``report_sample``
+    rows in all."""
+    return min(1.0, 2.0 * cfg.report_sample / max(n_queries, 1))
+
+
+def batch_rows(cfg: MineConfig, n_queries: int) -> int:
+    """Queries per mining task: ``mine.batch_size``, raised so that there are at most
+    :func:`raymine.parts.read_tasks` tasks — each task costs the driver ~100 KB for the whole job (measured
+    in ``bench/bench_scale.py``), so a fixed batch made the driver grow with the queries. Mining is per
+    query (seeds from the query id), so the batch size never changes the mined rows."""
+    return max(cfg.batch_size, -(-n_queries // parts.read_tasks()))
 
 
 ABOVE_EXACT_BITS = 12  # above-ceiling counts < 2**13 are kept exactly; larger ones within 2**-12 (relative)

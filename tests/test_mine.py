@@ -202,6 +202,20 @@ def test_mine_stage_ray(ray_local, tmp_path, monkeypatch, join_limit):
     assert rep["dropped_reasons"] == {"no_negatives": 1, "unknown_query": 1}
     assert (tmp_path / "mine" / "scores.png").stat().st_size > 1000
     assert json.loads((tmp_path / "mine" / "report.json").read_text())["totals"] == rep["totals"]
+    assert len(list((tmp_path / "mine" / "mined").glob("*.parquet"))) >= 2  # batches of at most 2 queries
+
+    if join_limit == "0":
+        return
+    # task count bounded (RAYMINE_READ_TASKS: here 1): one read task per table, batches raised to one mining
+    # task for the 5 queries; the mined and dropped rows are the same (mining is per query)
+    monkeypatch.setenv("RAYMINE_READ_TASKS", "1")
+    assert M.batch_rows(CFG, 5) == 5 and M.batch_rows(CFG, 1) == CFG.batch_size
+    man1 = M.mine_stage(paths, str(tmp_path / "queries.parquet"), CFG, str(tmp_path / "mine1"), ensemble=True,
+                        full_positives=full)
+    assert len(list((tmp_path / "mine1" / "mined").glob("*.parquet"))) == 1
+    assert by_qid(pq.read_table(tmp_path / "mine1" / "mined")) == mined
+    assert {r[C.QUERY_ID]: r[C.REASON] for r in pq.read_table(man1["dropped"]).to_pylist()} == dropped
+    assert man1["report"]["totals"] == rep["totals"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,6 +43,25 @@ def test_read_dataset_selects_columns(ray_local, tmp_path):
     assert sorted(got.column("id").to_pylist()) == a.column("id").to_pylist()
 
 
+def test_read_dataset_bounds_its_read_tasks_and_reads_every_file_once(ray_local, tmp_path, monkeypatch):
+    """More files than ``read_tasks()``: runs of consecutive files per task (the driver's memory grows with the
+    number of Ray Data tasks, not with the files); every row of every file exactly once."""
+    import re
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(7):
+        pq.write_table(pa.table({"x": list(range(10 * i, 10 * i + 10))}), root / parts.part_name(i), row_group_size=4)
+    monkeypatch.setenv("RAYMINE_READ_TASKS", "3")
+    assert parts.read_tasks() == 3
+    ds = parts.read_dataset(str(root), ["x"]).materialize()
+    assert sorted(pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))["x"].to_pylist()) \
+        == list(range(70))
+    assert re.search(r"MapBatches\(_read_files\): 3 tasks executed", ds.stats())
+    monkeypatch.delenv("RAYMINE_READ_TASKS")
+    assert parts.read_tasks() == max(parts.MIN_TASKS, 2 * 4)  # Ray Data's default: max(200, 2 x the CPUs)
+
+
 def test_read_dataset_of_an_empty_table_has_its_schema(ray_local, tmp_path):
     root = tmp_path / "empty"
     root.mkdir()
