@@ -158,9 +158,11 @@ def test_killed_run_resumes_only_missing_parts_identically(both_run, tmp_path):
 
 def test_killed_run_resumed_with_another_pool_redoes_no_finished_part(both_run, tmp_path):
     """Killed mid-embed (no manifest, parts missing) and resumed with 1 actor instead of 2: the same key, so
-    every finished part is kept untouched, only the missing pieces are embedded, and the vectors equal the
-    uninterrupted 2-actor run's bit for bit. The manifest's parts (what the actors reported with each
-    write) equal a listing with every footer read."""
+    every finished part is kept untouched (bit for bit), only the missing pieces are embedded, and the vectors
+    equal the uninterrupted 2-actor run's — to float32 rounding: the one actor runs 2 torch threads where each
+    of the two ran 1, and on some CPUs (this AVX2-only one: max |diff| 1.3e-7) the GEMM then sums in another
+    order. The manifest's parts (what the actors reported with each write) equal a listing with every footer
+    read."""
     import shutil
 
     from raymine import storage
@@ -184,11 +186,15 @@ def test_killed_run_resumed_with_another_pool_redoes_no_finished_part(both_run, 
         ids, emb = read_embeddings(spec.out_uri, idc)
         ref_ids, ref_emb = read_embeddings(ref.out_uri, idc)
         assert list(ids) == list(ref_ids)
-        np.testing.assert_array_equal(emb, ref_emb)
+        np.testing.assert_allclose(emb, ref_emb, rtol=0, atol=1e-6)
     listing = storage._part_records(str(tmp_path / "out"))
-    assert m["parts"] == manifest["parts"] == {
+    assert m["parts"] == {
         n: {"bytes": b, "rows": r} for n, b, r in zip(*(listing.column(c).to_pylist() for c in ("name", "bytes", "rows")),
                                                        strict=True)}
+    # the same parts with the same rows; re-embedded parts may differ in compressed bytes (last-bit float changes)
+    assert {n: p["rows"] for n, p in m["parts"].items()} == {n: p["rows"] for n, p in manifest["parts"].items()}
+    kept_names = [n for n in m["parts"] if os.path.join(str(tmp_path / "out"), n) in kept]
+    assert len(kept_names) == 8 and all(m["parts"][n] == manifest["parts"][n] for n in kept_names)
     assert len(m["parts"]) == 11 and storage.completed(str(tmp_path / "out"), m["key"]) == m
 
 
