@@ -116,12 +116,14 @@ def _score(model_dir: str, val: str) -> float:
 
 
 def test_training_that_hurts_ships_the_base_model_and_stops_early(ray_local, minilm_path, tmp_path):
-    """A learning rate that wrecks MiniLM (5e-2, no warm-up): every later point scores below step 0, so step 0 is kept, the
-    saved model is the base model (same vectors), the report says so, and patience 1 stops at the first
-    point without a gain. One worker: spreading the validation over ranks is the next test's (2 workers)."""
+    """A learning rate that wrecks MiniLM (0.5, no warm-up): the step-2 point scores far below step 0 (0.456 vs
+    0.558 on a 2-core AVX2 CPU), so step 0 is kept, the saved model is the base model (same vectors), the report
+    says so, and patience 1 stops at that first point without a gain. (5e-2 was used before: on this CPU its
+    step-2 point scored 0.565, above the base — the 8-query validation set is noisy, so the margin matters.)
+    One worker: spreading the validation over ranks is the next test's (2 workers)."""
     from raymine.model import BiEncoder
 
-    res = _run(tmp_path, minilm_path, lr=5e-2, every=2, patience=1, steps=8, workers=1)
+    res = _run(tmp_path, minilm_path, lr=0.5, every=2, patience=1, steps=8, workers=1)
     v = res["validation"]
     assert v["steps"] == [0, 2] and res["steps"] == 2  # early stop after one point without gain
     assert v["scores"][1] < v["scores"][0] and v["kept_step"] == 0 and v["base_kept"]
