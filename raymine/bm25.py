@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from raymine import storage
 from raymine.columns import DOC_ID, PASSAGE, TEXT, TITLE
 from raymine.config import SearchConfig, TeacherConfig, to_dict
-from raymine.index import ShardActors
+from raymine.index import ShardActors, merge_lookups
 from raymine.topk import merge_topk_by_id
 
 log = logging.getLogger(__name__)
@@ -721,12 +721,4 @@ class ShardedBM25(ShardActors):
         token_lists = self.tokenize(texts)
         toks = ray.put(token_lists)
         extra = self._extra(toks, token_lists)
-        parts = ray.get([a.lookup.remote(toks, qidx, flat, extra) for a in self.actors])
-        found = np.sum([~np.isnan(p) for p in parts], axis=0)
-        if (found > 1).any():
-            dup = sorted({flat[j] for j in np.flatnonzero(found > 1)})[:5]
-            raise ValueError(f"doc ids held by several shards (duplicate ids in the corpus): {dup}")
-        merged = np.full(len(flat), np.nan, np.float32)
-        for p in parts:
-            merged = np.where(np.isnan(p), merged, p)
-        return np.split(merged, np.cumsum(lens)[:-1]) if len(lens) else []
+        return merge_lookups(ray.get([a.lookup.remote(toks, qidx, flat, extra) for a in self.actors]), flat, lens)

@@ -720,15 +720,20 @@ class ShardedIndex(ShardActors):
         flat = [str(d) for ds in doc_ids for d in ds]
         qidx = np.repeat(np.arange(q.shape[0]), lens)  # [m]
         qref = ray.put(q)
-        parts = ray.get([a.lookup.remote(qref, qidx, flat) for a in self.actors])
-        found = np.sum([~np.isnan(p) for p in parts], axis=0) if parts else np.zeros(len(flat))
-        if (found > 1).any():
-            dup = sorted({flat[j] for j in np.flatnonzero(found > 1)})[:5]
-            raise ValueError(f"doc ids held by several shards (duplicate ids in the corpus): {dup}")
-        merged = np.full(len(flat), np.nan, np.float32)
-        for p in parts:
-            merged = np.where(np.isnan(p), merged, p)
-        return np.split(merged, np.cumsum(lens)[:-1]) if len(lens) else []
+        return merge_lookups(ray.get([a.lookup.remote(qref, qidx, flat) for a in self.actors]), flat, lens)
+
+
+def merge_lookups(parts: list[np.ndarray], flat: list[str], lens: np.ndarray) -> list[np.ndarray]:
+    """Merge the shards' lookups (float32 ``[m]`` each, NaN where the shard does not hold the id) of the
+    flattened ids ``flat`` into one array per query (``lens`` ids each); an id held by two shards is an error."""
+    found = np.sum([~np.isnan(p) for p in parts], axis=0) if parts else np.zeros(len(flat))
+    if (found > 1).any():
+        dup = sorted({flat[j] for j in np.flatnonzero(found > 1)})[:5]
+        raise ValueError(f"doc ids held by several shards (duplicate ids in the corpus): {dup}")
+    merged = np.full(len(flat), np.nan, np.float32)
+    for p in parts:
+        merged = np.where(np.isnan(p), merged, p)
+    return np.split(merged, np.cumsum(lens)[:-1]) if len(lens) else []
 
 
 def _norm_ceilings(ceilings: np.ndarray | None, nq: int) -> np.ndarray | None:
