@@ -232,7 +232,8 @@ class MineConfig:
         0.0, "analysis mode: hide this share of multi-positive queries' positives (1 = keep one), "
         "report known-false-negative rate"
     )
-    batch_size: int = _f(1024, "queries per map_batches call of the mining stage")
+    batch_size: int = _f(1024, "queries per mining task (raised so the stage has at most max(200, 2 x CPUs) tasks: "
+                                 "each Ray Data task costs the driver memory; the mined rows do not depend on it)")
     join_partitions: int = _f(0, "hash partitions of the Ray Data join of teachers' candidates and queries; 0 = "
                                  "one per 256 MiB of its inputs on disk (4 to 4096); inputs under 64 MiB join in one task")
     report_sample: int = _f(100_000, "scores per category and teacher kept for the report's histograms")
@@ -374,7 +375,8 @@ class ExportConfig:
         "'' = train.query_prompt (empty: the query as raymine trains on it)"
     )
     data_type: str = _f("normal", "FlagEmbedding 'type' of every line (normal, symmetric_class, ... for bge-en-icl)")
-    rows_per_part: int = _f(10_000, "mined rows per worker batch; each batch writes one part file per format")
+    rows_per_part: int = _f(10_000, "mined rows per worker batch; each batch writes one part file per format "
+                                    "(raised so there are at most max(200, 2 x CPUs) batches)")
     join_partitions: int = _f(0, "hash partitions of the id -> text join and of the regrouping by query; 0 = one "
                                  "per 256 MiB of its inputs on disk (4 to 4096); inputs under 64 MiB join in one task")
 
