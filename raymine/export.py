@@ -411,17 +411,6 @@ def corpus_uri(layout: Layout) -> str:
     raise FileNotFoundError(f"export: no corpus at {layout.corpus} (folder) or {layout.corpus}.parquet")
 
 
-def _mined_rows(layout: Layout) -> int:
-    """The mined table's row count: the mine manifest's count (no file read), else the parts' footers (read by
-    Ray tasks past a few files)."""
-    man = storage.join(layout.mine, storage.MANIFEST)
-    m = storage.read_json(man) if storage.exists(man) else {}
-    n = (m.get("counts") or {}).get("mined")
-    if n is not None and m.get("mined") == layout.mined:
-        return int(n)
-    return parts.num_rows(layout.mined)
-
-
 def _upstream(stage_dir: str) -> Any:
     """The key and finish time of the stage that wrote an input (None when it has no manifest)."""
     uri = storage.join(stage_dir, storage.MANIFEST)
@@ -485,7 +474,7 @@ def _single_files(exports: str, formats: tuple[str, ...]) -> dict[str, str]:
 
 def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, counts: dict[str, int]) -> None:
     """The Ray Data job; adds the workers' per-batch counts (one row per batch) into ``counts``."""
-    mined_rows = _mined_rows(layout)
+    mined_rows = parts.manifest_rows(layout.mined, storage.join(layout.mine, storage.MANIFEST), "mined", "mined")
     if not mined_rows:
         return
     agg = {"num_cpus": AGGREGATOR_CPUS}
@@ -498,9 +487,8 @@ def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, coun
     joined = joins.join(ids, passages, "left_outer", nparts, (C.DOC_ID,), local, aggregator_ray_remote_args=agg)
     texts = joined.groupby(list(_KEYS), num_partitions=nparts).map_groups(regroup_texts, batch_format="pyarrow")
     full = joins.join(mined, texts, "left_outer", nparts, _KEYS, local, aggregator_ray_remote_args=agg)
-    # at most parts.read_tasks() write tasks: each Ray Data task costs the driver memory until the job ends
-    rows = max(cfg.export.rows_per_part, -(-mined_rows // parts.read_tasks()))
-    out = full.map_batches(write_batch, batch_format="pyarrow", batch_size=rows,
+    out = full.map_batches(write_batch, batch_format="pyarrow",
+                           batch_size=parts.bounded_batch(mined_rows, cfg.export.rows_per_part),
                            fn_kwargs={"plan": plan, "root": layout.exports})
     for row in out.take_all():
         for k in counts:

@@ -660,7 +660,8 @@ def mine_stage(candidates: dict[str, str], queries_uri: str, cfg: MineConfig, ou
         storage.delete_dir(uri)
     _delete_file(storage.join(out_uri, LEGACY_DROPPED))
     storage.makedirs(out_uri)
-    n_queries = _query_count(candidates[teachers[0]])
+    first = candidates[teachers[0]]  # its query count: the search manifest's, else the footers
+    n_queries = parts.manifest_rows(first, storage.join(first, storage.MANIFEST), "queries")
     summaries = ds.map_batches(_mine_and_write, batch_format="pyarrow", batch_size=batch_rows(cfg, n_queries),
                                fn_kwargs={"cfg": cfg, "teachers": teachers, "ensemble": ensemble, "holdout": holdout,
                                           "mined_uri": mined_uri, "dropped_uri": dropped_uri,
@@ -799,13 +800,6 @@ def _summary(out: pa.Table, mined: pa.Table, rows_in: int, hashes: np.ndarray, c
                      **lists})
 
 
-def _query_count(candidates_uri: str) -> int:
-    """The first teacher's query count: its search manifest, else its footers."""
-    man = storage.join(candidates_uri, storage.MANIFEST)
-    n = (storage.read_json(man).get("counts") or {}).get("queries") if storage.exists(man) else None
-    return int(n) if n is not None else parts.num_rows(candidates_uri)
-
-
 def _sample_rate(cfg: MineConfig, n_queries: int) -> float:
     """Share of rows (by key hash) whose scores the tasks send for the plot: about 2 × ``report_sample``
     rows in all."""
@@ -817,7 +811,7 @@ def batch_rows(cfg: MineConfig, n_queries: int) -> int:
     :func:`raymine.parts.read_tasks` tasks — each task costs the driver ~100 KB for the whole job (measured
     in ``bench/bench_scale.py``), so a fixed batch made the driver grow with the queries. Mining is per
     query (seeds from the query id), so the batch size never changes the mined rows."""
-    return max(cfg.batch_size, -(-n_queries // parts.read_tasks()))
+    return parts.bounded_batch(n_queries, cfg.batch_size)
 
 
 ABOVE_EXACT_BITS = 12  # above-ceiling counts < 2**13 are kept exactly; larger ones within 2**-12 (relative)

@@ -174,6 +174,22 @@ def read_tasks() -> int:
     return max(MIN_TASKS, 2 * cpus)
 
 
+def bounded_batch(n_rows: int, batch: int) -> int:
+    """Rows per task of a pass over ``n_rows`` rows: ``batch``, raised so that the pass has at most
+    :func:`read_tasks` tasks (each Ray Data task costs the driver memory for the rest of the job)."""
+    return max(batch, -(-n_rows // read_tasks()))
+
+
+def manifest_rows(uri: str, manifest_uri: str, count: str, path_key: str | None = None) -> int:
+    """Row count of the table ``uri``: ``counts[count]`` of the stage manifest that wrote it (no file read; with
+    ``path_key``, only when the manifest's ``path_key`` names ``uri``), else its footers (Ray tasks past a few files)."""
+    m = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
+    n = (m.get("counts") or {}).get(count)
+    if n is not None and (path_key is None or m.get(path_key) == uri):
+        return int(n)
+    return num_rows(uri)
+
+
 def _read_files(batch: pa.Table, uri: str, columns: list[str] | None) -> Iterator[pa.Table]:
     """``read_dataset``'s task: each row group of each listed file (a file with none: its empty table)."""
     fs, _ = storage.resolve(uri)
