@@ -203,20 +203,21 @@ def _read_files(batch: pa.Table, uri: str, columns: list[str] | None) -> Iterato
                 yield pf.read_row_group(g, columns=columns)
 
 
-def write_part(table: pa.Table, folder_uri: str, i: int) -> str:
-    """Write ``table`` as part ``i`` of a folder table; returns its URI. Written under a temporary name and
-    moved into place, so a part that exists is complete."""
-    return write_part_sized(table, folder_uri, i)[0]
+def write_part(table: pa.Table, folder_uri: str, i: int, row_group_size: int | None = None) -> str:
+    """Write ``table`` as part ``i`` of a folder table (row groups of ``row_group_size`` rows, else pyarrow's
+    default); returns its URI. Written under a temporary name and moved into place, so a part that exists is
+    complete."""
+    return write_part_sized(table, folder_uri, i, row_group_size)[0]
 
 
-def write_part_sized(table: pa.Table, folder_uri: str, i: int) -> tuple[str, int]:
+def write_part_sized(table: pa.Table, folder_uri: str, i: int, row_group_size: int | None = None) -> tuple[str, int]:
     """:func:`write_part`, also returning the part's size in bytes: the worker reports its part's metadata
     (rows, bytes) with the write, so the driver never reads it back part by part."""
     uri = storage.join(folder_uri, part_name(i))
     fs, path = storage.resolve(uri)
     fs.create_dir(os.path.dirname(path) if "://" not in uri else path.rsplit("/", 1)[0], recursive=True)
     tmp = path + ".tmp"
-    pq.write_table(table, tmp, filesystem=fs)
+    pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size)
     size = fs.get_file_info(tmp).size
     fs.move(tmp, path)
     return uri, int(size)

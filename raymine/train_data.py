@@ -16,9 +16,10 @@ How: the mined rows explode into one row per (query, positive, slot) — slot 0 
 negatives — which a left outer hash join (``Dataset.join``) matches to the corpus by id; a groupby on
 (query, positive) assembles each row back in slot order. The driver only sums counts.
 
-Order: rows are written in no particular order; :func:`epoch_order` gives each epoch's order as a
-function of (seed, epoch, query id, positive id) alone — a seeded global shuffle that does not
-depend on how a distributed read or a shuffle split the data.
+Order: rows are written in no particular order; :func:`write_epoch` writes each epoch's order, a
+function of (seed, epoch, query id, positive id) alone (:func:`order_keys`) — a seeded global shuffle that
+does not depend on how a distributed read or a shuffle split the data — with a range-partitioned sort in
+plain Ray tasks (no driver-side shuffle).
 """
 from __future__ import annotations
 
@@ -141,18 +142,6 @@ def order_keys(seed: int, epoch: int, query_ids: list[str], positive_ids: list[s
     return out  # [N]
 
 
-class AddOrder:
-    """map_batches step: add this epoch's shuffle key column."""
-
-    def __init__(self, seed: int, epoch: int) -> None:
-        self.seed, self.epoch = seed, epoch
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        keys = order_keys(self.seed, self.epoch, batch.column(C.QUERY_ID).to_pylist(),
-                          batch.column(C.POSITIVE_ID).to_pylist())
-        return batch.append_column(ORDER, pa.array(keys, pa.int64()))
-
-
 # ------------------------------------------------------------------------------------------------
 # Ray Data
 # ------------------------------------------------------------------------------------------------
@@ -230,23 +219,38 @@ def _negative_counts(batch: pa.Table, h: int) -> pa.Table:
                      "empty": pc.cast(pc.equal(n, 0), pa.int64())})
 
 
-def epoch_rows(rows_uri: str, seed: int, epoch: int):
-    """The training rows in this epoch's order (a Ray Dataset): sorted by (seeded hash key, query id, positive id)."""
-    import ray
-
-    ds = ray.data.read_parquet(rows_uri).select_columns(list(C.TRAIN_ROW_COLUMNS))
-    return ds.map_batches(AddOrder(seed, epoch), batch_format="pyarrow").sort([ORDER, C.QUERY_ID, C.POSITIVE_ID])
+# ------------------------------------------------------------------------------------------------
+# Each epoch's order: a range-partitioned sort in plain Ray tasks
+# ------------------------------------------------------------------------------------------------
+EPOCH_BUCKET_ROWS = 50_000  # rows per sort task of write_epoch (~300 MB of 1 KB passages, 4 negatives)
 
 
-def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str, row_group_rows: int | None = None) -> str:
-    """Write this epoch's ordered rows to ``out_uri`` (Parquet files whose name order is the row order).
+def epoch_buckets(keys: np.ndarray, buckets: int) -> np.ndarray:
+    """Bucket of each order key: ``buckets`` equal ranges of the int64 keys, in key order (bucket b's keys all come
+    before bucket b+1's). The keys are seeded hashes, uniform over int64, so the buckets are about equal in rows —
+    a range partition with no sampling pass."""
+    if buckets <= 1:
+        return np.zeros(len(keys), np.int64)
+    unsigned = keys.astype(np.int64).view(np.uint64) ^ np.uint64(1 << 63)  # order-preserving int64 → uint64
+    return (unsigned // np.uint64(-(-(1 << 64) // buckets))).astype(np.int64)
+
+
+def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str, row_group_rows: int | None = None,
+                bucket_rows: int = EPOCH_BUCKET_ROWS) -> str:
+    """Write this epoch's ordered rows to ``out_uri`` (Parquet files whose name order is the row order): the
+    training rows sorted by (seeded hash key, query id, positive id) — see :func:`order_keys`.
 
     Written once per epoch (reused when ``_epoch.json`` says so); every worker then streams the same
     files with :func:`iter_global_batches`, so the order does not depend on the number of workers,
     the read's splits or task timing. ``row_group_rows``: row groups of that many rows (the per-rank batch),
     so each rank reads its own slice of a global batch and at most one group on either side of it.
+
+    How (a distributed sort in plain Ray tasks, the driver holding counts only): scatter tasks — at most
+    :func:`parts.read_tasks`, each a run of the rows' files — add the key column and write each key range's rows
+    (``bucket_rows`` rows per range on average, :func:`epoch_buckets`) to a scratch folder; one task per range then
+    sorts its rows and writes part ``b`` of the epoch. Every row is counted through both passes.
     """
-    from ray.data import DataContext
+    import ray
 
     key = {"rows": rows_uri, "rows_files": storage.fingerprint(storage.join(rows_uri, ROWS_MANIFEST)), "seed": seed,
            "epoch": epoch}
@@ -254,16 +258,72 @@ def write_epoch(rows_uri: str, seed: int, epoch: int, out_uri: str, row_group_ro
     if storage.exists(marker) and storage.read_json(marker) == key:
         return out_uri
     storage.delete_dir(out_uri)
-    ctx = DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # blocks reach the writer in sort order
-    try:
-        epoch_rows(rows_uri, seed, epoch).write_parquet(
-            out_uri, **({} if row_group_rows is None else {"row_group_size": row_group_rows}))
-    finally:
-        ctx.execution_options.preserve_order = before
+    files = parts.list_parquet(rows_uri)
+    n_rows = parts.manifest_rows(rows_uri, storage.join(rows_uri, ROWS_MANIFEST), "rows")
+    buckets = max(1, -(-n_rows // max(1, bucket_rows)))
+    scratch = storage.join(out_uri, "_scatter")
+    tasks = max(1, min(parts.read_tasks(), len(files)))
+    scatter = ray.remote(num_cpus=1)(_scatter_epoch)
+    scattered = sum(ray.get([
+        scatter.remote(rows_uri, files[len(files) * t // tasks:len(files) * (t + 1) // tasks], seed, epoch, buckets,
+                       scratch, t) for t in range(tasks)]))
+    gather = ray.remote(num_cpus=1)(_sort_bucket)
+    written = sum(ray.get([gather.remote(scratch, b, out_uri, row_group_rows) for b in range(buckets)]))
+    if not n_rows == scattered == written:
+        raise RuntimeError(f"{out_uri}: the epoch has {written} rows ({scattered} scattered), the rows table "
+                           f"{rows_uri} has {n_rows}; delete both folders and rerun")
+    storage.delete_dir(scratch)
     storage.write_json(marker, key)
     return out_uri
+
+
+def _bucket_folder(scratch: str, b: int) -> str:
+    return storage.join(scratch, f"bucket-{b:09d}")
+
+
+def _scatter_epoch(rows_uri: str, paths: list[str], seed: int, epoch: int, buckets: int, scratch: str,
+                   task: int) -> int:
+    """:func:`write_epoch`'s scatter task: these files' rows with their order key, written per key range as part
+    ``task`` of each range's scratch folder; returns the rows read."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.resolve(rows_uri)
+    pieces = []
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            pieces.append(pq.read_table(f, columns=list(C.TRAIN_ROW_COLUMNS)))
+    table = pa.concat_tables(pieces) if pieces else None
+    if table is None or table.num_rows == 0:
+        return 0
+    keys = order_keys(seed, epoch, table.column(C.QUERY_ID).to_pylist(), table.column(C.POSITIVE_ID).to_pylist())
+    table = table.append_column(ORDER, pa.array(keys, pa.int64()))
+    bucket = epoch_buckets(keys, buckets)
+    idx = np.argsort(bucket, kind="stable")
+    table, bucket = table.take(pa.array(idx)), bucket[idx]
+    bounds = np.searchsorted(bucket, np.arange(buckets + 1))
+    for b in np.flatnonzero(np.diff(bounds)):
+        parts.write_part(table.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])), _bucket_folder(scratch, int(b)),
+                         task)
+    return table.num_rows
+
+
+def _sort_bucket(scratch: str, b: int, out_uri: str, row_group_rows: int | None) -> int:
+    """:func:`write_epoch`'s sort task: key range ``b``'s rows sorted by (key, query id, positive id), written as
+    part ``b`` of the epoch in row groups of ``row_group_rows``; returns its rows (0: an empty range, no part)."""
+    import pyarrow.parquet as pq
+
+    folder = _bucket_folder(scratch, b)
+    if not storage.exists(folder):
+        return 0
+    fs, _ = storage.resolve(folder)
+    pieces = []
+    for path in parts.list_parquet(folder):
+        with fs.open_input_file(path) as f:
+            pieces.append(pq.read_table(f))
+    table = pa.concat_tables(pieces).sort_by([(ORDER, "ascending"), (C.QUERY_ID, "ascending"),
+                                              (C.POSITIVE_ID, "ascending")])
+    parts.write_part(table, out_uri, b, row_group_size=row_group_rows)
+    return table.num_rows
 
 
 def iter_global_batches(epoch_uri: str, batch_rows: int, skip_batches: int = 0,

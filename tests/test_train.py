@@ -271,7 +271,6 @@ def test_each_rank_reads_only_its_slice_of_the_epoch(tmp_path, monkeypatch):
         next(iter_global_batches(str(tmp_path / "e"), 12, rows=(10, 4)))
 
 
-@pytest.mark.slow  # CI budget (25 min): 32 s on 2 quiet cores; `make test-slow` runs it
 def test_epoch_order_is_a_function_of_the_seed(ray_local, tmp_path):
     """The same rows split into different files give the same written epoch order; another seed or epoch
     another order; global batches come back exactly sized, with a resume skip."""
@@ -302,6 +301,40 @@ def test_epoch_order_is_a_function_of_the_seed(ray_local, tmp_path):
     assert not np.array_equal(base, order_keys(14, 0, qids, pids))
     assert not np.array_equal(base, order_keys(13, 1, qids, pids))
     assert np.array_equal(base, order_keys(13, 0, qids[::-1], pids[::-1])[::-1])  # per row, not per position
+
+
+def test_write_epoch_is_one_exact_sort_over_its_key_ranges(ray_local, tmp_path):
+    """The epoch written through several key ranges (scatter tasks over three files, one sort task per range) holds
+    exactly the rows of the table, each once, in the order of one in-process sort by (key, query id, positive id),
+    in row groups of the given size and one part per non-empty range; the scratch folder is gone; one range gives
+    the same rows in the same order."""
+    from raymine.train_data import ORDER, epoch_buckets, order_keys, write_epoch
+
+    n = 60
+    qids = [f"q{i % 45}" for i in range(n)]  # some queries with two positives
+    rows = pa.table({C.QUERY_ID: qids, C.QUERY: ["x"] * n, C.POSITIVE_ID: [f"p{i}" for i in range(n)],
+                     C.POSITIVE: ["y"] * n, C.POSITIVE_IDS: [[f"p{i}"] for i in range(n)],
+                     C.NEGATIVE_IDS: [[f"n{i}"] for i in range(n)], C.NEGATIVES: [[f"t{i}"] for i in range(n)]})
+    (tmp_path / "rows").mkdir()
+    for k, (lo, hi) in enumerate([(0, 11), (11, 40), (40, 60)]):
+        pq.write_table(rows.slice(lo, hi - lo), tmp_path / "rows" / f"part-{k}.parquet")
+    keys = order_keys(7, 2, rows.column(C.QUERY_ID).to_pylist(), rows.column(C.POSITIVE_ID).to_pylist())
+    want = sorted(zip(keys.tolist(), qids, rows.column(C.POSITIVE_ID).to_pylist(), strict=True))
+    ranges = epoch_buckets(keys, 9)
+    assert ranges.min() >= 0 and ranges.max() <= 8 and len(set(ranges.tolist())) >= 5  # spread over the ranges
+    assert all(a <= b for (_, a), (_, b) in zip(sorted(zip(keys, ranges)), sorted(zip(keys, ranges))[1:]))
+
+    out = write_epoch(str(tmp_path / "rows"), 7, 2, str(tmp_path / "epoch"), row_group_rows=4, bucket_rows=7)
+    files = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))
+    assert len(files) == len(set(ranges.tolist())) and not os.path.exists(os.path.join(out, "_scatter"))
+    got = pa.concat_tables([pq.read_table(os.path.join(out, f)) for f in files])
+    assert list(zip(got.column(ORDER).to_pylist(), got.column(C.QUERY_ID).to_pylist(),
+                    got.column(C.POSITIVE_ID).to_pylist(), strict=True)) == want
+    assert got.column(C.NEGATIVES).to_pylist() == [[f"t{p[1:]}"] for _, _, p in want]  # whole rows moved
+    assert all(pq.ParquetFile(os.path.join(out, f)).metadata.row_group(0).num_rows == min(
+        4, pq.ParquetFile(os.path.join(out, f)).metadata.num_rows) for f in files)
+    one = write_epoch(str(tmp_path / "rows"), 7, 2, str(tmp_path / "epoch1"))
+    assert pq.read_table(one).column(C.POSITIVE_ID).to_pylist() == got.column(C.POSITIVE_ID).to_pylist()
 
 
 # ------------------------------------------------------------------------------------------------
