@@ -52,16 +52,19 @@ def is_small(uris: Sequence[str]) -> bool:
     return limit > 0 and input_bytes(uris, stop_above=limit) <= limit
 
 
-def plan(uris: Sequence[str], partitions: int) -> tuple[bool, int]:
+def plan(uris: Sequence[str], partitions: int, output_bytes: int = 0) -> tuple[bool, int]:
     """(local, hash partitions) of a join over the tables under ``uris``: local when they are small
-    (:func:`is_small`); else ``partitions`` when set (> 0), or one partition per ``JOIN_PARTITION_BYTES`` of input
-    on disk (at least ``MIN_PARTITIONS``, at most ``MAX_PARTITIONS``), so a 1 TB join is not cut into 4."""
+    (:func:`is_small`) and so is ``output_bytes``, the caller's estimate of what the join produces where that is
+    larger than its inputs (an id → text join: ids repeated per row, each carrying a passage); else
+    ``partitions`` when set (> 0), or one partition per ``JOIN_PARTITION_BYTES`` of the larger of the two (at least
+    ``MIN_PARTITIONS``, at most ``MAX_PARTITIONS``), so a 1 TB join is not cut into 4."""
     limit = local_join_limit()
     total = input_bytes(uris, stop_above=None if partitions <= 0 else limit)
-    local = limit > 0 and total <= limit
+    local = limit > 0 and total <= limit and output_bytes <= limit
     if partitions > 0:
         return local, partitions
-    return local, int(min(MAX_PARTITIONS, max(MIN_PARTITIONS, -(-total // JOIN_PARTITION_BYTES))))
+    size = max(total, output_bytes)
+    return local, int(min(MAX_PARTITIONS, max(MIN_PARTITIONS, -(-size // JOIN_PARTITION_BYTES))))
 
 
 def arrow_join(left: pa.Table, right: pa.Table, on: Sequence[str], how: str) -> pa.Table:

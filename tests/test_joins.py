@@ -90,3 +90,18 @@ def test_partitions_follow_the_input_size(tmp_path, monkeypatch):
     monkeypatch.setattr(joins, "JOIN_PARTITION_BYTES", 1)
     assert joins.plan(uris, 0) == (False, min(joins.MAX_PARTITIONS, size))  # capped
     assert joins.plan(uris, 7) == (False, 7)  # an explicit count wins
+
+
+def test_a_join_whose_output_outgrows_its_inputs_is_not_run_in_one_task(tmp_path, monkeypatch):
+    """Small inputs but a large estimated output (an id → text join): the distributed join, with partitions sized
+    from the output; without the estimate the same inputs join in one task."""
+    pq.write_table(LEFT, tmp_path / "a.parquet")
+    uris = [str(tmp_path / "a.parquet")]
+    size = (tmp_path / "a.parquet").stat().st_size
+    monkeypatch.setenv("RAYMINE_LOCAL_JOIN_BYTES", str(size * 2))
+    assert joins.plan(uris, 0) == (True, joins.MIN_PARTITIONS)
+    assert joins.plan(uris, 0, output_bytes=size * 2) == (True, joins.MIN_PARTITIONS)  # at the limit: one task
+    assert joins.plan(uris, 0, output_bytes=size * 2 + 1)[0] is False
+    monkeypatch.setattr(joins, "JOIN_PARTITION_BYTES", size)
+    assert joins.plan(uris, 0, output_bytes=size * 9) == (False, 9)  # partitions from the output, not the input
+
