@@ -378,7 +378,8 @@ class ExportConfig:
     rows_per_part: int = _f(10_000, "mined rows per worker batch; each batch writes one part file per format "
                                     "(raised so there are at most max(200, 2 x CPUs) batches)")
     join_partitions: int = _f(0, "hash partitions of the id -> text join and of the regrouping by query; 0 = one "
-                                 "per 256 MiB of its inputs on disk (4 to 4096); inputs under 64 MiB join in one task")
+                                 "per 256 MiB of its inputs on disk or of its estimated joined texts, the larger (4 "
+                                 "to 4096); joins in one task when both are under 64 MiB")
 
 
 # ------------------------------------------------------------------------------------------------
