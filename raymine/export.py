@@ -472,13 +472,13 @@ def _single_files(exports: str, formats: tuple[str, ...]) -> dict[str, str]:
     return files
 
 
-def _texts_bytes(layout: Layout, corpus: str, mined_rows: int, num_negatives: int) -> int:
+def _texts_bytes(layout: Layout, corpus: str, corpus_bytes: int, mined_rows: int, num_negatives: int) -> int:
     """Estimated bytes of the export's id → text join: one passage (the corpus's mean bytes on disk per passage)
     per mined id — each row's negatives and about one positive. It decides, with the inputs' size, whether the
     join runs in one task: the joined texts outgrow the id tables by far (a 50k-passage corpus with 200k mined
     queries: under 64 MiB of inputs, 3.6 GB in the one task)."""
     docs = parts.manifest_rows(corpus, storage.join(layout.ingest, storage.MANIFEST), "docs")
-    return int(mined_rows * (num_negatives + 1) * joins.input_bytes([corpus]) / max(1, docs))
+    return int(mined_rows * (num_negatives + 1) * corpus_bytes / max(1, docs))
 
 
 def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, counts: dict[str, int]) -> None:
@@ -492,8 +492,10 @@ def _run_export(cfg: Config, layout: Layout, plan: ExportPlan, corpus: str, coun
     passages = parts.read_dataset(corpus, cols).map_batches(corpus_passages, batch_format="pyarrow")
     mined = parts.read_dataset(layout.mined, C.MINED_COLUMNS)
     ids = mined.map_batches(explode_ids, batch_format="pyarrow")
-    local, nparts = joins.plan([layout.mined, corpus], cfg.export.join_partitions,
-                               output_bytes=_texts_bytes(layout, corpus, mined_rows, cfg.mine.num_negatives))
+    corpus_bytes = joins.input_bytes([corpus])  # listed once: the join's size and the texts' estimate
+    local, nparts = joins.plan_bytes(
+        joins.input_bytes([layout.mined]) + corpus_bytes, cfg.export.join_partitions,
+        output_bytes=_texts_bytes(layout, corpus, corpus_bytes, mined_rows, cfg.mine.num_negatives))
     joined = joins.join(ids, passages, "left_outer", nparts, (C.DOC_ID,), local, aggregator_ray_remote_args=agg)
     texts = joined.groupby(list(_KEYS), num_partitions=nparts).map_groups(regroup_texts, batch_format="pyarrow")
     full = joins.join(mined, texts, "left_outer", nparts, _KEYS, local, aggregator_ray_remote_args=agg)

@@ -59,7 +59,12 @@ def plan(uris: Sequence[str], partitions: int, output_bytes: int = 0) -> tuple[b
     ``partitions`` when set (> 0), or one partition per ``JOIN_PARTITION_BYTES`` of the larger of the two (at least
     ``MIN_PARTITIONS``, at most ``MAX_PARTITIONS``), so a 1 TB join is not cut into 4."""
     limit = local_join_limit()
-    total = input_bytes(uris, stop_above=None if partitions <= 0 else limit)
+    return plan_bytes(input_bytes(uris, stop_above=None if partitions <= 0 else limit), partitions, output_bytes)
+
+
+def plan_bytes(total: int, partitions: int, output_bytes: int = 0) -> tuple[bool, int]:
+    """:func:`plan` from the inputs' bytes on disk, for a caller that has listed them already."""
+    limit = local_join_limit()
     local = limit > 0 and total <= limit and output_bytes <= limit
     if partitions > 0:
         return local, partitions
