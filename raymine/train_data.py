@@ -281,17 +281,23 @@ def _bucket_folder(scratch: str, b: int) -> str:
     return storage.join(scratch, f"bucket-{b:09d}")
 
 
+def _read_tables(uri: str, paths: list[str], columns: list[str] | None = None) -> list[pa.Table]:
+    """The Parquet files ``paths`` (inside ``uri``'s filesystem), whole, in order."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.resolve(uri)
+    out = []
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            out.append(pq.read_table(f, columns=columns))
+    return out
+
+
 def _scatter_epoch(rows_uri: str, paths: list[str], seed: int, epoch: int, buckets: int, scratch: str,
                    task: int) -> int:
     """:func:`write_epoch`'s scatter task: these files' rows with their order key, written per key range as part
     ``task`` of each range's scratch folder; returns the rows read."""
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.resolve(rows_uri)
-    pieces = []
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            pieces.append(pq.read_table(f, columns=list(C.TRAIN_ROW_COLUMNS)))
+    pieces = _read_tables(rows_uri, paths, list(C.TRAIN_ROW_COLUMNS))
     table = pa.concat_tables(pieces) if pieces else None
     if table is None or table.num_rows == 0:
         return 0
@@ -310,17 +316,10 @@ def _scatter_epoch(rows_uri: str, paths: list[str], seed: int, epoch: int, bucke
 def _sort_bucket(scratch: str, b: int, out_uri: str, row_group_rows: int | None) -> int:
     """:func:`write_epoch`'s sort task: key range ``b``'s rows sorted by (key, query id, positive id), written as
     part ``b`` of the epoch in row groups of ``row_group_rows``; returns its rows (0: an empty range, no part)."""
-    import pyarrow.parquet as pq
-
     folder = _bucket_folder(scratch, b)
     if not storage.exists(folder):
         return 0
-    fs, _ = storage.resolve(folder)
-    pieces = []
-    for path in parts.list_parquet(folder):
-        with fs.open_input_file(path) as f:
-            pieces.append(pq.read_table(f))
-    table = pa.concat_tables(pieces).sort_by([(ORDER, "ascending"), (C.QUERY_ID, "ascending"),
+    table = pa.concat_tables(_read_tables(folder, parts.list_parquet(folder))).sort_by([(ORDER, "ascending"), (C.QUERY_ID, "ascending"),
                                               (C.POSITIVE_ID, "ascending")])
     parts.write_part(table, out_uri, b, row_group_size=row_group_rows)
     return table.num_rows
