@@ -8,11 +8,13 @@ negatives among each method's training negatives. Model selection runs on the va
 test nDCG@10 of the shipped model is what the table reports, with the step it kept.
 
 Each run is the whole job (``jobs/mine_and_train.py``) in one output folder per data (``WORK/run``): ingest and
-embed run once, search / mine / train / evaluate per method. ~10 min per run on 2 cores for SciFact.
+embed run once, search / mine / train / evaluate per method. ~10 min per run on 2 cores for SciFact, ~16 for
+HotpotQA (bench/data/hotpotqa_bench, built by scripts/make_hotpotqa_bench.py: two judged passages per query; the
+substitute for FiQA, whose corpus no reachable snapshot holds).
 
     .venv/bin/python bench/bench_quality.py --seed 13        # naive + percpos with seed 13
     .venv/bin/python bench/bench_quality.py --table          # the table over every recorded run
-    .venv/bin/python bench/bench_quality.py --data data/fiqa_bench --seed 13 --work runs/bench_quality_fiqa
+    .venv/bin/python bench/bench_quality.py --data bench/data/hotpotqa_bench --seed 13 --work runs/bench_quality_hotpotqa
 
 Extra ``key=value`` arguments go to every run (e.g. ``train.lr=1e-5``); they are part of the recorded variant.
 """
@@ -60,10 +62,11 @@ def table(log: Path) -> None:
         groups.setdefault((data, variant), {}).setdefault(method, []).append(r)
     for (data, variant), by in groups.items():
         print(f"\n{data} {variant or '(defaults)'}\n")
-        print("| model | test nDCG@10, mean ± std | per seed | kept step / last step | known FN of training negatives |")
-        print("|---|---:|---|---|---:|")
+        print("| model | test nDCG@10, mean ± std | per seed | kept step / last step | validation nDCG@10, step 0 → "
+              "last | known FN of training negatives |")
+        print("|---|---:|---|---|---|---:|")
         base = [r["base"] for rs in by.values() for r in rs]
-        print(f"| base (before training) | {100 * statistics.fmean(base):.2f} | – | – | – |")
+        print(f"| base (before training) | {100 * statistics.fmean(base):.2f} | – | – | – | – |")
         stats = {}
         for method, rs in by.items():
             mu, sd = _ms([r["after"] for r in rs])
@@ -71,7 +74,9 @@ def table(log: Path) -> None:
             fn = sum(r["known_fn"] or 0 for r in rs) / max(1, sum(r["delivered"] or 0 for r in rs))
             per_seed = ", ".join("s{} {:.2f}".format(r["seed"], 100 * r["after"]) for r in rs)
             kept = ", ".join("{}/{}".format(r["kept_step"], r["last_step"]) for r in rs)
-            print(f"| {method}-trained | {100 * mu:.2f} ± {100 * sd:.2f} | {per_seed} | {kept} | {100 * fn:.2f}% |")
+            curve = ", ".join("{:.2f} → {:.2f}".format(100 * r["val_scores"][0], 100 * r["val_scores"][-1])
+                              if r.get("val_scores") else "–" for r in rs)
+            print(f"| {method}-trained | {100 * mu:.2f} ± {100 * sd:.2f} | {per_seed} | {kept} | {curve} | {100 * fn:.2f}% |")
         if {"naive", "percpos"} <= set(stats):
             (a, sa, _), (b, sb, rs) = stats["naive"], stats["percpos"]
             pooled = math.sqrt((sa ** 2 + sb ** 2) / 2)
